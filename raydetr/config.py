@@ -1,0 +1,269 @@
+"""Typed configuration: the one source of defaults.
+
+YAML files and ``key=value`` CLI overrides only override these models. Every error names the
+key (dotted path) and, for files, the file.
+
+    cfg = load_config("configs/thermal.yaml", ["optim.lr=2e-4", "ema.decays=[0.99,0.999]"])
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message names the key and what to do."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    path: str | None = Field(
+        None,
+        description="Prepared dataset (output of `raydetr prepare`) or a raw COCO/YOLO/VOC "
+        "dataset, which is prepared into <run.output_dir>/prepared first. None: built-in "
+        "synthetic shapes dataset (the demo).",
+    )
+    train_split: str = "train"
+    val_split: str = "val"
+    shard_size: int = Field(256, gt=0, description="Images per Parquet shard.")
+    hflip_prob: float = Field(0.5, ge=0, le=1)
+    multi_scale: bool = Field(True, description="Random square size per batch around resolution.")
+    scale_range: tuple[float, float] = (0.75, 1.25)
+    crop_prob: float = Field(0.3, ge=0, le=1, description="Probability of a random box-safe crop.")
+    synthetic_train_images: int = Field(256, gt=0)
+    synthetic_val_images: int = Field(64, gt=0)
+    synthetic_image_size: int = Field(128, gt=15)
+
+
+class ModelConfig(_Strict):
+    preset: Literal["nano", "small", "medium"] = "nano"
+    resolution: int | None = Field(None, description="Square input size; None: preset default.")
+    num_queries: int | None = Field(None, gt=0, description="None: preset default.")
+    backbone: Literal["resnet18", "resnet34", "resnet50"] | None = None
+    backbone_weights: str | None = Field(
+        None, description="Local torchvision-compatible ResNet state_dict; nothing is downloaded."
+    )
+    gradient_checkpointing: bool = False
+    num_denoising: int = Field(50, ge=0, description="Denoising queries (0 disables).")
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_multiple_of_32(cls, v: int | None) -> int | None:
+        if v is not None and (v < 64 or v % 32):
+            raise ValueError("must be a multiple of 32 and >= 64, e.g. 384, 512, 640")
+        return v
+
+
+class LossConfig(_Strict):
+    cls_loss: Literal["varifocal", "focal"] = "varifocal"
+    weight_cls: float = 1.0
+    weight_bbox: float = 5.0
+    weight_giou: float = 2.0
+    cost_class: float = 2.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+
+class OptimConfig(_Strict):
+    epochs: int = Field(12, gt=0)
+    batch_size: int = Field(4, gt=0, description="Images per worker per step.")
+    grad_accum_steps: int = Field(1, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    lr_encoder: float = Field(1e-4, gt=0, description="Backbone learning rate.")
+    weight_decay: float = Field(1e-4, ge=0)
+    schedule: Literal["cosine", "step"] = "cosine"
+    warmup_steps: int = Field(50, ge=0)
+    lr_drop_epochs: list[int] = Field(default_factory=list, description="For schedule=step.")
+    lr_min_ratio: float = Field(0.05, ge=0, le=1)
+    clip_max_norm: float = Field(0.1, ge=0, description="0 disables clipping.")
+    amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU).")
+
+
+class EmaConfig(_Strict):
+    enabled: bool = True
+    decay: float = Field(0.993, gt=0, lt=1)
+    decays: list[float] | None = Field(
+        None, description="Several EMA shadows at once; overrides `decay`."
+    )
+    tau: float = Field(100.0, gt=0, description="Warmup length in optimizer updates (rfdetr).")
+    schedule: str = "rfdetr"
+    schedule_kwargs: dict[str, Any] = Field(default_factory=dict)
+    average_buffers: bool = True
+    device: str | None = Field(None, description="e.g. 'cpu' to keep the shadow off the GPU.")
+
+    @field_validator("decays")
+    @classmethod
+    def _decays_in_range(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("must be a non-empty list, or null")
+            bad = [d for d in v if not 0 < d < 1]
+            if bad:
+                raise ValueError(f"every decay must be in (0, 1); got {bad}")
+            if len(set(v)) != len(v):
+                raise ValueError(f"duplicate decays in {v}")
+        return v
+
+    @property
+    def all_decays(self) -> list[float]:
+        return list(self.decays) if self.decays else [self.decay]
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(0, ge=-1)
+    torch_threads: int | None = Field(None, gt=0, description="torch threads per worker.")
+
+
+class EarlyStoppingConfig(_Strict):
+    enabled: bool = False
+    patience: int = Field(10, gt=0)
+    min_delta: float = Field(0.001, ge=0)
+    use_ema: bool = False
+    skip_epochs: int = Field(0, ge=0)
+
+
+class MlflowConfig(_Strict):
+    enabled: bool = True
+    tracking_uri: str | None = Field(
+        None, description="None: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db"
+    )
+    experiment: str = "raydetr"
+    model_name: str = "raydetr"
+    alias: str = "champion"
+
+
+class RunConfig(_Strict):
+    name: str = "raydetr"
+    output_dir: str = "runs"
+    seed: int = 0
+    keep_checkpoints: int = Field(1, gt=0, description="Latest checkpoints kept by Ray.")
+    log_every_steps: int = Field(0, ge=0, description="0: one line per epoch only.")
+
+
+class TuneConfig(_Strict):
+    search_space: dict[str, Any] = Field(
+        default_factory=lambda: {"ema.decay": {"grid": [0.99, 0.993, 0.999]}},
+        description="Dotted key -> {grid: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} "
+        "| {choice: [...]}.",
+    )
+    num_samples: int = Field(1, gt=0)
+    scheduler: Literal["early_stopping", "asha", "fifo"] = "early_stopping"
+    max_concurrent_trials: int | None = Field(None, gt=0)
+    metric: Literal["map", "map_ema", "best"] = "best"
+
+
+class Config(_Strict):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    ema: EmaConfig = Field(default_factory=EmaConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view, e.g. for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+
+def _parse_value(text: str) -> Any:
+    """CLI values are YAML scalars/lists: 1e-4, true, null, [0.99,0.999], 'x'."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{key}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _check_known(tree: dict[str, Any], model: type[BaseModel], prefix: str, source: str) -> None:
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        fields = model.model_fields
+        if key not in fields:
+            raise ConfigError(
+                f"{source}: unknown config key '{dotted}'. Known keys here: "
+                f"{', '.join(sorted(fields))}"
+            )
+        ann = fields[key].annotation
+        if isinstance(value, dict) and isinstance(ann, type) and issubclass(ann, BaseModel):
+            _check_known(value, ann, dotted + ".", source)
+
+
+def build_config(tree: dict[str, Any], source: str = "config") -> Config:
+    _check_known(tree, Config, "", source)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides (dotted keys)."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections (data:, model:...)")
+        tree = loaded
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value, e.g. optim.lr=1e-4")
+        key, _, raw = item.partition("=")
+        set_dotted(tree, key.strip(), _parse_value(raw))
+        source = f"{source} + overrides"
+    return build_config(tree, source)
+
+
+def config_from_json(text: str) -> Config:
+    return build_config(json.loads(text), "checkpoint config")
