@@ -1,0 +1,203 @@
+"""Checkpoint folders: the full resume state plus the best-so-far weights of both variants.
+
+Ray keeps the latest checkpoint plus the top K by one fixed score, and no single score keeps both
+the best-regular and the best-EMA weights for every metric sequence. So every ``epoch_NNNN``
+folder is self-sufficient::
+
+    epoch_0007/
+      state.pt                  resume state (torch.load(weights_only=True)-safe)
+      best_regular.safetensors  best-so-far regular weights (unwrapped model keys)
+      best_ema.safetensors      best-so-far EMA weights (best over every EMA decay)
+      bests.json                which epoch / decay / mAP each best file holds
+
+and ``CheckpointConfig(num_to_keep=K)`` bounds storage: it does not grow with epochs. The best
+files are serialised only when they change: rank 0 keeps them in a local cache folder and
+hard-links them into each new checkpoint (a copy where the filesystem cannot link).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "state.pt"
+BEST_FILES = {"regular": "best_regular.safetensors", "ema": "best_ema.safetensors"}
+BESTS_FILE = "bests.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is missing a file or does not match the model."""
+
+
+@dataclass
+class Best:
+    """Best-so-far mAP of one variant. ``epoch`` -1 means no evaluation yet."""
+
+    map: float = -1.0
+    epoch: int = -1
+    decay: float | None = None  # EMA decay of the shadow that made it (EMA only)
+
+
+@dataclass
+class Bests:
+    regular: Best = field(default_factory=Best)
+    ema: Best = field(default_factory=Best)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"regular": asdict(self.regular), "ema": asdict(self.ema)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Bests:
+        return cls(regular=Best(**d["regular"]), ema=Best(**d["ema"]))
+
+    def winner(self) -> str:
+        """RF-DETR's rule: EMA wins only when its best mAP is strictly higher."""
+        return "ema" if self.ema.epoch >= 0 and self.ema.map > self.regular.map else "regular"
+
+
+def clean_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU float tensors with no shared storage (what safetensors needs)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+
+
+def save_weights(sd: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file(clean_state_dict(sd), str(tmp))
+    os.replace(tmp, path)
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    return load_file(str(path))
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states in weights_only-safe types (tensors, ints, lists)."""
+    np_state = np.random.get_state()
+    py_version, py_keys, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "python": list(py_keys),
+        "python_version": py_version,
+        "python_gauss": py_gauss,
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class BestWeightsCache:
+    """Rank 0's local copy of the best weights, rewritten only when a best changes."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, variant: str) -> Path:
+        return self.root / BEST_FILES[variant]
+
+    def update(self, variant: str, state_dict: dict[str, torch.Tensor]) -> None:
+        save_weights(state_dict, self.path(variant))
+
+    def seed_from(self, checkpoint_dir: Path) -> None:
+        """After a restart: take the best files of the checkpoint we resume from."""
+        for name in BEST_FILES.values():
+            src = Path(checkpoint_dir) / name
+            if src.is_file():
+                shutil.copyfile(src, self.root / name)
+
+    def link_into(self, checkpoint_dir: Path) -> int:
+        """Hard-link (or copy) the cached best files into a checkpoint; returns bytes linked."""
+        total = 0
+        for name in BEST_FILES.values():
+            src = self.root / name
+            if not src.is_file():
+                continue
+            dst = Path(checkpoint_dir) / name
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+            total += src.stat().st_size
+        return total
+
+
+def write_checkpoint(
+    directory: Path,
+    *,
+    state: dict[str, Any],
+    bests: Bests,
+    cache: BestWeightsCache,
+) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cache.link_into(directory)
+    (directory / BESTS_FILE).write_text(json.dumps(bests.to_dict(), indent=2))
+    tmp = directory / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, directory / STATE_FILE)
+    return directory
+
+
+def read_state(directory: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} is missing: {directory} is not a complete raydetr checkpoint"
+        )
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def read_bests(directory: Path) -> Bests:
+    path = Path(directory) / BESTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: not a raydetr checkpoint")
+    return Bests.from_dict(json.loads(path.read_text()))
+
+
+def checkpoint_dirs(train_dir: Path) -> list[Path]:
+    """Complete ``epoch_NNNN`` folders under a Train run's storage, oldest first."""
+    return sorted(
+        p for p in Path(train_dir).glob("epoch_*") if (p / STATE_FILE).is_file()
+    )
+
+
+def latest_checkpoint(train_dir: Path) -> Path:
+    """The run's latest checkpoint, as Ray Train recorded it (falls back to the folder scan)."""
+    train_dir = Path(train_dir)
+    try:
+        import ray.train
+
+        result = ray.train.Result.from_path(str(train_dir))
+        if result.checkpoint is not None:
+            path = Path(result.checkpoint.path)
+            if (path / STATE_FILE).is_file():
+                return path
+    except Exception:  # noqa: BLE001 - a killed run may lack Ray's state file; scan instead
+        pass
+    found = checkpoint_dirs(train_dir)
+    if not found:
+        raise CheckpointError(
+            f"no checkpoint under {train_dir}: the run ended before its first epoch finished"
+        )
+    return found[-1]

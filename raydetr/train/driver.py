@@ -1,0 +1,274 @@
+"""Driver side of a fit: data preparation, Ray start-up, Tune + TorchTrainer, post-fit.
+
+    fit(cfg) -> FitResult          one trial (a plain run, optionally early-stopped)
+    run_trials(cfg, param_space)   many trials (raydetr.tune.search builds on it)
+
+Layout of a run (``<run.output_dir>/<run.name>/``)::
+
+    train/epoch_NNNN/   Ray Train storage of a plain run (trials/<trial_id>/... in a search)
+    tune/               Tune experiment state
+    winner/             model.safetensors + meta.json (the stripped winner)
+    history.json, config.json, fit.json
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raydetr.config import Config, build_config, set_dotted
+
+log = logging.getLogger("raydetr.driver")
+
+TRIAL_MEMORY_BYTES = 64 * 1024 * 1024  # lets the Tune trial actor take no CPU (see ARCHITECTURE)
+
+
+class FitError(RuntimeError):
+    """A fit could not start or did not finish; the message says what to do."""
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    train_dir: Path
+    winner_dir: Path
+    meta: dict[str, Any]
+    registered: dict[str, Any] | None
+    stopped_early: bool
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.run.output_dir).resolve() / cfg.run.name
+
+
+# --------------------------------------------------------------------------- data
+def ensure_prepared(cfg: Config) -> Path:
+    """Prepared dataset for the run: as given, prepared from raw once, or the synthetic demo set.
+
+    Raw datasets and the synthetic set are prepared under ``<output_dir>/datasets/`` keyed by a
+    hash of their source, so repeated runs reuse them.
+    """
+    from raydetr.data.parquet import is_prepared, prepare_dataset
+
+    datasets = Path(cfg.run.output_dir).resolve() / "datasets"
+    if cfg.data.path is None:
+        d = cfg.data
+        key = f"synthetic-{d.synthetic_train_images}-{d.synthetic_val_images}-{d.synthetic_image_size}-{cfg.run.seed}"
+        out = datasets / key / "prepared"
+        if not is_prepared(out):
+            from raydetr.data.synthetic import make_synthetic
+
+            raw = make_synthetic(
+                datasets / key / "raw", train_images=d.synthetic_train_images,
+                val_images=d.synthetic_val_images, image_size=d.synthetic_image_size,
+                seed=cfg.run.seed,
+            )
+            prepare_dataset(raw, out, shard_size=cfg.data.shard_size, overwrite=True)
+        return out
+    src = Path(cfg.data.path).expanduser().resolve()
+    if not src.exists():
+        raise FitError(f"data.path {src} does not exist")
+    if is_prepared(src):
+        return src
+    digest = hashlib.sha1(str(src).encode()).hexdigest()[:10]
+    out = datasets / f"{src.name}-{digest}"
+    if not is_prepared(out):
+        log.info("preparing %s into %s", src, out)
+        prepare_dataset(src, out, shard_size=cfg.data.shard_size, overwrite=True)
+    return out
+
+
+def dataset_info(prepared: Path, cfg: Config) -> dict[str, Any]:
+    from raydetr.data.parquet import load_info
+
+    info = load_info(prepared)
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        if split not in info["splits"]:
+            raise FitError(
+                f"prepared dataset {prepared} has no '{split}' split (it has "
+                f"{sorted(info['splits'])}); set data.train_split / data.val_split"
+            )
+    return info
+
+
+# --------------------------------------------------------------------------- ray
+def init_ray(cfg: Config) -> None:
+    """Connect to $RAY_ADDRESS (``ray job submit`` sets it) or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    # Local: logical CPUs for the workers plus room for Ray Data's read/decode tasks.
+    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 1), include_dashboard=False,
+             log_to_driver=True)
+
+
+def check_placeable(cfg: Config, trials: int = 1) -> None:
+    """Fail fast with a clear message instead of letting a worker group wait forever."""
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    need_gpu = cfg.scaling.num_workers if cfg.scaling.use_gpu else 0
+    have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    if os.environ.get("RAYDETR_SKIP_PLACEMENT_CHECK") == "1":  # autoscaling clusters
+        return
+    problems = []
+    if need_cpu > have_cpu:
+        problems.append(f"{need_cpu:g} CPUs ({cfg.scaling.num_workers} workers x "
+                        f"{cfg.scaling.cpus_per_worker:g}) but the cluster has {have_cpu:g}")
+    if need_gpu > have_gpu:
+        problems.append(f"{need_gpu} GPUs but the cluster has {have_gpu:g}")
+    if problems:
+        raise FitError(
+            "the Train workers cannot be placed: need " + "; ".join(problems) + ". Lower "
+            "scaling.num_workers / scaling.cpus_per_worker, set scaling.use_gpu=false, or add "
+            "nodes (on an autoscaling cluster set RAYDETR_SKIP_PLACEMENT_CHECK=1)."
+        )
+
+
+def max_concurrent(cfg: Config) -> int:
+    import ray
+
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    total = ray.cluster_resources()
+    per = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    n = int(total.get("CPU", 1) // per)
+    if cfg.scaling.use_gpu:
+        n = min(n, int(total.get("GPU", 0) // cfg.scaling.num_workers))
+    return max(1, n)
+
+
+# --------------------------------------------------------------------------- tune + train
+def _trial_fn(base: dict[str, Any], prepared: str, classes: list[str], train_images: int,
+              run_dir: str, pretrain_weights: str | None, single: bool):
+    """The Tune trainable: builds a TorchTrainer whose rank-0 reports reach Tune."""
+
+    def trial(params: dict[str, Any]) -> None:
+        import ray.train
+        from ray import tune
+        from ray.train.torch import TorchTrainer
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from raydetr.data.loader import read_split
+
+        tree = copy.deepcopy(base)
+        for key, value in params.items():
+            set_dotted(tree, key, value)
+        cfg = build_config(tree, "trial config")
+        trial_id = tune.get_context().get_trial_id()
+        name = "train" if single else f"trials/{trial_id}"
+        exec_opts = ray.data.ExecutionOptions(preserve_order=True)  # reproducible order
+        trainer = TorchTrainer(
+            train_loop_per_worker=_train_loop,
+            train_loop_config={"cfg": cfg.to_dict(), "classes": classes,
+                               "train_images": train_images,
+                               "pretrain_weights": pretrain_weights},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
+                                      **({"GPU": 1} if cfg.scaling.use_gpu else {})},
+            ),
+            datasets={"train": read_split(prepared, cfg.data.train_split),
+                      "val": read_split(prepared, cfg.data.val_split)},
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
+                                                execution_options=exec_opts),
+            run_config=ray.train.RunConfig(
+                name=name, storage_path=run_dir,
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+                callbacks=[TuneReportCallback()],
+            ),
+        )
+        trainer.fit()
+
+    return trial
+
+
+def _train_loop(loop_config: dict[str, Any]):
+    from raydetr.train.worker import train_loop_per_worker
+
+    return train_loop_per_worker(loop_config)
+
+
+def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, scheduler=None,
+               num_samples: int = 1, max_concurrent_trials: int | None = None,
+               resume: bool = False, pretrain_weights: str | None = None):
+    """Run a Tuner whose trials are TorchTrainer runs; returns (ResultGrid, run_dir, info)."""
+    import ray
+    from ray import tune
+
+    run_dir = run_dir_of(cfg)
+    single = not param_space
+    tune_dir = run_dir / "tune"
+    if tune_dir.exists() and not resume:
+        raise FitError(
+            f"run '{cfg.run.name}' already exists at {run_dir}: pass --resume to continue it, "
+            "or choose another run.name"
+        )
+    if resume and not tune_dir.exists():
+        raise FitError(f"--resume: no run '{cfg.run.name}' at {run_dir} to continue")
+    prepared = ensure_prepared(cfg)
+    info = dataset_info(prepared, cfg)
+    init_ray(cfg)
+    check_placeable(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    trainable = tune.with_resources(
+        _trial_fn(cfg.to_dict(), str(prepared), info["classes"],
+                  info["splits"][cfg.data.train_split]["images"], str(run_dir),
+                  pretrain_weights, single),
+        {"memory": TRIAL_MEMORY_BYTES},
+    )
+    tune_config = tune.TuneConfig(
+        scheduler=scheduler, num_samples=num_samples,
+        max_concurrent_trials=max_concurrent_trials or 1,
+        trial_dirname_creator=lambda t: t.trial_id,
+    )
+    run_config = tune.RunConfig(name="tune", storage_path=str(run_dir), verbose=0)
+    if resume and tune.Tuner.can_restore(str(tune_dir)):
+        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_errored=True,
+                                   resume_unfinished=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space=param_space or {}, tune_config=tune_config,
+                           run_config=run_config)
+    grid = tuner.fit()
+    del ray  # imported for side effects of init only
+    return grid, run_dir, {"prepared": prepared, **info}
+
+
+def fit(cfg: Config, *, resume: bool = False, pretrain_weights: str | None = None) -> FitResult:
+    """Train one model (one Tune trial) and publish the winner."""
+    from raydetr.train.postfit import finalize
+
+    scheduler = None
+    if cfg.early_stopping.enabled:
+        from raydetr.tune.early_stopping import EarlyStoppingScheduler
+
+        scheduler = EarlyStoppingScheduler.from_config(cfg.early_stopping, cfg.ema.enabled)
+    grid, run_dir, info = run_trials(cfg, scheduler=scheduler, resume=resume,
+                                     pretrain_weights=pretrain_weights)
+    result = grid[0]
+    train_dir = run_dir / "train"
+    stopped_early = bool(scheduler is not None and scheduler.was_stopped(result))
+    if result.error is not None and not stopped_early:
+        has_ckpt = any(train_dir.glob("epoch_*"))
+        raise FitError(
+            f"training failed: {result.error}\n"
+            + (f"Checkpoints are in {train_dir}; `raydetr train --resume` continues the run."
+               if has_ckpt else "No epoch finished, nothing was saved.")
+        )
+    return finalize(cfg, run_dir, train_dir, info, stopped_early=stopped_early)

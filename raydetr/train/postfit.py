@@ -1,0 +1,132 @@
+"""Post-fit, on the driver, from what is already in storage.
+
+A Tune scheduler's STOP kills the trial (no ``finally``, no last checkpoint), and a crash can end
+a run anywhere, so the winner is always picked from the latest complete checkpoint: it carries
+the best-so-far weights of both variants.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import raydetr
+from raydetr.config import Config
+from raydetr.train.checkpoint import BEST_FILES, latest_checkpoint, read_bests, read_state
+
+log = logging.getLogger("raydetr.postfit")
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def strip_winner(checkpoint_dir: Path, winner_dir: Path, *, dataset: str) -> dict[str, Any]:
+    """Write ``winner_dir/{model.safetensors, meta.json}`` from a checkpoint; returns meta.
+
+    Written into a temporary sibling and renamed, so a half-written winner never looks complete.
+    """
+    from raydetr.model.build import resolve_model_config
+
+    checkpoint_dir = Path(checkpoint_dir)
+    state = read_state(checkpoint_dir)
+    bests = read_bests(checkpoint_dir)
+    variant = bests.winner()
+    best = bests.ema if variant == "ema" else bests.regular
+    cfg = Config.model_validate(state["config"])
+    history: list[dict[str, Any]] = list(state["history"])
+    row = next((h for h in history if int(h["epoch"]) == best.epoch), {})
+    suffix = "_ema" if variant == "ema" else ""
+    metrics = {k: row.get(f"{k}{suffix}") for k in ("map", "map50", "map75", "mar")}
+    resolved = resolve_model_config(cfg.model)
+    meta = {
+        "classes": list(state["classes"]),
+        "num_classes": len(state["classes"]),
+        "model": cfg.model.model_dump(mode="json"),
+        "resolution": int(resolved["resolution"]),
+        "variant": variant,
+        "ema_decay": best.decay if variant == "ema" else None,
+        "metrics": metrics,
+        "best_map": bests.regular.map,
+        "best_map_ema": bests.ema.map if bests.ema.epoch >= 0 else None,
+        "epoch": best.epoch,
+        "epochs_run": len(history),
+        "dataset": dataset,
+        "raydetr_version": raydetr.__version__,
+    }
+    src = checkpoint_dir / BEST_FILES[variant]
+    if not src.is_file():
+        raise FileNotFoundError(f"{src} missing: the checkpoint has no best {variant} weights")
+    tmp = winner_dir.with_name(winner_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copyfile(src, tmp / "model.safetensors")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    if winner_dir.exists():
+        shutil.rmtree(winner_dir)
+    os.replace(tmp, winner_dir)
+    full = _dir_bytes(checkpoint_dir)
+    stripped = _dir_bytes(winner_dir)
+    meta["checkpoint_bytes"], meta["winner_bytes"] = full, stripped
+    return meta
+
+
+def finalize(cfg: Config, run_dir: Path, train_dir: Path, info: dict[str, Any], *,
+             stopped_early: bool = False, publish: bool = True, parent_run_id: str | None = None,
+             winner_dir: Path | None = None):
+    """Strip the winner of a Train run, write history/fit.json, and publish it to MLflow."""
+    from raydetr.train.driver import FitResult
+
+    ckpt = latest_checkpoint(train_dir)
+    state = read_state(ckpt)
+    history = list(state["history"])
+    dataset = str(cfg.data.path or "synthetic")
+    winner_dir = winner_dir or run_dir / "winner"
+    meta = strip_winner(ckpt, winner_dir, dataset=dataset)
+    (run_dir / "history.json").write_text(json.dumps(history, indent=2))
+    ratio = meta["checkpoint_bytes"] / max(meta["winner_bytes"], 1)
+    log.info(
+        "winner: %s weights from epoch %d (mAP %.4f); regular best %.4f, EMA best %s. "
+        "Stripped checkpoint %.1f MB -> %.1f MB (%.1fx smaller): %s",
+        meta["variant"], meta["epoch"] + 1, meta["metrics"]["map"] or 0.0, meta["best_map"],
+        f"{meta['best_map_ema']:.4f}" if meta["best_map_ema"] is not None else "-",
+        meta["checkpoint_bytes"] / 1e6, meta["winner_bytes"] / 1e6, ratio, winner_dir,
+    )
+    registered = None
+    if publish and cfg.mlflow.enabled:
+        registered = publish_winner(cfg, run_dir, winner_dir, history, meta,
+                                    parent_run_id=parent_run_id, stopped_early=stopped_early)
+    fit_info = {"winner": meta, "registered": registered, "stopped_early": stopped_early,
+                "checkpoint": str(ckpt)}
+    (run_dir / "fit.json").write_text(json.dumps(fit_info, indent=2, default=str))
+    return FitResult(run_dir=run_dir, train_dir=train_dir, winner_dir=winner_dir, meta=meta,
+                     registered=registered, stopped_early=stopped_early)
+
+
+def publish_winner(cfg: Config, run_dir: Path, winner_dir: Path, history: list[dict[str, Any]],
+                   meta: dict[str, Any], *, parent_run_id: str | None = None,
+                   stopped_early: bool = False) -> dict[str, Any] | None:
+    """Log + register; if MLflow is unreachable the fit still succeeds and says how to retry."""
+    from raydetr.registry.mlflow import publish
+
+    tags = {"variant": meta["variant"], "map": f"{meta['metrics']['map'] or 0:.4f}",
+            "epoch": str(meta["epoch"]), "dataset": meta["dataset"],
+            "stopped_early": str(stopped_early).lower()}
+    try:
+        return publish(
+            winner_dir, history=history, params=cfg.flat(), mlflow_cfg=cfg.mlflow,
+            output_dir=Path(cfg.run.output_dir).resolve(), run_name=cfg.run.name, tags=tags,
+            dataset=meta["dataset"], parent_run_id=parent_run_id,
+            nested=parent_run_id is not None,
+        )
+    except Exception as exc:  # noqa: BLE001 - the fit's result must survive a registry outage
+        log.error(
+            "MLflow registration failed (%s: %s). The stripped winner is safe in %s; "
+            "register it later with: raydetr register %s", type(exc).__name__, exc,
+            winner_dir, run_dir,
+        )
+        return None

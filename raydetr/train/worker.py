@@ -1,0 +1,334 @@
+"""``train_loop_per_worker``: what each Ray Train worker runs.
+
+Per epoch: train (DDP; EMA updated after every optimizer step) -> evaluate the regular weights
+and every EMA shadow on this worker's share of the val split (one decode, one forward per
+variant) -> gather detections to rank 0 -> COCOeval there -> rank 0 writes ``epoch_NNNN``
+-> every rank calls ``ray.train.report``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from raydetr.config import Config, build_config
+from raydetr.train.checkpoint import (
+    BestWeightsCache,
+    Bests,
+    read_bests,
+    read_state,
+    set_rng_state,
+    rng_state,
+    write_checkpoint,
+)
+
+log = logging.getLogger("raydetr.train")
+
+METRIC_KEYS = ("map", "map50", "map75", "mar")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rank_filter(rank: int, world: int):
+    """Val rows are not split by Ray (an equal split would drop images): each worker decodes
+    only the images whose id falls to its rank."""
+
+    def keep(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if world == 1:
+            return rows
+        sel = (np.asarray(rows["image_id"]).astype(np.int64) % world) == rank
+        return {k: np.asarray(v)[sel] for k, v in rows.items()}
+
+    return keep
+
+
+def _val_collate(rows, *, keep, resolution, data_cfg, rng):
+    from raydetr.data.loader import collate
+
+    rows = keep(rows)
+    if len(rows["image_id"]) == 0:
+        return None
+    return collate(rows, train=False, resolution=resolution, data_cfg=data_cfg, rng=rng)
+
+
+def load_pretrained(model: torch.nn.Module, path: str) -> list[str]:
+    """Start from weights (a winner's model.safetensors or a checkpoint's state.pt).
+
+    Tensors whose shape differs (the class head when the class count differs) keep their fresh
+    initialisation, as RF-DETR does with ``pretrain_weights``. Returns the re-initialised keys.
+    """
+    from raydetr.train.checkpoint import load_weights
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.safetensors"
+    if p.suffix == ".safetensors":
+        incoming = load_weights(p)
+    else:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+        incoming = obj.get("model", obj) if isinstance(obj, dict) else obj
+    own = model.state_dict()
+    unknown = sorted(set(incoming) - set(own))
+    if len(unknown) > len(own) // 2:
+        raise ValueError(
+            f"--pretrain-weights {path}: {len(unknown)} of its keys are not in this model "
+            f"(e.g. {unknown[:3]}); is it a raydetr model of the same preset?"
+        )
+    reinit = [k for k, v in incoming.items() if k in own and own[k].shape != v.shape]
+    usable = {k: v for k, v in incoming.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    return reinit
+
+
+def _gather_records(records: dict[str, list[dict]], rank: int, world: int):
+    if world == 1:
+        return records
+    gathered: list[Any] = [None] * world if rank == 0 else None
+    dist.gather_object(records, gathered, dst=0)
+    if rank != 0:
+        return None
+    merged: dict[str, list[dict]] = {k: [] for k in records}
+    for part in gathered:
+        for k, v in part.items():
+            merged[k].extend(v)
+    return merged
+
+
+def _format_line(m: dict[str, Any], epochs: int, es: dict[str, Any] | None) -> str:
+    parts = [
+        f"epoch {m['epoch'] + 1}/{epochs}",
+        f"loss {m['train_loss']:.4f}",
+        f"mAP {m['map']:.4f} (best {m['best_map']:.4f} @{m['best_map_epoch'] + 1})",
+    ]
+    if "map_ema" in m:
+        parts.append(
+            f"mAP_ema {m['map_ema']:.4f} (best {m['best_map_ema']:.4f} @{m['best_map_ema_epoch'] + 1})"
+        )
+    if es is not None:
+        parts.append(f"early-stop {es['counter']}/{es['patience']}")
+    parts.append(f"{m['images_per_s']:.1f} img/s")
+    parts.append(f"lr {m['lr']:.2e}")
+    return "  ".join(parts)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    import ray.train
+    import ray.train.torch
+
+    from raydetr.data.loader import collate
+    from raydetr.ema.ema import ModelEma
+    from raydetr.eval.coco import coco_metrics
+    from raydetr.model.build import build, resolve_model_config
+    from raydetr.train.engine import predict_records, train_one_epoch
+    from raydetr.train.optim import build_lr_scheduler, build_optimizer
+    from raydetr.tune.early_stopping import EarlyStopping, monitored_value
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg: Config = build_config(loop_config["cfg"], "train_loop_config")
+    classes: list[str] = loop_config["classes"]
+    train_images: int = loop_config["train_images"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.scaling.torch_threads:
+        torch.set_num_threads(cfg.scaling.torch_threads)
+    device = ray.train.torch.get_device()
+    amp_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.optim.amp) else None
+    resolution = resolve_model_config(cfg.model)["resolution"]
+
+    seed_everything(cfg.run.seed)  # identical init on every rank
+    model, criterion, postprocessor = build(cfg.model, cfg.loss, len(classes))
+    if loop_config.get("pretrain_weights"):
+        reinit = load_pretrained(model, loop_config["pretrain_weights"])
+        if rank == 0:
+            log.info("pretrain weights %s loaded; re-initialised: %s",
+                     loop_config["pretrain_weights"], reinit or "nothing")
+    model.to(device)
+    criterion.to(device)
+
+    decays = cfg.ema.all_decays
+    ema = None
+    if cfg.ema.enabled:
+        ema = ModelEma(
+            model, decay=cfg.ema.decay, tau=cfg.ema.tau, decays=cfg.ema.decays,
+            schedule=cfg.ema.schedule, schedule_kwargs=cfg.ema.schedule_kwargs,
+            average_buffers=cfg.ema.average_buffers, device=cfg.ema.device,
+        )
+    per_worker = math.ceil(train_images / world) if world > 1 else train_images
+    steps_per_epoch = max(1, math.ceil(per_worker / (cfg.optim.batch_size * cfg.optim.grad_accum_steps)))
+    optimizer = build_optimizer(model, cfg.optim)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, steps_per_epoch)
+    # The Tune scheduler makes the stop decision; rank 0 mirrors its counter for the log line
+    # and keeps it in the checkpoint, so a resumed run shows the same counter.
+    es = EarlyStopping(patience=cfg.early_stopping.patience,
+                       min_delta=cfg.early_stopping.min_delta,
+                       skip_epochs=cfg.early_stopping.skip_epochs)
+
+    start_epoch, step = 0, 0
+    bests = Bests()
+    history: list[dict[str, Any]] = []
+    cache = BestWeightsCache(Path(tempfile.mkdtemp(prefix="raydetr-best-"))) if rank == 0 else None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = read_state(Path(ckpt_dir))
+            model.load_state_dict(state["model"])
+            if ema is not None and state.get("ema") is not None:
+                ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+            lr_scheduler.load_state_dict(state["lr_scheduler"])
+            start_epoch, step = state["epoch"] + 1, state["step"]
+            history = list(state["history"])
+            bests = read_bests(Path(ckpt_dir))
+            vars(es).update(state["early_stopping"])
+            set_rng_state(state["rng"])
+            if cache is not None:
+                cache.seed_from(Path(ckpt_dir))
+        if rank == 0:
+            log.info("resumed from %s: continuing at epoch %d (EMA updates so far: %s)",
+                     checkpoint.path, start_epoch + 1, ema.updates if ema else "-")
+
+    if rank == 0:
+        eff = cfg.optim.batch_size * cfg.optim.grad_accum_steps * world
+        log.info(
+            "effective batch %d = batch_size %d x grad_accum_steps %d x workers %d; "
+            "%d optimizer steps/epoch; device %s%s; EMA decays %s",
+            eff, cfg.optim.batch_size, cfg.optim.grad_accum_steps, world, steps_per_epoch,
+            device, " (bf16)" if amp_dtype else "", decays if ema else "off",
+        )
+
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
+    eval_models: dict[str, torch.nn.Module] = {"regular": model}
+    ema_names = {d: f"ema@{d}" for d in decays}
+    if ema is not None:
+        for d in decays:
+            eval_models[ema_names[d]] = copy.deepcopy(model).eval()
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    keep = _rank_filter(rank, world)
+
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        rng = np.random.default_rng([cfg.run.seed, epoch, rank])
+        batches = train_shard.iter_torch_batches(
+            batch_size=cfg.optim.batch_size,
+            collate_fn=partial(collate, train=True, resolution=resolution, data_cfg=cfg.data, rng=rng),
+            local_shuffle_buffer_size=max(4 * cfg.optim.batch_size, 64),
+            local_shuffle_seed=cfg.run.seed * 100003 + epoch,
+            prefetch_batches=2,
+        )
+        model.train()
+        stats = train_one_epoch(
+            ddp_model, criterion, batches, optimizer, lr_scheduler, device=device, epoch=epoch,
+            grad_accum_steps=cfg.optim.grad_accum_steps, clip_max_norm=cfg.optim.clip_max_norm,
+            ema=ema, amp_dtype=amp_dtype, log_every=cfg.run.log_every_steps,
+        )
+        step += stats["steps"]
+
+        # Evaluate: regular + every EMA shadow, one decode per batch.
+        t_eval = time.perf_counter()
+        if ema is not None:
+            for i, d in enumerate(decays):
+                ema.load_into(eval_models[ema_names[d]], i)
+        model.eval()
+        val_batches = (
+            b for b in val_shard.iter_torch_batches(
+                batch_size=max(cfg.optim.batch_size, 8),
+                collate_fn=partial(_val_collate, keep=keep, resolution=resolution,
+                                   data_cfg=cfg.data, rng=np.random.default_rng(0)),
+            ) if b is not None
+        )
+        records = predict_records(eval_models, postprocessor, val_batches, device, amp_dtype)
+        records = _gather_records(records, rank, world)
+
+        metrics: dict[str, Any] = {}
+        if rank == 0:
+            results = {name: coco_metrics(recs, classes) for name, recs in records.items()}
+            metrics = _epoch_metrics(results, ema_names, stats, epoch, step, ema, decays)
+            metrics["eval_seconds"] = time.perf_counter() - t_eval
+            _update_bests(metrics, results, bests, cache, model, ema, decays, ema_names, epoch)
+            metrics.update(
+                best_map=bests.regular.map, best_map_epoch=bests.regular.epoch,
+                best_map_ema=bests.ema.map if ema else -1.0, best_map_ema_epoch=bests.ema.epoch,
+            )
+            es.update(monitored_value(metrics, use_ema=cfg.early_stopping.use_ema,
+                                      ema_enabled=cfg.ema.enabled), epoch)
+            metrics["early_stopping_counter"] = es.counter
+            history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            log.info(_format_line(metrics, cfg.optim.epochs,
+                                  vars(es) if cfg.early_stopping.enabled else None))
+
+        ckpt_obj = None
+        if rank == 0:
+            ckpt_dir = Path(tempfile.mkdtemp(prefix=f"raydetr-epoch_{epoch:04d}-"))
+            write_checkpoint(
+                ckpt_dir,
+                state={
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict() if ema else None,
+                    "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": lr_scheduler.state_dict(),
+                    "scaler": None,  # bf16 autocast needs no grad scaler
+                    "epoch": epoch, "step": step,
+                    "early_stopping": dict(vars(es)),
+                    "rng": rng_state(),
+                    "history": history,
+                    "classes": classes,
+                    "config": cfg.to_dict(),
+                },
+                bests=bests, cache=cache,
+            )
+            ckpt_obj = ray.train.Checkpoint.from_directory(str(ckpt_dir))
+        ray.train.report(
+            metrics, checkpoint=ckpt_obj, checkpoint_dir_name=f"epoch_{epoch:04d}",
+            delete_local_checkpoint_after_upload=True,
+        )
+
+    if rank == 0:
+        return {"epochs": len(history), "bests": bests.to_dict()}
+    return None
+
+
+def _epoch_metrics(results, ema_names, stats, epoch, step, ema, decays) -> dict[str, Any]:
+    reg = results["regular"]
+    m: dict[str, Any] = {"epoch": epoch, "step": step}
+    m.update({k: float(reg[k]) for k in METRIC_KEYS})
+    if ema is not None:
+        per_decay = {d: results[ema_names[d]] for d in decays}
+        best_d = max(decays, key=lambda d: per_decay[d]["map"])
+        m.update({f"{k}_ema": float(per_decay[best_d][k]) for k in METRIC_KEYS})
+        if len(decays) > 1:
+            for d in decays:
+                m[f"map_ema@{d}"] = float(per_decay[d]["map"])
+                m[f"map50_ema@{d}"] = float(per_decay[d]["map50"])
+        m["map_ema_decay"] = best_d
+        m["ema_decay"] = float(ema.current_decays()[0])
+    m["train_loss"] = float(stats["train_loss"])
+    m["lr"] = float(stats["lr"])
+    m["images_per_s"] = float(stats["images_per_s"])
+    m["train_seconds"] = float(stats["seconds"])
+    return m
+
+
+def _update_bests(metrics, results, bests, cache, model, ema, decays, ema_names, epoch) -> None:
+    if metrics["map"] > bests.regular.map:
+        bests.regular.map, bests.regular.epoch = metrics["map"], epoch
+        cache.update("regular", model.state_dict())
+    if ema is not None and metrics["map_ema"] > bests.ema.map:
+        d = metrics["map_ema_decay"]
+        bests.ema.map, bests.ema.epoch, bests.ema.decay = metrics["map_ema"], epoch, d
+        cache.update("ema", ema.shadow_state_dict(decays.index(d)))
