@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,32 @@ class BestWeightsCache:
                 shutil.copyfile(src, dst)
             total += src.stat().st_size
         return total
+
+
+def update_bests(
+    bests: Bests,
+    cache: BestWeightsCache,
+    *,
+    epoch: int,
+    map_regular: float,
+    map_ema: float | None = None,
+    ema_decay: float | None = None,
+    regular_weights: Callable[[], dict[str, torch.Tensor]],
+    ema_weights: Callable[[], dict[str, torch.Tensor]] | None = None,
+) -> tuple[bool, bool]:
+    """Record one epoch; serialise a variant's weights only when its best improves.
+
+    Returns (regular improved, EMA improved). Ties keep the earlier epoch.
+    """
+    reg_up = map_regular > bests.regular.map
+    if reg_up:
+        bests.regular = Best(map=float(map_regular), epoch=epoch)
+        cache.update("regular", regular_weights())
+    ema_up = map_ema is not None and map_ema > bests.ema.map
+    if ema_up:
+        bests.ema = Best(map=float(map_ema), epoch=epoch, decay=ema_decay)
+        cache.update("ema", ema_weights())
+    return reg_up, ema_up
 
 
 def write_checkpoint(

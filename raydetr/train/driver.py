@@ -235,7 +235,7 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
     )
     tune_config = tune.TuneConfig(
         scheduler=scheduler, num_samples=num_samples,
-        max_concurrent_trials=max_concurrent_trials or 1,
+        max_concurrent_trials=max_concurrent_trials or (max_concurrent(cfg) if param_space else 1),
         trial_dirname_creator=lambda t: t.trial_id,
     )
     run_config = tune.RunConfig(name="tune", storage_path=str(run_dir), verbose=0)
@@ -258,12 +258,17 @@ def fit(cfg: Config, *, resume: bool = False, pretrain_weights: str | None = Non
     if cfg.early_stopping.enabled:
         from raydetr.tune.early_stopping import EarlyStoppingScheduler
 
-        scheduler = EarlyStoppingScheduler.from_config(cfg.early_stopping, cfg.ema.enabled)
+        # state_path: Tuner.restore (--resume) unpickles its own copy of the scheduler; both
+        # copies share their counters through this file.
+        scheduler = EarlyStoppingScheduler.from_config(
+            cfg.early_stopping, cfg.ema.enabled,
+            state_path=run_dir_of(cfg) / "early_stopping.json")
     grid, run_dir, info = run_trials(cfg, scheduler=scheduler, resume=resume,
                                      pretrain_weights=pretrain_weights)
     result = grid[0]
     train_dir = run_dir / "train"
-    stopped_early = bool(scheduler is not None and scheduler.was_stopped(result))
+    stopped_early = bool(
+        scheduler is not None and scheduler.state(Path(result.path).name).get("stopped"))
     if result.error is not None and not stopped_early:
         has_ckpt = any(train_dir.glob("epoch_*"))
         raise FitError(

@@ -77,7 +77,7 @@ def strip_winner(checkpoint_dir: Path, winner_dir: Path, *, dataset: str) -> dic
 
 def finalize(cfg: Config, run_dir: Path, train_dir: Path, info: dict[str, Any], *,
              stopped_early: bool = False, publish: bool = True, parent_run_id: str | None = None,
-             winner_dir: Path | None = None):
+             register: bool = True):
     """Strip the winner of a Train run, write history/fit.json, and publish it to MLflow."""
     from raydetr.train.driver import FitResult
 
@@ -85,7 +85,7 @@ def finalize(cfg: Config, run_dir: Path, train_dir: Path, info: dict[str, Any], 
     state = read_state(ckpt)
     history = list(state["history"])
     dataset = str(cfg.data.path or "synthetic")
-    winner_dir = winner_dir or run_dir / "winner"
+    winner_dir = run_dir / "winner"
     meta = strip_winner(ckpt, winner_dir, dataset=dataset)
     (run_dir / "history.json").write_text(json.dumps(history, indent=2))
     ratio = meta["checkpoint_bytes"] / max(meta["winner_bytes"], 1)
@@ -99,7 +99,8 @@ def finalize(cfg: Config, run_dir: Path, train_dir: Path, info: dict[str, Any], 
     registered = None
     if publish and cfg.mlflow.enabled:
         registered = publish_winner(cfg, run_dir, winner_dir, history, meta,
-                                    parent_run_id=parent_run_id, stopped_early=stopped_early)
+                                    parent_run_id=parent_run_id, stopped_early=stopped_early,
+                                    register=register)
     fit_info = {"winner": meta, "registered": registered, "stopped_early": stopped_early,
                 "checkpoint": str(ckpt)}
     (run_dir / "fit.json").write_text(json.dumps(fit_info, indent=2, default=str))
@@ -109,7 +110,7 @@ def finalize(cfg: Config, run_dir: Path, train_dir: Path, info: dict[str, Any], 
 
 def publish_winner(cfg: Config, run_dir: Path, winner_dir: Path, history: list[dict[str, Any]],
                    meta: dict[str, Any], *, parent_run_id: str | None = None,
-                   stopped_early: bool = False) -> dict[str, Any] | None:
+                   stopped_early: bool = False, register: bool = True) -> dict[str, Any] | None:
     """Log + register; if MLflow is unreachable the fit still succeeds and says how to retry."""
     from raydetr.registry.mlflow import publish
 
@@ -121,7 +122,7 @@ def publish_winner(cfg: Config, run_dir: Path, winner_dir: Path, history: list[d
             winner_dir, history=history, params=cfg.flat(), mlflow_cfg=cfg.mlflow,
             output_dir=Path(cfg.run.output_dir).resolve(), run_name=cfg.run.name, tags=tags,
             dataset=meta["dataset"], parent_run_id=parent_run_id,
-            nested=parent_run_id is not None,
+            nested=parent_run_id is not None, register=register,
         )
     except Exception as exc:  # noqa: BLE001 - the fit's result must survive a registry outage
         log.error(

@@ -24,12 +24,13 @@ import torch.distributed as dist
 
 from raydetr.config import Config, build_config
 from raydetr.train.checkpoint import (
-    BestWeightsCache,
     Bests,
+    BestWeightsCache,
     read_bests,
     read_state,
-    set_rng_state,
     rng_state,
+    set_rng_state,
+    update_bests,
     write_checkpoint,
 )
 
@@ -260,7 +261,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             results = {name: coco_metrics(recs, classes) for name, recs in records.items()}
             metrics = _epoch_metrics(results, ema_names, stats, epoch, step, ema, decays)
             metrics["eval_seconds"] = time.perf_counter() - t_eval
-            _update_bests(metrics, results, bests, cache, model, ema, decays, ema_names, epoch)
+            update_bests(
+                bests, cache, epoch=epoch, map_regular=metrics["map"],
+                map_ema=metrics.get("map_ema"), ema_decay=metrics.get("map_ema_decay"),
+                regular_weights=model.state_dict,
+                ema_weights=partial(ema.shadow_state_dict, decays.index(metrics["map_ema_decay"]))
+                if ema is not None else None,
+            )
             metrics.update(
                 best_map=bests.regular.map, best_map_epoch=bests.regular.epoch,
                 best_map_ema=bests.ema.map if ema else -1.0, best_map_ema_epoch=bests.ema.epoch,
@@ -322,13 +329,3 @@ def _epoch_metrics(results, ema_names, stats, epoch, step, ema, decays) -> dict[
     m["images_per_s"] = float(stats["images_per_s"])
     m["train_seconds"] = float(stats["seconds"])
     return m
-
-
-def _update_bests(metrics, results, bests, cache, model, ema, decays, ema_names, epoch) -> None:
-    if metrics["map"] > bests.regular.map:
-        bests.regular.map, bests.regular.epoch = metrics["map"], epoch
-        cache.update("regular", model.state_dict())
-    if ema is not None and metrics["map_ema"] > bests.ema.map:
-        d = metrics["map_ema_decay"]
-        bests.ema.map, bests.ema.epoch, bests.ema.decay = metrics["map_ema"], epoch, d
-        cache.update("ema", ema.shadow_state_dict(decays.index(d)))

@@ -1,0 +1,165 @@
+"""Pure training / evaluation loops: every dependency is an argument (DETR's engine style).
+
+    stats = train_one_epoch(model, criterion, batches, optimizer, scheduler, device=dev,
+                            epoch=e, grad_accum_steps=2, ema=ema)
+    metrics = evaluate({"regular": model, "ema": ema_model}, postprocessor, val_batches,
+                       classes, dev)   # -> {"regular": {...}, "ema": {...}}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from raydetr.ops.boxes import box_cxcywh_to_xyxy
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN / inf; training stops instead of continuing on garbage."""
+
+
+def _to_device(batch: dict, device: torch.device) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    images = batch["images"].to(device, non_blocking=True)
+    targets = [{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in t.items()}
+               for t in batch["targets"]]
+    return images, targets
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=amp_dtype)
+
+
+def _image_ids(batch: dict) -> list[int]:
+    return [int(t["image_id"]) for t in batch["targets"] if "image_id" in t]
+
+
+def _grouped(batches: Iterable[dict], n: int) -> Iterator[list[dict]]:
+    group: list[dict] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == n:
+            yield group
+            group = []
+    if group:  # final partial accumulation still steps
+        yield group
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[dict],
+                    optimizer: torch.optim.Optimizer, lr_scheduler: Any, *, device: torch.device | str,
+                    epoch: int, grad_accum_steps: int = 1, clip_max_norm: float = 0.1,
+                    ema: Any = None, amp_dtype: torch.dtype | None = None, log_every: int = 0
+                    ) -> dict[str, float]:
+    """One pass over ``batches`` (Batch dicts, see raydetr.data.loader).
+
+    Gradients of ``grad_accum_steps`` micro-batches are summed (each loss scaled by 1/n, n =
+    size of that accumulation group) before one optimizer step; under DDP the non-final
+    micro-steps run in ``model.no_sync()``. After each optimizer step: ``lr_scheduler.step()``
+    then ``ema.update(model)``. Raises NonFiniteLossError (epoch, step, image ids, loss terms)
+    on a NaN / inf loss. Returns train_loss (mean over micro-batches), steps (optimizer steps),
+    images, seconds, images_per_s, lr (first group's lr after the epoch).
+    """
+    device = torch.device(device)
+    model.train()
+    criterion.train()
+    start = time.perf_counter()
+    total_loss, micro, steps, images = 0.0, 0, 0, 0
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    optimizer.zero_grad(set_to_none=True)
+    for group in _grouped(batches, max(grad_accum_steps, 1)):
+        for i, batch in enumerate(group):
+            imgs, targets = _to_device(batch, device)
+            final = i == len(group) - 1
+            sync = contextlib.nullcontext()
+            if not final and hasattr(model, "no_sync"):
+                sync = model.no_sync()
+            with sync:
+                with _autocast(device, amp_dtype):
+                    outputs = model(imgs, targets)
+                losses = criterion(outputs, targets)
+                loss = losses["loss"]
+                if not torch.isfinite(loss):
+                    terms = {k: round(float(v), 4) for k, v in losses.items()}
+                    raise NonFiniteLossError(
+                        f"non-finite loss {float(loss)} at epoch {epoch}, optimizer step {steps}, "
+                        f"micro-batch {micro}; image ids {_image_ids(batch)}; loss terms {terms}. "
+                        "Try a lower optim.lr, clipping (optim.clip_max_norm) or check those images."
+                    )
+                (loss / len(group)).backward()
+            total_loss += float(loss.detach())
+            micro += 1
+            images += imgs.shape[0]
+        if clip_max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps += 1
+        if lr_scheduler is not None:
+            lr_scheduler.step()
+        if ema is not None:
+            ema.update(model)
+        if log_every and steps % log_every == 0:
+            log.info("epoch %d step %d loss %.4f lr %.2e", epoch, steps, total_loss / micro,
+                     optimizer.param_groups[0]["lr"])
+    seconds = time.perf_counter() - start
+    return {"train_loss": total_loss / max(micro, 1), "steps": steps, "images": images,
+            "seconds": seconds, "images_per_s": images / max(seconds, 1e-9),
+            "lr": float(optimizer.param_groups[0]["lr"])}
+
+
+@torch.no_grad()
+def predict_records(models: dict[str, nn.Module], postprocessor: nn.Module, batches: Iterable[dict],
+                    device: torch.device | str, amp_dtype: torch.dtype | None = None,
+                    top_k: int = 100) -> dict[str, list[dict]]:
+    """Eval records per model variant (see the contract); each batch is moved once and run
+    through every variant. Ground truth comes from the batch targets (cxcywh normalised ->
+    xyxy absolute pixels of orig_size); predictions are in the same frame.
+    """
+    device = torch.device(device)
+    for m in models.values():
+        m.eval()
+    records: dict[str, list[dict]] = {name: [] for name in models}
+    for batch in batches:
+        images = batch["images"].to(device, non_blocking=True)
+        targets = batch["targets"]
+        sizes = torch.stack([torch.as_tensor(t["orig_size"]) for t in targets]).long()
+        gts = []
+        for t in targets:
+            h, w = (int(v) for v in t["orig_size"])
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+            gt = box_cxcywh_to_xyxy(t["boxes"].float().cpu()) * scale
+            gts.append((int(t["image_id"]), w, h, gt.numpy().astype(np.float32),
+                        t["labels"].cpu().numpy().astype(np.int64)))
+        for name, model in models.items():
+            with _autocast(device, amp_dtype):
+                outputs = model(images)
+            dets = postprocessor(outputs, sizes.to(device), top_k=top_k)
+            for (image_id, w, h, gt_boxes, gt_labels), det in zip(gts, dets):
+                records[name].append({
+                    "image_id": image_id, "width": w, "height": h,
+                    "gt_boxes": gt_boxes, "gt_labels": gt_labels,
+                    "scores": det["scores"].float().cpu().numpy().astype(np.float32),
+                    "labels": det["labels"].cpu().numpy().astype(np.int64),
+                    "boxes": det["boxes"].float().cpu().numpy().astype(np.float32),
+                })
+    return records
+
+
+def evaluate(models: dict[str, nn.Module], postprocessor: nn.Module, batches: Iterable[dict],
+             classes: list[str], device: torch.device | str, amp_dtype: torch.dtype | None = None
+             ) -> dict[str, dict]:
+    """COCO metrics per variant: {variant: coco_metrics(records, classes)}."""
+    from raydetr.eval.coco import coco_metrics  # written separately; imported when needed
+
+    records = predict_records(models, postprocessor, batches, device, amp_dtype)
+    return {name: coco_metrics(recs, classes) for name, recs in records.items()}

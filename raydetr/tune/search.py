@@ -1,0 +1,212 @@
+"""Hyperparameter search: a Tuner over the training driver (``raydetr tune``, jobs/tune_ema.py).
+
+    tune:
+      search_space:
+        ema.decay: {grid: [0.99, 0.993, 0.999]}
+        optim.lr: {loguniform: [5.0e-5, 5.0e-4]}
+      num_samples: 1            # repeats of the grid (x samples of the random axes)
+      scheduler: early_stopping # or asha, fifo
+
+Every trial is a full TorchTrainer run (its own ``trials/<trial_id>`` storage). After the search
+each trial's winner is stripped; MLflow gets a parent run with the results table and one nested
+run per trial; the best trial's winner is registered with the alias.
+
+Because the EMA never feeds back into training, a search over EMA settings alone trains the same
+network K times. One run with ``ema.decays=[...]`` gives the same ``map_ema`` per decay for the
+cost of one run; the CLI says so when only ``ema.*`` keys vary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raydetr.config import Config, ConfigError, build_config, set_dotted
+
+log = logging.getLogger("raydetr.search")
+
+SHADOWS_HINT = (
+    "only EMA settings vary in this search: every trial trains the same network. One run with "
+    "several EMA shadows gives the same map_ema per decay at ~1/K of the cost:\n"
+    "    raydetr train ... ema.decays=[{decays}]"
+)
+
+
+def build_param_space(space: dict[str, Any]) -> dict[str, Any]:
+    """``{key: {grid|choice|uniform|loguniform: ...}}`` -> Tune search space."""
+    from ray import tune
+
+    makers = {
+        "grid": lambda v: tune.grid_search(list(v)),
+        "choice": lambda v: tune.choice(list(v)),
+        "uniform": lambda v: tune.uniform(*v),
+        "loguniform": lambda v: tune.loguniform(*v),
+    }
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in makers:
+            raise ConfigError(
+                f"tune.search_space.{key}: expected one of {{grid: [...]}}, {{choice: [...]}}, "
+                f"{{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}; got {spec!r}"
+            )
+        (kind, values), = spec.items()
+        out[key] = makers[kind](values)
+    return out
+
+
+def _check_keys(cfg: Config) -> None:
+    base = cfg.to_dict()
+    for key, spec in cfg.tune.search_space.items():
+        value = next(iter(spec.values()))[0] if isinstance(spec, dict) and spec else None
+        tree = json.loads(json.dumps(base))
+        set_dotted(tree, key, value)
+        build_config(tree, f"tune.search_space.{key}")
+
+
+@dataclass
+class SearchResult:
+    run_dir: Path
+    rows: list[dict[str, Any]]
+    best: dict[str, Any]
+    registered: dict[str, Any] | None
+
+
+def _scheduler(cfg: Config):
+    if cfg.tune.scheduler == "early_stopping":
+        from raydetr.tune.early_stopping import EarlyStoppingScheduler
+
+        from raydetr.train.driver import run_dir_of
+
+        return EarlyStoppingScheduler.from_config(
+            cfg.early_stopping, cfg.ema.enabled,
+            state_path=run_dir_of(cfg) / "early_stopping.json")
+    if cfg.tune.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        metric = "map" if cfg.tune.metric == "map" or not cfg.ema.enabled else "map_ema"
+        return ASHAScheduler(time_attr="training_iteration", metric=metric, mode="max",
+                             max_t=cfg.optim.epochs, grace_period=1)
+    return None
+
+
+def _score(row: dict[str, Any], metric: str) -> float:
+    if metric == "map":
+        return row["best_map"]
+    if metric == "map_ema":
+        return row["best_map_ema"] if row["best_map_ema"] is not None else -1.0
+    return max(row["best_map"], row["best_map_ema"] or -1.0)
+
+
+def format_table(rows: list[dict[str, Any]], keys: list[str]) -> str:
+    head = [*keys, "best_map", "best_map_ema", "winner", "epochs", "trial"]
+    lines = ["  ".join(f"{h:>12}" for h in head)]
+    for r in rows:
+        vals = [*(r["params"].get(k) for k in keys), r["best_map"], r["best_map_ema"],
+                r["winner"], r["epochs"], r["trial_id"]]
+        lines.append("  ".join(
+            f"{v:>12.4f}" if isinstance(v, float) else f"{v!s:>12}" for v in vals))
+    return "\n".join(lines)
+
+
+def search(cfg: Config, *, resume: bool = False) -> SearchResult:
+    from raydetr.train.checkpoint import latest_checkpoint, read_bests, read_state
+    from raydetr.train.driver import run_trials
+    from raydetr.train.postfit import finalize
+
+    if not cfg.tune.search_space:
+        raise ConfigError("tune.search_space is empty: give at least one key to search over")
+    _check_keys(cfg)
+    keys = list(cfg.tune.search_space)
+    if all(k.startswith("ema.") for k in keys) and "ema.decay" in keys:
+        grid = cfg.tune.search_space["ema.decay"]
+        decays = ",".join(str(d) for d in next(iter(grid.values())))
+        log.warning(SHADOWS_HINT.format(decays=decays))
+    grid_result, run_dir, info = run_trials(
+        cfg, param_space=build_param_space(cfg.tune.search_space), scheduler=_scheduler(cfg),
+        num_samples=cfg.tune.num_samples, max_concurrent_trials=cfg.tune.max_concurrent_trials,
+        resume=resume,
+    )
+    rows: list[dict[str, Any]] = []
+    for result in grid_result:
+        trial_id = Path(result.path).name
+        train_dir = run_dir / "trials" / trial_id
+        try:
+            ckpt = latest_checkpoint(train_dir)
+        except Exception as exc:  # noqa: BLE001 - a trial that never finished an epoch
+            log.error("trial %s has no checkpoint (%s); error: %s", trial_id, exc, result.error)
+            continue
+        bests, state = read_bests(ckpt), read_state(ckpt)
+        rows.append({
+            "trial_id": trial_id, "params": dict(result.config), "train_dir": train_dir,
+            "best_map": bests.regular.map,
+            "best_map_ema": bests.ema.map if bests.ema.epoch >= 0 else None,
+            "winner": bests.winner(), "epochs": len(state["history"]),
+            "history": state["history"],
+        })
+    if not rows:
+        raise RuntimeError(f"no trial of the search in {run_dir} finished an epoch")
+    best = max(rows, key=lambda r: _score(r, cfg.tune.metric))
+    table = format_table(rows, keys)
+    print(f"\nsearch results ({len(rows)} trials; best: {best['trial_id']})\n{table}\n")
+    (run_dir / "search_results.txt").write_text(table + "\n")
+    registered = _publish_search(cfg, run_dir, rows, best, table, info, finalize)
+    return SearchResult(run_dir=run_dir, rows=rows, best=best, registered=registered)
+
+
+def _trial_cfg(cfg: Config, params: dict[str, Any]) -> Config:
+    tree = cfg.to_dict()
+    for key, value in params.items():
+        set_dotted(tree, key, value)
+    return build_config(tree, "trial config")
+
+
+def _publish_search(cfg, run_dir, rows, best, table, info, finalize) -> dict[str, Any] | None:
+    """Strip every trial's winner; MLflow parent run + nested run per trial; register the best."""
+    registered = None
+    parent_id = None
+    if cfg.mlflow.enabled:
+        try:
+            parent_id = _start_parent(cfg, run_dir, rows, table)
+        except Exception as exc:  # noqa: BLE001 - registry outage must not lose the search
+            log.error("MLflow unavailable (%s); winners stay on disk under %s/results", exc, run_dir)
+    for row in rows:
+        out = run_dir / "results" / row["trial_id"]
+        out.mkdir(parents=True, exist_ok=True)
+        is_best = row is best
+        res = finalize(
+            _trial_cfg(cfg, row["params"]), out, row["train_dir"], info,
+            publish=parent_id is not None, parent_run_id=parent_id, register=is_best,
+        )
+        if is_best:
+            registered = res.registered
+    return registered
+
+
+def _start_parent(cfg: Config, run_dir: Path, rows, table: str) -> str:
+    import mlflow
+
+    from raydetr.registry.mlflow import (
+        check_reachable,
+        ensure_experiment,
+        mlflow_session,
+        resolve_tracking_uri,
+    )
+
+    output_dir = Path(cfg.run.output_dir).resolve()
+    uri = resolve_tracking_uri(cfg.mlflow, output_dir)
+    check_reachable(uri)
+    with mlflow_session(uri):
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        exp_id = ensure_experiment(client, cfg.mlflow.experiment, uri, output_dir)
+        run = client.create_run(exp_id, run_name=f"{cfg.run.name}-search",
+                                tags={"raydetr.kind": "search"})
+        client.log_text(run.info.run_id, table, "search_results.txt")
+        client.log_dict(run.info.run_id, {"search_space": cfg.tune.search_space,
+                                          "trials": [{k: v for k, v in r.items()
+                                                      if k not in ("history", "train_dir")}
+                                                     for r in rows]}, "search_results.json")
+        client.set_terminated(run.info.run_id)
+    return run.info.run_id

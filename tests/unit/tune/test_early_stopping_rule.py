@@ -1,0 +1,290 @@
+"""EarlyStopping (pure rule) and EarlyStoppingScheduler decisions on scripted mAP sequences."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import TrialScheduler
+
+from raydetr.config import ConfigError, EarlyStoppingConfig
+from raydetr.tune.early_stopping import EarlyStopping, EarlyStoppingScheduler, monitored_value
+
+STOP, CONTINUE = TrialScheduler.STOP, TrialScheduler.CONTINUE
+
+
+def make_trial() -> Trial:
+    # A stub Trial is a real ray.tune Trial object; it needs no running Ray.
+    return Trial("__fake", stub=True)
+
+
+def feed(scheduler: EarlyStoppingScheduler, trial: Trial, rows: list[dict]) -> list[str]:
+    return [scheduler.on_trial_result(None, trial, row) for row in rows]
+
+
+def rows_from(maps: list[float], ema: list[float] | None = None, start: int = 0) -> list[dict]:
+    rows = []
+    for i, m in enumerate(maps):
+        row = {"epoch": start + i, "map": m, "training_iteration": i + 1}
+        if ema is not None:
+            row["map_ema"] = ema[i]
+        rows.append(row)
+    return rows
+
+
+# ---- pure rule -------------------------------------------------------------------------------
+
+
+def test_defaults_match_rfdetr_and_config():
+    rule = EarlyStopping()
+    sched = EarlyStoppingScheduler()
+    cfg = EarlyStoppingConfig()
+    assert (rule.patience, rule.min_delta, rule.skip_epochs, rule.best) == (10, 0.001, 0, 0.0)
+    assert (sched.patience, sched.min_delta, sched.use_ema, sched.skip_epochs) == (
+        cfg.patience,
+        cfg.min_delta,
+        cfg.use_ema,
+        cfg.skip_epochs,
+    )
+
+
+def test_min_delta_edge_exactly_best_plus_delta_is_not_improvement():
+    rule = EarlyStopping(patience=5, min_delta=0.001)
+    assert rule.update(0.45) == (True, False)
+    assert rule.update(0.45 + 0.001) == (False, False)  # exactly best + min_delta
+    assert rule.counter == 1 and rule.best == 0.45
+    assert rule.update(0.45 + 0.001 + 1e-9) == (True, False)  # slightly more
+    assert rule.counter == 0 and rule.best == pytest.approx(0.451)
+
+
+def test_min_delta_edge_exact_binary_values():
+    rule = EarlyStopping(patience=3, min_delta=0.125)
+    rule.update(0.25)
+    assert rule.update(0.375)[0] is False  # 0.25 + 0.125 == 0.375 exactly in binary
+    assert rule.update(0.375 + 2**-20)[0] is True
+
+
+def test_first_value_must_beat_zero_plus_min_delta():
+    rule = EarlyStopping(patience=3, min_delta=0.001)
+    assert rule.update(0.0) == (False, False)  # RF-DETR: best starts at 0.0
+    assert rule.update(0.001) == (False, False)
+    assert rule.update(0.0011)[0] is True
+
+
+def test_stops_exactly_at_patience_th_non_improving_epoch():
+    rule = EarlyStopping(patience=3, min_delta=0.0)
+    assert rule.update(0.5, epoch=0) == (True, False)
+    assert rule.update(0.4, epoch=1) == (False, False)
+    assert rule.update(0.5, epoch=2) == (False, False)  # equal is not better
+    assert rule.update(0.3, epoch=3) == (False, True)  # third non-improving epoch
+    assert (rule.counter, rule.best, rule.best_epoch, rule.stopped) == (3, 0.5, 0, True)
+
+
+def test_improvement_resets_counter():
+    rule = EarlyStopping(patience=2, min_delta=0.01)
+    decisions = [rule.update(v)[1] for v in (0.1, 0.1, 0.2, 0.2, 0.2)]
+    assert decisions == [False, False, False, False, True]
+
+
+def test_skip_epochs_ignored_entirely():
+    rule = EarlyStopping(patience=2, min_delta=0.0, skip_epochs=3)
+    # A high warm-up value must not become the best; low ones must not count.
+    for v in (0.9, 0.1, 0.1):
+        assert rule.update(v) == (False, False)
+    assert (rule.best, rule.counter, rule.best_epoch) == (0.0, 0, None)
+    assert rule.update(0.2) == (True, False)
+    assert rule.best_epoch == 3
+    assert rule.update(0.2) == (False, False)
+    assert rule.update(0.2) == (False, True)
+
+
+def test_nan_counts_as_no_improvement():
+    rule = EarlyStopping(patience=2)
+    rule.update(0.3)
+    assert rule.update(math.nan) == (False, False)
+    assert rule.update(math.nan) == (False, True)
+    assert rule.best == 0.3
+
+
+@pytest.mark.parametrize("kwargs", [{"patience": 0}, {"min_delta": -0.1}, {"skip_epochs": -1}])
+def test_invalid_arguments_name_the_key(kwargs):
+    key = next(iter(kwargs))
+    with pytest.raises(ValueError, match=f"early_stopping.{key}"):
+        EarlyStopping(**kwargs)
+
+
+# ---- monitored value -------------------------------------------------------------------------
+
+
+def test_monitored_value_variants():
+    row = {"map": 0.30, "map_ema": 0.35}
+    assert monitored_value(row, use_ema=False, ema_enabled=True) == 0.35  # max of both
+    assert monitored_value({"map": 0.4, "map_ema": 0.35}, use_ema=False, ema_enabled=True) == 0.4
+    assert monitored_value({"map": 0.4, "map_ema": 0.35}, use_ema=True, ema_enabled=True) == 0.35
+    assert monitored_value(row, use_ema=False, ema_enabled=False) == 0.30  # EMA off
+    assert monitored_value({"map": 0.3}, use_ema=True, ema_enabled=True) == 0.3  # no EMA key
+    assert monitored_value({"map_ema": 0.3}, use_ema=True, ema_enabled=True) is None
+    assert monitored_value({"epoch": 3}, use_ema=False, ema_enabled=True) is None
+    assert (
+        monitored_value({"map": 0.2, "map_ema": math.nan}, use_ema=False, ema_enabled=True) == 0.2
+    )
+    several = {"map": 0.2, "map_ema@0.99": 0.25, "map_ema@0.999": 0.31}
+    assert monitored_value(several, use_ema=True, ema_enabled=True) == 0.31
+
+
+# ---- scheduler with real ray.tune Trial objects ----------------------------------------------
+
+
+def test_scheduler_stops_at_expected_epoch():
+    sched = EarlyStoppingScheduler(patience=3, min_delta=0.001)
+    trial = make_trial()
+    sched.on_trial_add(None, trial)
+    decisions = feed(sched, trial, rows_from([0.1, 0.2, 0.2005, 0.15, 0.2, 0.3]))
+    assert decisions == [CONTINUE, CONTINUE, CONTINUE, CONTINUE, STOP, STOP]
+    state = sched.state(trial)
+    assert state["stopped"] is True
+    assert state["best"] == 0.3  # the last row was still monitored (a late buffered result)
+    assert sched.state(trial.trial_id)["last_epoch"] == 5
+
+
+def test_scheduler_use_ema_monitors_map_ema_only():
+    sched = EarlyStoppingScheduler(patience=2, use_ema=True)
+    trial = make_trial()
+    # Regular mAP keeps improving, EMA mAP does not: stop after 2 flat EMA epochs.
+    rows = rows_from([0.1, 0.2, 0.3, 0.4], ema=[0.25, 0.25, 0.25, 0.25])
+    assert feed(sched, trial, rows[:3]) == [CONTINUE, CONTINUE, STOP]
+    assert sched.state(trial)["best"] == 0.25
+    assert sched.state(trial)["monitored"] == "map_ema"
+
+
+def test_scheduler_best_of_both_uses_max():
+    # Regular mAP is flat but EMA mAP overtakes it: the max keeps rising, so no stop, where
+    # monitoring the regular mAP alone stops at the second flat epoch.
+    rows = rows_from([0.30, 0.30, 0.30], ema=[0.10, 0.35, 0.40])
+    sched = EarlyStoppingScheduler(patience=2)
+    trial = make_trial()
+    assert feed(sched, trial, rows) == [CONTINUE] * 3
+    assert sched.state(trial)["best"] == 0.4
+    assert feed(sched, trial, rows_from([0.39, 0.2], ema=[0.2, 0.3], start=3)) == [CONTINUE, STOP]
+    regular_only = EarlyStoppingScheduler(patience=2, ema_enabled=False)
+    assert feed(regular_only, make_trial(), rows) == [CONTINUE, CONTINUE, STOP]
+
+
+def test_scheduler_ema_disabled_monitors_regular_map():
+    sched = EarlyStoppingScheduler(patience=2, ema_enabled=False)
+    trial = make_trial()
+    rows = rows_from([0.3, 0.3, 0.3], ema=[0.4, 0.5, 0.6])  # map_ema ignored
+    assert feed(sched, trial, rows) == [CONTINUE, CONTINUE, STOP]
+    assert sched.state(trial)["best"] == 0.3
+    assert sched.monitored == "map"
+
+
+def test_scheduler_skip_epochs():
+    sched = EarlyStoppingScheduler(patience=1, skip_epochs=2)
+    trial = make_trial()
+    assert feed(sched, trial, rows_from([0.5, 0.0, 0.1, 0.1])) == [
+        CONTINUE,
+        CONTINUE,
+        CONTINUE,
+        STOP,
+    ]
+    assert sched.state(trial)["best_epoch"] == 2
+
+
+def test_scheduler_trials_are_independent():
+    sched = EarlyStoppingScheduler(patience=2)
+    a, b = make_trial(), make_trial()
+    assert a.trial_id != b.trial_id
+    flat = rows_from([0.2, 0.2, 0.2])
+    rising = rows_from([0.1, 0.2, 0.3])
+    out_a, out_b = [], []
+    for ra, rb in zip(flat, rising):  # interleaved like a concurrent search
+        out_a.append(sched.on_trial_result(None, a, ra))
+        out_b.append(sched.on_trial_result(None, b, rb))
+    assert out_a == [CONTINUE, CONTINUE, STOP]
+    assert out_b == [CONTINUE, CONTINUE, CONTINUE]
+    assert set(sched.states()) == {a.trial_id, b.trial_id}
+
+
+def test_results_without_map_are_ignored():
+    sched = EarlyStoppingScheduler(patience=1)
+    trial = make_trial()
+    sched.on_trial_result(None, trial, {"epoch": 0, "map": 0.5})
+    for row in ({"epoch": 1, "train_loss": 3.0}, {"done": True}, {"map": None, "epoch": 1}):
+        assert sched.on_trial_result(None, trial, row) == CONTINUE
+    assert sched.state(trial)["counter"] == 0
+    assert sched.state(trial)["epochs_seen"] == 1
+
+
+def test_retried_epochs_count_once():
+    sched = EarlyStoppingScheduler(patience=3)
+    trial = make_trial()
+    feed(sched, trial, rows_from([0.5, 0.4, 0.4]))  # counter 2
+    # The worker group restarted from the epoch-0 checkpoint: epochs 1.. are reported again.
+    assert feed(sched, trial, rows_from([0.6], start=1)) == [CONTINUE]
+    state = sched.state(trial)
+    assert (state["best"], state["counter"], state["epochs_seen"]) == (0.6, 0, 2)
+
+
+def test_set_search_properties_accepts_anything_and_keeps_metric_unset():
+    sched = EarlyStoppingScheduler()
+    assert sched.set_search_properties("map", "max") is True
+    assert sched.set_search_properties("loss", "min", extra=1) is True
+    assert sched.set_search_properties(None, None) is True
+    assert sched.metric is None  # no strict metric check on rows without `map`
+
+
+def test_from_config_and_use_ema_without_ema():
+    cfg = EarlyStoppingConfig(enabled=True, patience=4, min_delta=0.01, use_ema=True, skip_epochs=1)
+    sched = EarlyStoppingScheduler.from_config(cfg, ema_enabled=True)
+    assert (sched.patience, sched.min_delta, sched.use_ema, sched.skip_epochs) == (4, 0.01, True, 1)
+    with pytest.raises(ConfigError, match="ema.enabled"):
+        EarlyStoppingScheduler.from_config(cfg, ema_enabled=False)
+
+
+def test_save_restore_round_trip(tmp_path):
+    sched = EarlyStoppingScheduler(patience=3)
+    a, b = make_trial(), make_trial()
+    feed(sched, a, rows_from([0.3, 0.2, 0.2]))
+    feed(sched, b, rows_from([0.1]))
+    path = tmp_path / "es.json"
+    sched.save(str(path))
+    fresh = EarlyStoppingScheduler(patience=3)
+    fresh.restore(str(path))
+    assert fresh.states() == sched.states()
+    assert fresh.on_trial_result(None, a, {"epoch": 3, "map": 0.2}) == STOP
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="bad.json"):
+        fresh.restore(str(tmp_path / "bad.json"))
+
+
+def test_state_path_survives_unpickled_fresh_scheduler(tmp_path):
+    import pickle
+
+    path = tmp_path / "state" / "early_stopping.json"
+    sched = EarlyStoppingScheduler(patience=2, state_path=path)
+    blank = pickle.dumps(sched)  # what Tuner.restore gets back: the scheduler as at the start
+    trial = make_trial()
+    feed(sched, trial, rows_from([0.3, 0.3]))
+    restored = pickle.loads(blank)
+    assert restored.on_trial_result(None, trial, {"epoch": 2, "map": 0.3}) == STOP
+    # The driver's own object (never used by Tune after a restore) reads the file.
+    driver_copy = EarlyStoppingScheduler(patience=2, state_path=path)
+    assert driver_copy.state(trial.trial_id)["stopped"] is True
+    assert driver_copy.state(trial.trial_id)["last_epoch"] == 2
+
+
+def test_log_lines(caplog):
+    sched = EarlyStoppingScheduler(patience=2, min_delta=0.001)
+    trial = make_trial()
+    with caplog.at_level(logging.INFO, logger="raydetr.early_stopping"):
+        feed(sched, trial, rows_from([0.455, 0.454, 0.450], start=9))
+    text = caplog.text
+    assert "Epoch 10: mAP = 0.454 (best: 0.455) - counter: 1" in text
+    assert (
+        "Early stopping at epoch 11: no improvement > 0.001 in 2 epochs "
+        "(best mAP 0.455 at epoch 9)" in text
+    )
+    assert "Using EarlyStoppingScheduler on max(map, map_ema)" in sched.debug_string()
