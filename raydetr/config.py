@@ -99,6 +99,7 @@ class EmaConfig(_Strict):
     schedule: str = "rfdetr"
     schedule_kwargs: dict[str, Any] = Field(default_factory=dict)
     average_buffers: bool = True
+    nan_guard: bool = Field(True, description="Skip (and count) updates from non-finite weights.")
     device: str | None = Field(None, description="e.g. 'cpu' to keep the shadow off the GPU.")
 
     @field_validator("decays")

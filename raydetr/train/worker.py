@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import random
 import tempfile
 import time
@@ -168,6 +169,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             model, decay=cfg.ema.decay, tau=cfg.ema.tau, decays=cfg.ema.decays,
             schedule=cfg.ema.schedule, schedule_kwargs=cfg.ema.schedule_kwargs,
             average_buffers=cfg.ema.average_buffers, device=cfg.ema.device,
+            nan_guard=cfg.ema.nan_guard,
         )
     per_worker = math.ceil(train_images / world) if world > 1 else train_images
     steps_per_epoch = max(1, math.ceil(per_worker / (cfg.optim.batch_size * cfg.optim.grad_accum_steps)))
@@ -239,6 +241,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             ema=ema, amp_dtype=amp_dtype, log_every=cfg.run.log_every_steps,
         )
         step += stats["steps"]
+        _maybe_inject_fault(loop_config.get("fault_inject"), epoch, rank)
 
         # Evaluate: regular + every EMA shadow, one decode per batch.
         t_eval = time.perf_counter()
@@ -308,6 +311,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if rank == 0:
         return {"epochs": len(history), "bests": bests.to_dict()}
     return None
+
+
+def _maybe_inject_fault(spec: str | None, epoch: int, rank: int) -> None:
+    """Test hook (``RAYDETR_FAULT_INJECT=epoch:rank:marker_file`` in the driver's environment):
+    that rank dies with ``os._exit`` after training that epoch, once (the marker file remembers),
+    to exercise FailureConfig restarts and ``--resume``."""
+    if not spec:
+        return
+    at_epoch, at_rank, marker = spec.split(":", 2)
+    if epoch == int(at_epoch) and rank == int(at_rank) and not Path(marker).exists():
+        Path(marker).write_text(f"killed rank {rank} after training epoch {epoch}\n")
+        log.warning("fault injection: rank %d exits during epoch %d", rank, epoch + 1)
+        os._exit(1)
 
 
 def _epoch_metrics(results, ema_names, stats, epoch, step, ema, decays) -> dict[str, Any]:

@@ -1,0 +1,229 @@
+"""COCO box evaluation with pycocotools: eval records -> COCO GT / results -> COCOeval.
+
+Eval records are plain numpy dicts (picklable, gathered from Ray workers to rank 0)::
+
+    {"image_id": int, "width": int, "height": int,
+     "gt_boxes": f32[N,4] xyxy absolute pixels, "gt_labels": i64[N] class index 0..C-1,
+     "scores": f32[K], "labels": i64[K], "boxes": f32[K,4] xyxy absolute pixels}
+
+The ground truth is built in memory (no temp files): boxes xyxy -> xywh, area = w*h,
+iscrowd=0, COCO category id = class index + 1. ``coco_metrics`` and ``evaluate_coco_files`` go
+through the same ``run_cocoeval`` call, and the latter reproduces pycocotools' published numbers
+on the cocoapi reference files (tests/unit/eval).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+log = logging.getLogger(__name__)
+
+# Order of COCOeval.stats for iouType="bbox".
+STAT_NAMES = (
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
+)
+# coco_metrics keys for the same stats (ARs/ARm/ARl are not reported there).
+_METRIC_KEYS = {
+    "map": 0, "map50": 1, "map75": 2, "map_small": 3, "map_medium": 4, "map_large": 5,
+    "mar1": 6, "mar10": 7, "mar": 8,
+}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _quiet(what: str):
+    """pycocotools prints progress to stdout; send it to this module's logger (debug)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        yield
+    text = buf.getvalue().strip()
+    if text:
+        log.debug("pycocotools %s:\n%s", what, text)
+
+
+def coco_from_dataset(dataset: dict[str, Any]) -> COCO:
+    """A pycocotools COCO object from an in-memory COCO dict (images/annotations/categories)."""
+    coco = COCO()
+    coco.dataset = dataset
+    with _quiet("createIndex"):
+        coco.createIndex()
+    return coco
+
+
+def load_results(coco_gt: COCO, results: list[dict[str, Any]]) -> COCO:
+    """``coco_gt.loadRes(results)``, which also works for an empty list (pycocotools fails)."""
+    if results:
+        with _quiet("loadRes"):
+            return coco_gt.loadRes(results)
+    return coco_from_dataset(
+        {
+            "images": list(coco_gt.dataset.get("images", [])),
+            "categories": list(coco_gt.dataset.get("categories", [])),
+            "annotations": [],
+        }
+    )
+
+
+def run_cocoeval(coco_gt: COCO, coco_dt: COCO) -> COCOeval:
+    """The one COCOeval call of this project: bbox, default params; evaluate, accumulate,
+    summarize. ``.stats`` holds the 12 numbers in :data:`STAT_NAMES` order (-1: undefined,
+    i.e. no ground truth in that area range); ``.eval["precision"]`` is [T, R, K, A, M]."""
+    ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+    with _quiet("COCOeval"):
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev
+
+
+def evaluate_coco_files(gt_json: str | Path, results_json: str | Path) -> dict[str, float]:
+    """Standard COCO evaluation of a results file against a GT annotation file.
+
+    Returns the 12 bbox stats named AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm,
+    ARl, exactly as pycocotools computes them (-1 where undefined).
+    """
+    gt_json, results_json = Path(gt_json), Path(results_json)
+    for path in (gt_json, results_json):
+        if not path.is_file():
+            raise FileNotFoundError(f"COCO evaluation: file not found: {path}")
+    try:
+        results = json.loads(results_json.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{results_json}: not valid JSON: {exc}") from None
+    if not isinstance(results, list):
+        raise ValueError(f"{results_json}: expected a JSON list of detections")
+    with _quiet("load annotations"):
+        coco_gt = COCO(str(gt_json))
+    ev = run_cocoeval(coco_gt, load_results(coco_gt, results))
+    return {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
+
+
+def _xyxy_to_xywh(boxes: np.ndarray, where: str) -> np.ndarray:
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if not np.isfinite(boxes).all():
+        raise ValueError(f"{where}: boxes contain NaN/inf")
+    out = boxes.copy()
+    out[:, 2:] = boxes[:, 2:] - boxes[:, :2]
+    return out
+
+
+def records_to_coco(
+    records: Sequence[dict[str, Any]], classes: Sequence[str]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Eval records -> (COCO ground-truth dataset dict, COCO results list).
+
+    Category id = class index + 1. Boxes become xywh absolute pixels; GT area = w*h.
+    """
+    num_classes = len(classes)
+    images, annotations, results = [], [], []
+    seen: set[int] = set()
+    for rec in records:
+        image_id = int(rec["image_id"])
+        if image_id in seen:
+            raise ValueError(f"eval records: image_id {image_id} appears more than once")
+        seen.add(image_id)
+        images.append({"id": image_id, "width": int(rec["width"]), "height": int(rec["height"])})
+        for kind, box_key, label_key in (
+            ("gt", "gt_boxes", "gt_labels"),
+            ("det", "boxes", "labels"),
+        ):
+            labels = np.asarray(rec[label_key], dtype=np.int64).reshape(-1)
+            if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+                raise ValueError(
+                    f"eval records: image_id {image_id} has {kind} label(s) "
+                    f"{sorted(set(labels[(labels < 0) | (labels >= num_classes)].tolist()))} "
+                    f"outside 0..{num_classes - 1} ({num_classes} classes)"
+                )
+            xywh = _xyxy_to_xywh(rec[box_key], f"eval records: image_id {image_id} {box_key}")
+            if len(xywh) != len(labels):
+                raise ValueError(
+                    f"eval records: image_id {image_id}: {len(xywh)} {box_key} but "
+                    f"{len(labels)} {label_key}"
+                )
+            if kind == "gt":
+                for box, label in zip(xywh.tolist(), labels.tolist()):
+                    annotations.append(
+                        {
+                            "id": len(annotations) + 1,
+                            "image_id": image_id,
+                            "category_id": label + 1,
+                            "bbox": box,
+                            "area": box[2] * box[3],
+                            "iscrowd": 0,
+                        }
+                    )
+            else:
+                scores = np.asarray(rec["scores"], dtype=np.float64).reshape(-1)
+                if len(scores) != len(labels):
+                    raise ValueError(
+                        f"eval records: image_id {image_id}: {len(scores)} scores but "
+                        f"{len(labels)} labels"
+                    )
+                for box, label, score in zip(xywh.tolist(), labels.tolist(), scores.tolist()):
+                    results.append(
+                        {
+                            "image_id": image_id,
+                            "category_id": label + 1,
+                            "bbox": box,
+                            "score": score,
+                        }
+                    )
+    categories = [{"id": i + 1, "name": str(name)} for i, name in enumerate(classes)]
+    return {"images": images, "annotations": annotations, "categories": categories}, results
+
+
+def per_class_ap(ev: COCOeval) -> np.ndarray:
+    """AP per category (IoU .50:.95, area all, maxDets 100): mean of precision > -1 over IoU
+    thresholds and recall points; -1 for a category without ground truth. Order: params.catIds."""
+    precision = ev.eval["precision"][:, :, :, 0, -1]  # [T, R, K]
+    out = np.full(precision.shape[2], -1.0)
+    for k in range(precision.shape[2]):
+        p = precision[:, :, k]
+        if (p > -1).any():
+            out[k] = float(p[p > -1].mean())
+    return out
+
+
+def coco_metrics(records: Sequence[dict[str, Any]], classes: Sequence[str]) -> dict[str, Any]:
+    """COCO bbox metrics of eval records.
+
+    Returns map (IoU .50:.95), map50, map75, map_small, map_medium, map_large, mar (AR@100),
+    mar1, mar10, and per_class {class name: AP}. Values pycocotools leaves undefined (-1: no
+    ground truth in that area range / for that class, or no ground truth at all) are reported
+    as 0.0, so zero detections give zeros and every key is always a number.
+    """
+    if not classes:
+        raise ValueError("coco_metrics: classes is empty")
+    gt, results = records_to_coco(records, classes)
+    out: dict[str, Any] = {key: 0.0 for key in _METRIC_KEYS}
+    out["per_class"] = {str(name): 0.0 for name in classes}
+    if not gt["annotations"]:
+        log.warning("coco_metrics: no ground-truth boxes in %d images; metrics are 0", len(records))
+        return out
+    coco_gt = coco_from_dataset(gt)
+    ev = run_cocoeval(coco_gt, load_results(coco_gt, results))
+    for key, idx in _METRIC_KEYS.items():
+        out[key] = max(0.0, float(ev.stats[idx]))
+    for cat_id, ap in zip(ev.params.catIds, per_class_ap(ev)):
+        out["per_class"][str(classes[cat_id - 1])] = max(0.0, float(ap))
+    return out
