@@ -1,0 +1,180 @@
+"""Prepared datasets: validated records -> Parquet shards + dataset.json (written atomically).
+
+    raydetr prepare data/thermal-dogs-people prepared/thermal
+    info = prepare_dataset("data/thermal-dogs-people", "prepared/thermal")
+
+Layout of OUT:
+    dataset.json                      classes, source, per-split counts + shard files, report
+    <split>/part-NNNNN.parquet        one row per image; columns in ``SCHEMA``
+
+Images are stored as their original encoded bytes (no re-encoding, no quality loss); boxes as a
+flat list of xyxy absolute pixels (4N floats), labels as contiguous class indices. Everything is
+written into a temporary folder beside OUT and renamed into place at the end, so an OUT that
+exists with a dataset.json is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from raydetr.data.formats import DatasetError, Record, SplitData, read_dataset
+
+FORMAT_VERSION = 1
+INFO_FILE = "dataset.json"
+SCHEMA = pa.schema([
+    ("image_id", pa.int64()),
+    ("file_name", pa.string()),
+    ("image", pa.binary()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("boxes", pa.list_(pa.float32())),
+    ("labels", pa.list_(pa.int64())),
+])
+
+
+def is_prepared(path: Path | str) -> bool:
+    """True if ``path`` holds a complete prepared dataset (dataset.json and all its shards)."""
+    try:
+        info = load_info(path)
+    except DatasetError:
+        return False
+    return all((Path(path) / f).is_file() for s in info["splits"].values() for f in s["files"])
+
+
+def load_info(path: Path | str) -> dict[str, Any]:
+    """The dataset.json of a prepared dataset; DatasetError saying what to run otherwise."""
+    f = Path(path) / INFO_FILE
+    if not f.is_file():
+        raise DatasetError(f"{path} is not a prepared dataset (no {INFO_FILE}); "
+                           f"run `raydetr prepare SRC {path}` first")
+    try:
+        info = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{f}: unreadable ({exc}); prepare the dataset again") from None
+    if not isinstance(info, dict) or "splits" not in info or "classes" not in info:
+        raise DatasetError(f"{f}: not a raydetr dataset.json (missing 'splits'/'classes')")
+    return info
+
+
+def split_files(path: Path | str, split: str) -> list[str]:
+    """Absolute paths of the Parquet shards of ``split``."""
+    info = load_info(path)
+    if split not in info["splits"]:
+        raise DatasetError(f"{path}: no split '{split}' (has: {sorted(info['splits'])}); check "
+                           "data.train_split / data.val_split")
+    root = Path(path).resolve()
+    return [str(root / f) for f in info["splits"][split]["files"]]
+
+
+def _table(records: list[Record], metadata: dict[bytes, bytes]) -> pa.Table:
+    return pa.Table.from_pydict({
+        "image_id": [r.image_id for r in records],
+        "file_name": [r.file_name for r in records],
+        "image": [r.image_path.read_bytes() for r in records],
+        "width": [r.width for r in records],
+        "height": [r.height for r in records],
+        "boxes": [r.boxes_xyxy.reshape(-1) for r in records],
+        "labels": [r.labels for r in records],
+    }, schema=SCHEMA.with_metadata(metadata))
+
+
+def _write_split(data: SplitData, root: Path, shard_size: int, metadata: dict[bytes, bytes],
+                 bar: tqdm) -> list[str]:
+    (root / data.name).mkdir()
+    files = []
+    for k, start in enumerate(range(0, len(data.records), shard_size)):
+        chunk = data.records[start:start + shard_size]
+        rel = f"{data.name}/part-{k:05d}.parquet"
+        # Encoded images do not compress further: store them as is, compress the rest.
+        pq.write_table(_table(chunk, metadata), root / rel, row_group_size=len(chunk),
+                       compression={c: ("none" if c == "image" else "snappy") for c in SCHEMA.names})
+        files.append(rel)
+        bar.update(len(chunk))
+    return files
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if is_prepared(out):
+        if not overwrite:
+            raise DatasetError(f"{out} already holds a prepared dataset; pass overwrite=True "
+                               "(--overwrite) to replace it, or choose another OUT")
+    elif not out.is_dir() or any(out.iterdir()):
+        raise DatasetError(f"{out} exists and is not a prepared dataset; refusing to replace it. "
+                           "Choose another OUT or remove it yourself")
+
+
+def prepare_dataset(src: Path | str, out: Path | str, shard_size: int = 256,
+                    fmt: str | None = None, progress: bool = True, *, overwrite: bool = False,
+                    classes: list[str] | None = None) -> dict[str, Any]:
+    """Validate ``src`` (COCO/YOLO/VOC, see formats.read_dataset) and write it to ``out``.
+
+    Returns the dataset.json dict. ``progress``: tqdm bars and a one-line summary per split
+    on stdout (nothing else is printed). ``overwrite``: replace an existing prepared OUT.
+    ``classes``: VOC class order. On any error nothing is left at OUT.
+    """
+    if shard_size <= 0:
+        raise DatasetError(f"shard_size must be > 0, got {shard_size}")
+    src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
+    if is_prepared(src):
+        raise DatasetError(f"{src} is already a prepared dataset; use it directly")
+    _check_out(out, overwrite)
+    splits = read_dataset(src, fmt, classes=classes, progress=progress)
+    first = next(iter(splits.values()))
+    metadata = {b"raydetr.classes": json.dumps(first.classes).encode(),
+                b"raydetr.source_format": first.source_format.encode()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        info: dict[str, Any] = {"format_version": FORMAT_VERSION, "classes": first.classes,
+                                "source_format": first.source_format, "source": str(src),
+                                "splits": {}, "report": {}}
+        total = sum(len(s.records) for s in splits.values())
+        with tqdm(total=total, desc="prepare", unit="img", disable=not progress) as bar:
+            for name, data in splits.items():
+                files = _write_split(data, tmp, shard_size, metadata, bar)
+                rep = data.report
+                info["splits"][name] = {"images": rep.images, "boxes": rep.boxes,
+                                        "negatives": rep.negatives, "files": files}
+                info["report"][name] = rep.to_dict()
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if progress:
+        print(summary(info))
+    return info
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` (already checked) is moved aside first."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "d")
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def summary(info: dict[str, Any]) -> str:
+    """Human summary: one line per split (images / boxes / negatives / clipped)."""
+    lines = [f"prepared {info['source']} ({info['source_format']}, {len(info['classes'])} "
+             f"classes: {', '.join(info['classes'])})"]
+    for name, s in info["splits"].items():
+        rep = info["report"].get(name, {})
+        lines.append(f"  {name:<5} images={s['images']} boxes={s['boxes']} "
+                     f"negatives={s['negatives']} clipped={rep.get('clipped_boxes', 0)} "
+                     f"warnings={rep.get('warnings_total', 0)} shards={len(s['files'])}")
+    return "\n".join(lines)
