@@ -90,21 +90,50 @@ def _ray_collate_class() -> type:
     from ray.data.collate_fn import NumpyBatchCollateFn
 
     class RayCollate(NumpyBatchCollateFn):
-        def __init__(self, **kwargs: Any) -> None:
+        def __init__(self, shard: tuple[str, int, int] = ("none", 0, 1), **kwargs: Any) -> None:
+            self.shard = shard
             self.kwargs = kwargs
 
-        def __call__(self, batch: dict[str, np.ndarray]) -> Batch:
+        def __call__(self, batch: dict[str, np.ndarray]) -> Batch | None:
+            batch = select_rows(batch, *self.shard)
+            if len(batch["image_id"]) == 0:
+                return None
             return collate(batch, **self.kwargs)
 
     return RayCollate
 
 
 def make_collate(*, train: bool, resolution: int, data_cfg: DataConfig, seed: int, epoch: int,
-                 rank: int = 0) -> Callable[[dict[str, np.ndarray]], Batch]:
+                 rank: int = 0, world: int = 1, shard: str = "none"
+                 ) -> Callable[[dict[str, np.ndarray]], Batch | None]:
     """The collate_fn for ``iter_torch_batches``: ``collate`` bound to a fresh Generator seeded
-    by (seed, epoch, rank). Make a new one each epoch."""
+    by (seed, epoch, rank). Make a new one each epoch.
+
+    ``shard`` picks this rank's rows before anything is decoded:
+      - ``"slice"``: the batch is a global batch of ``world`` equal parts; take part ``rank``
+        (every worker streams the same seeded order, so the split is reproducible);
+      - ``"image_id"``: rows whose ``image_id % world == rank`` (evaluation: nothing dropped);
+        returns None when no row is left.
+    """
     rng = np.random.default_rng([seed, epoch, rank, 1])
-    return _ray_collate_class()(train=train, resolution=resolution, data_cfg=data_cfg, rng=rng)
+    return _ray_collate_class()(shard=(shard, rank, world), train=train, resolution=resolution,
+                                data_cfg=data_cfg, rng=rng)
+
+
+def select_rows(rows: dict[str, np.ndarray], shard: str, rank: int, world: int
+                ) -> dict[str, np.ndarray]:
+    """This rank's rows of a numpy batch (see ``make_collate``)."""
+    if shard == "none" or world == 1:
+        return rows
+    n = len(rows["image_id"])
+    if shard == "slice":
+        per = n // world
+        sel = slice(rank * per, (rank + 1) * per)
+    elif shard == "image_id":
+        sel = (np.asarray(rows["image_id"]).astype(np.int64) % world) == rank
+    else:
+        raise ValueError(f"shard must be none, slice or image_id; got {shard!r}")
+    return {k: np.asarray(v)[sel] for k, v in rows.items()}
 
 
 def read_split(prepared_dir: Path | str, split: str) -> Any:

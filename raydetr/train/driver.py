@@ -154,7 +154,8 @@ def max_concurrent(cfg: Config) -> int:
 
 # --------------------------------------------------------------------------- tune + train
 def _trial_fn(base: dict[str, Any], prepared: str, classes: list[str], train_images: int,
-              run_dir: str, pretrain_weights: str | None, single: bool):
+              run_dir: str, pretrain_weights: str | None, single: bool,
+              fault_inject: str | None = None):
     """The Tune trainable: builds a TorchTrainer whose rank-0 reports reach Tune."""
 
     def trial(params: dict[str, Any]) -> None:
@@ -169,6 +170,7 @@ def _trial_fn(base: dict[str, Any], prepared: str, classes: list[str], train_ima
         for key, value in params.items():
             set_dotted(tree, key, value)
         cfg = build_config(tree, "trial config")
+        quiet_ray_data()
         trial_id = tune.get_context().get_trial_id()
         name = "train" if single else f"trials/{trial_id}"
         exec_opts = ray.data.ExecutionOptions(preserve_order=True)  # reproducible order
@@ -176,7 +178,8 @@ def _trial_fn(base: dict[str, Any], prepared: str, classes: list[str], train_ima
             train_loop_per_worker=_train_loop,
             train_loop_config={"cfg": cfg.to_dict(), "classes": classes,
                                "train_images": train_images,
-                               "pretrain_weights": pretrain_weights},
+                               "pretrain_weights": pretrain_weights,
+                               "fault_inject": fault_inject},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                 resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
@@ -184,7 +187,9 @@ def _trial_fn(base: dict[str, Any], prepared: str, classes: list[str], train_ima
             ),
             datasets={"train": read_split(prepared, cfg.data.train_split),
                       "val": read_split(prepared, cfg.data.val_split)},
-            dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
+            # Not split by Ray: each worker takes its slice of the same seeded stream (train)
+            # or its image ids (val), so the split is reproducible and val loses no image.
+            dataset_config=ray.train.DataConfig(datasets_to_split=[],
                                                 execution_options=exec_opts),
             run_config=ray.train.RunConfig(
                 name=name, storage_path=run_dir,
@@ -198,9 +203,19 @@ def _trial_fn(base: dict[str, Any], prepared: str, classes: list[str], train_ima
     return trial
 
 
+def quiet_ray_data() -> None:
+    """One log line per epoch is ours; Ray Data's per-dataset progress bars drown it."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
 def _train_loop(loop_config: dict[str, Any]):
     from raydetr.train.worker import train_loop_per_worker
 
+    quiet_ray_data()
     return train_loop_per_worker(loop_config)
 
 
@@ -230,7 +245,7 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
     trainable = tune.with_resources(
         _trial_fn(cfg.to_dict(), str(prepared), info["classes"],
                   info["splits"][cfg.data.train_split]["images"], str(run_dir),
-                  pretrain_weights, single),
+                  pretrain_weights, single, os.environ.get("RAYDETR_FAULT_INJECT")),
         {"memory": TRIAL_MEMORY_BYTES},
     )
     tune_config = tune.TuneConfig(

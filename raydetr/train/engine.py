@@ -89,7 +89,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[di
                 losses = criterion(outputs, targets)
                 loss = losses["loss"]
                 if not torch.isfinite(loss):
-                    terms = {k: round(float(v), 4) for k, v in losses.items()}
+                    terms = {k: round(float(v.detach()), 4) for k, v in losses.items()}
                     raise NonFiniteLossError(
                         f"non-finite loss {float(loss)} at epoch {epoch}, optimizer step {steps}, "
                         f"micro-batch {micro}; image ids {_image_ids(batch)}; loss terms {terms}. "

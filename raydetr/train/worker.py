@@ -46,28 +46,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rank_filter(rank: int, world: int):
-    """Val rows are not split by Ray (an equal split would drop images): each worker decodes
-    only the images whose id falls to its rank."""
-
-    def keep(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if world == 1:
-            return rows
-        sel = (np.asarray(rows["image_id"]).astype(np.int64) % world) == rank
-        return {k: np.asarray(v)[sel] for k, v in rows.items()}
-
-    return keep
-
-
-def _val_collate(rows, *, keep, resolution, data_cfg, rng):
-    from raydetr.data.loader import collate
-
-    rows = keep(rows)
-    if len(rows["image_id"]) == 0:
-        return None
-    return collate(rows, train=False, resolution=resolution, data_cfg=data_cfg, rng=rng)
-
-
 def load_pretrained(model: torch.nn.Module, path: str) -> list[str]:
     """Start from weights (a winner's model.safetensors or a checkpoint's state.pt).
 
@@ -132,7 +110,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
     import ray.train.torch
 
-    from raydetr.data.loader import collate
+    from raydetr.data.loader import make_collate
     from raydetr.ema.ema import ModelEma
     from raydetr.eval.coco import coco_metrics
     from raydetr.model.build import build, resolve_model_config
@@ -171,8 +149,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             average_buffers=cfg.ema.average_buffers, device=cfg.ema.device,
             nan_guard=cfg.ema.nan_guard,
         )
-    per_worker = math.ceil(train_images / world) if world > 1 else train_images
-    steps_per_epoch = max(1, math.ceil(per_worker / (cfg.optim.batch_size * cfg.optim.grad_accum_steps)))
+    # Every worker streams the same seeded global batches (batch_size x world) and decodes only
+    # its own slice: a reproducible split (a restarted run equals an uninterrupted one). With
+    # several workers the last partial global batch is dropped (reshuffled every epoch).
+    global_batch = cfg.optim.batch_size * world
+    batches_per_epoch = (train_images // global_batch) if world > 1 else math.ceil(
+        train_images / global_batch)
+    if batches_per_epoch == 0:
+        raise ValueError(
+            f"{train_images} training images cannot fill one global batch of {global_batch} "
+            f"(optim.batch_size {cfg.optim.batch_size} x {world} workers): lower either")
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.optim.grad_accum_steps)
     optimizer = build_optimizer(model, cfg.optim)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, steps_per_epoch)
     # The Tune scheduler makes the stop decision; rank 0 mirrors its counter for the log line
@@ -214,7 +201,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             device, " (bf16)" if amp_dtype else "", decays if ema else "off",
         )
 
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
+    # find_unused_parameters: the denoising embedding gets no gradient on a batch without
+    # boxes (all negatives) or with denoising off, which plain DDP treats as an error.
+    ddp_model = ray.train.torch.prepare_model(
+        model, move_to_device=False,
+        parallel_strategy_kwargs={"find_unused_parameters": True})
     eval_models: dict[str, torch.nn.Module] = {"regular": model}
     ema_names = {d: f"ema@{d}" for d in decays}
     if ema is not None:
@@ -223,14 +214,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    keep = _rank_filter(rank, world)
-
     for epoch in range(start_epoch, cfg.optim.epochs):
-        rng = np.random.default_rng([cfg.run.seed, epoch, rank])
+        # Reseed per (seed, epoch, rank): ranks consume randomness at different rates (e.g.
+        # denoising noise per box), so this, not one saved state, makes restarts exact.
+        seed_everything(cfg.run.seed * 1_000_003 + epoch * 1_009 + rank)
         batches = train_shard.iter_torch_batches(
-            batch_size=cfg.optim.batch_size,
-            collate_fn=partial(collate, train=True, resolution=resolution, data_cfg=cfg.data, rng=rng),
-            local_shuffle_buffer_size=max(4 * cfg.optim.batch_size, 64),
+            batch_size=global_batch,
+            drop_last=world > 1,
+            collate_fn=make_collate(train=True, resolution=resolution, data_cfg=cfg.data,
+                                    seed=cfg.run.seed, epoch=epoch, rank=rank, world=world,
+                                    shard="slice"),
+            local_shuffle_buffer_size=max(8 * global_batch, 256),
             local_shuffle_seed=cfg.run.seed * 100003 + epoch,
             prefetch_batches=2,
         )
@@ -251,9 +245,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         model.eval()
         val_batches = (
             b for b in val_shard.iter_torch_batches(
-                batch_size=max(cfg.optim.batch_size, 8),
-                collate_fn=partial(_val_collate, keep=keep, resolution=resolution,
-                                   data_cfg=cfg.data, rng=np.random.default_rng(0)),
+                batch_size=max(cfg.optim.batch_size, 8) * world,
+                collate_fn=make_collate(train=False, resolution=resolution, data_cfg=cfg.data,
+                                        seed=0, epoch=0, rank=rank, world=world,
+                                        shard="image_id"),
             ) if b is not None
         )
         records = predict_records(eval_models, postprocessor, val_batches, device, amp_dtype)

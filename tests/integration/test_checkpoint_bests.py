@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from raydetr.train.checkpoint import (
-    BestWeightsCache,
     Bests,
+    BestWeightsCache,
     checkpoint_dirs,
     latest_checkpoint,
     load_weights,

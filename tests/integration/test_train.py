@@ -1,0 +1,154 @@
+"""The main job on a real local Ray: DDP on 2 CPU workers, faults, resume, early stopping, search.
+
+Tiny sizes (64 px synthetic images, a handful of images): these tests check mechanics and exact
+equalities, not accuracy (tests/unit/train has the overfit test; bench/ has convergence).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from raydetr.config import load_config
+from raydetr.train.checkpoint import latest_checkpoint, read_state
+from raydetr.train.driver import FitError, fit
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def tiny(out: Path, name: str, *extra: str):
+    return load_config(None, [
+        f"run.output_dir={out}", f"run.name={name}", "run.seed=7",
+        "model.resolution=64", "model.num_queries=20", "model.num_denoising=0",
+        "data.synthetic_image_size=64", "data.synthetic_train_images=16",
+        "data.synthetic_val_images=8", "data.multi_scale=false",
+        "optim.batch_size=4", "optim.epochs=3", "optim.warmup_steps=2",
+        *extra,
+    ])
+
+
+def final_state(result_or_dir) -> dict:
+    train_dir = getattr(result_or_dir, "train_dir", result_or_dir)
+    return read_state(latest_checkpoint(train_dir))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"tensor {k} differs"
+
+
+def test_fault_restart_and_resume_equal_uninterrupted(tmp_path, local_ray, monkeypatch):
+    """2 workers (DDP, gloo). A rank killed with os._exit restarts from the latest checkpoint
+    (FailureConfig) and ends with exactly the weights of an uninterrupted run; so does a run
+    that died for good and was continued with --resume."""
+    two = ("scaling.num_workers=2", "ema.decays=[0.9,0.99]", "mlflow.enabled=false")
+    ref = fit(tiny(tmp_path, "ref", *two))
+    ref_state = final_state(ref)
+    assert [h["epoch"] for h in ref_state["history"]] == [0, 1, 2]
+
+    monkeypatch.setenv("RAYDETR_FAULT_INJECT", f"1:1:{tmp_path / 'killed-once'}")
+    restarted = fit(tiny(tmp_path, "restart", *two, "scaling.max_failures=1"))
+    assert (tmp_path / "killed-once").exists(), "the fault was not injected"
+    state = final_state(restarted)
+    assert_same_weights(state["model"], ref_state["model"])
+    assert state["ema"]["updates"] == ref_state["ema"]["updates"]
+    for a, b in zip(state["ema"]["shadows"], ref_state["ema"]["shadows"]):
+        assert_same_weights(a, b)
+
+    monkeypatch.setenv("RAYDETR_FAULT_INJECT", f"1:0:{tmp_path / 'killed-for-good'}")
+    with pytest.raises(FitError, match="--resume"):
+        fit(tiny(tmp_path, "resumed", *two))
+    monkeypatch.delenv("RAYDETR_FAULT_INJECT")
+    resumed = fit(tiny(tmp_path, "resumed", *two), resume=True)
+    state = final_state(resumed)
+    assert_same_weights(state["model"], ref_state["model"])
+    assert [h["epoch"] for h in state["history"]] == [0, 1, 2]
+    assert state["ema"]["updates"] == ref_state["ema"]["updates"]
+
+
+def test_existing_run_needs_resume(tmp_path, local_ray):
+    cfg = tiny(tmp_path, "once", "optim.epochs=1", "mlflow.enabled=false")
+    fit(cfg)
+    with pytest.raises(FitError, match="already exists"):
+        fit(cfg)
+
+
+def test_early_stop_registers_winner_and_leaves_nothing_running(tmp_path, local_ray):
+    """A Tune-scheduler STOP kills the trial; post-fit still registers from storage (embedded
+    sqlite MLflow), and no worker actor or placement group survives."""
+    import mlflow
+    from ray.util import placement_group_table
+
+    cfg = tiny(tmp_path, "es", "optim.epochs=8", "early_stopping.enabled=true",
+               "early_stopping.patience=2", "early_stopping.min_delta=0.9",
+               "mlflow.model_name=es-model")
+    result = fit(cfg)
+    assert result.stopped_early
+    history = json.loads((result.run_dir / "history.json").read_text())
+    assert len(history) == 2, "patience 2 with an unreachable min_delta stops after 2 epochs"
+    assert result.registered is not None
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    version = client.get_model_version_by_alias("es-model", "champion")
+    assert version.tags["variant"] == result.meta["variant"]
+    assert client.get_run(version.run_id).info.status == "FINISHED"
+
+    alive = _alive_actor_classes()
+    assert not alive, f"actors left behind: {alive}"
+    pgs = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+    assert not pgs, f"placement groups left behind: {pgs}"
+
+
+def _alive_actor_classes() -> list[str]:
+    import ray
+
+    actors = ray._private.state.actors()  # GCS table; works without the dashboard
+    return [a["ActorClassName"] for a in actors.values()
+            if a["State"] == "ALIVE" and "Train" in a["ActorClassName"]]
+
+
+def test_search_equals_shadows_and_nests_mlflow_runs(tmp_path, local_ray):
+    """A 2-trial Tune search over ema.decay == one run with 2 EMA shadows (same seed), per decay;
+    MLflow has a parent run with one nested run per trial; the best trial is registered."""
+    import mlflow
+
+    from raydetr.tune.search import search
+
+    decays = [0.9, 0.99]
+    search_cfg = tiny(tmp_path, "search", "tune.scheduler=fifo", "mlflow.model_name=searched",
+                      f"tune.search_space={{ema.decay: {{grid: {decays}}}}}",
+                      "tune.max_concurrent_trials=1")
+    found = search(search_cfg)
+    assert len(found.rows) == 2
+    shadows = fit(tiny(tmp_path, "shadows", f"ema.decays={decays}", "mlflow.enabled=false"))
+    shadow_hist = final_state(shadows)["history"]
+    for row in found.rows:
+        d = row["params"]["ema.decay"]
+        per_epoch_search = [h["map_ema"] for h in row["history"]]
+        per_epoch_shadow = [h[f"map_ema@{d}"] for h in shadow_hist]
+        assert per_epoch_search == per_epoch_shadow, f"decay {d}"
+        assert [h["map"] for h in row["history"]] == [h["map"] for h in shadow_hist]
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("raydetr")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("raydetr.kind") == "search"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == 2
+    champion = client.get_model_version_by_alias("searched", "champion")
+    assert champion.run_id in {c.info.run_id for c in children}
