@@ -90,15 +90,23 @@ def _ray_collate_class() -> type:
     from ray.data.collate_fn import NumpyBatchCollateFn
 
     class RayCollate(NumpyBatchCollateFn):
-        def __init__(self, shard: tuple[str, int, int] = ("none", 0, 1), **kwargs: Any) -> None:
+        """Ray calls collate_fn from several prefetch threads at once, so a shared Generator
+        would be drawn from in a racy order. Each batch gets its own Generator, seeded by
+        (seed, epoch, rank) and the batch's first image id: augmentation is reproducible."""
+
+        def __init__(self, shard: tuple[str, int, int], seed: tuple[int, ...],
+                     **kwargs: Any) -> None:
             self.shard = shard
+            self.seed = seed
             self.kwargs = kwargs
 
         def __call__(self, batch: dict[str, np.ndarray]) -> Batch | None:
             batch = select_rows(batch, *self.shard)
-            if len(batch["image_id"]) == 0:
+            ids = np.asarray(batch["image_id"])
+            if len(ids) == 0:
                 return None
-            return collate(batch, **self.kwargs)
+            rng = np.random.default_rng([*self.seed, int(ids[0]) % 2**32, len(ids)])
+            return collate(batch, rng=rng, **self.kwargs)
 
     return RayCollate
 
@@ -115,9 +123,8 @@ def make_collate(*, train: bool, resolution: int, data_cfg: DataConfig, seed: in
       - ``"image_id"``: rows whose ``image_id % world == rank`` (evaluation: nothing dropped);
         returns None when no row is left.
     """
-    rng = np.random.default_rng([seed, epoch, rank, 1])
-    return _ray_collate_class()(shard=(shard, rank, world), train=train, resolution=resolution,
-                                data_cfg=data_cfg, rng=rng)
+    return _ray_collate_class()(shard=(shard, rank, world), seed=(seed, epoch, rank, 1),
+                                train=train, resolution=resolution, data_cfg=data_cfg)
 
 
 def select_rows(rows: dict[str, np.ndarray], shard: str, rank: int, world: int

@@ -91,7 +91,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[di
                 if not torch.isfinite(loss):
                     terms = {k: round(float(v.detach()), 4) for k, v in losses.items()}
                     raise NonFiniteLossError(
-                        f"non-finite loss {float(loss)} at epoch {epoch}, optimizer step {steps}, "
+                        f"non-finite loss {float(loss.detach())} at epoch {epoch}, optimizer step {steps}, "
                         f"micro-batch {micro}; image ids {_image_ids(batch)}; loss terms {terms}. "
                         "Try a lower optim.lr, clipping (optim.clip_max_norm) or check those images."
                     )

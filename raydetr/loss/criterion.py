@@ -1,0 +1,139 @@
+"""SetCriterion: Hungarian-matched classification + L1 + GIoU losses (RT-DETR recipe).
+
+Classification: varifocal (target = IoU of the matched box, default) or sigmoid focal.
+Terms: final decoder layer, every auxiliary layer (suffix ``_aux{i}``), the encoder's top-k
+proposals (``_enc``) and denoising queries (``_dn``, ``_dn_aux{i}``; their matching is known).
+Every term is normalised by the number of target boxes, averaged over DDP workers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from raydetr.config import LossConfig
+from raydetr.loss.matcher import HungarianMatcher
+from raydetr.ops.boxes import box_cxcywh_to_xyxy, elementwise_box_iou, generalized_box_iou
+
+Indices = list[tuple[Tensor, Tensor]]
+
+
+def num_boxes_across_workers(targets: list[dict[str, Tensor]], device: torch.device) -> float:
+    """Boxes per worker, averaged over the DDP group (>= 1); plain count without DDP."""
+    n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(n)
+        n = n / dist.get_world_size()
+    return max(n.item(), 1.0)
+
+
+class SetCriterion(nn.Module):
+    """forward(outputs, targets) -> {"loss": weighted total (grad), "loss_cls": .., ...detached}.
+
+    targets: list of dict(labels int64[N], boxes float[N,4] cxcywh normalised); N may be 0.
+    """
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, loss_cfg: LossConfig,
+                 vfl_alpha: float = 0.75) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.cls_loss = loss_cfg.cls_loss
+        self.focal_alpha, self.focal_gamma = loss_cfg.focal_alpha, loss_cfg.focal_gamma
+        self.vfl_alpha = vfl_alpha  # RT-DETR's varifocal alpha (focal_alpha is focal's)
+        self.weight_dict = {"loss_cls": loss_cfg.weight_cls, "loss_bbox": loss_cfg.weight_bbox,
+                            "loss_giou": loss_cfg.weight_giou}
+
+    def _classification(self, logits: Tensor, boxes: Tensor, targets: list[dict], indices: Indices,
+                        num_boxes: float) -> Tensor:
+        b, q, c = logits.shape
+        batch_idx = torch.cat([torch.full_like(s, i) for i, (s, _) in enumerate(indices)])
+        src_idx = torch.cat([s for s, _ in indices])
+        tgt_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        onehot = torch.zeros(b, q, c, device=logits.device, dtype=logits.dtype)
+        onehot[batch_idx, src_idx, tgt_labels] = 1.0
+        logits = logits.float()
+        onehot = onehot.float()
+        if self.cls_loss == "varifocal":
+            tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)])
+            iou = elementwise_box_iou(box_cxcywh_to_xyxy(boxes[batch_idx, src_idx].float()),
+                                      box_cxcywh_to_xyxy(tgt_boxes.float())).detach()
+            score = torch.zeros(b, q, device=logits.device)
+            score[batch_idx, src_idx] = iou
+            target = score[..., None] * onehot
+            pred = logits.sigmoid().detach()
+            weight = self.vfl_alpha * pred.pow(self.focal_gamma) * (1 - onehot) + target
+            loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none")
+        else:
+            prob = logits.sigmoid()
+            ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
+            p_t = prob * onehot + (1 - prob) * (1 - onehot)
+            loss = ce * (1 - p_t).pow(self.focal_gamma)
+            if self.focal_alpha >= 0:
+                loss = loss * (self.focal_alpha * onehot + (1 - self.focal_alpha) * (1 - onehot))
+        return loss.mean(1).sum() * q / num_boxes
+
+    def _boxes(self, boxes: Tensor, targets: list[dict], indices: Indices, num_boxes: float
+               ) -> tuple[Tensor, Tensor]:
+        batch_idx = torch.cat([torch.full_like(s, i) for i, (s, _) in enumerate(indices)])
+        src_idx = torch.cat([s for s, _ in indices])
+        src = boxes[batch_idx, src_idx].float()
+        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()
+        loss_bbox = F.l1_loss(src, tgt, reduction="sum") / num_boxes
+        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
+        loss_giou = (1 - giou).sum() / num_boxes
+        if src.numel() == 0:  # keep the graph connected (DDP wants every output used)
+            loss_bbox = loss_bbox + boxes.sum() * 0.0
+            loss_giou = loss_giou + boxes.sum() * 0.0
+        return loss_bbox, loss_giou
+
+    def _terms(self, out: dict, targets: list[dict], indices: Indices, num_boxes: float
+               ) -> dict[str, Tensor]:
+        loss_bbox, loss_giou = self._boxes(out["pred_boxes"], targets, indices, num_boxes)
+        return {"loss_cls": self._classification(out["pred_logits"], out["pred_boxes"], targets,
+                                                 indices, num_boxes),
+                "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    @staticmethod
+    def _dn_indices(meta: dict, targets: list[dict]) -> Indices:
+        groups = meta["num_groups"]
+        out = []
+        for pos, t in zip(meta["positive_idx"], targets):
+            n = len(t["labels"])
+            gt = torch.arange(n, device=pos.device).repeat(groups)
+            out.append((pos.long().cpu(), gt.cpu()))
+        return out
+
+    def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        device = outputs["pred_logits"].device
+        targets = [{"labels": t["labels"].to(device), "boxes": t["boxes"].to(device)}
+                   for t in targets]
+        num_boxes = num_boxes_across_workers(targets, device)
+        terms: dict[str, Tensor] = {}
+
+        def add(out: dict, indices: Indices, suffix: str, norm: float) -> None:
+            indices = [(s.to(device), j.to(device)) for s, j in indices]
+            for k, v in self._terms(out, targets, indices, norm).items():
+                terms[k + suffix] = v
+
+        add(outputs, self.matcher(outputs, targets), "", num_boxes)
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            add(aux, self.matcher(aux, targets), f"_aux{i}", num_boxes)
+        if "enc_outputs" in outputs:
+            enc = outputs["enc_outputs"]
+            add(enc, self.matcher(enc, targets), "_enc", num_boxes)
+        if "dn_outputs" in outputs:
+            meta = outputs["dn_meta"]
+            dn_idx = self._dn_indices(meta, targets)
+            dn_norm = num_boxes * meta["num_groups"]
+            add(outputs["dn_outputs"], dn_idx, "_dn", dn_norm)
+            for i, aux in enumerate(outputs.get("dn_aux_outputs", [])):
+                add(aux, dn_idx, f"_dn_aux{i}", dn_norm)
+
+        total = sum(self.weight_dict[k.split("_aux")[0].split("_enc")[0].split("_dn")[0]] * v
+                    for k, v in terms.items())
+        result = {"loss": total}
+        result.update({k: v.detach() for k, v in terms.items()})
+        return result

@@ -1,0 +1,65 @@
+"""Hungarian matching between predictions and ground truth (scipy linear_sum_assignment).
+
+The cost of the whole batch is computed at once ([B*Q, sum N]) and split per image, as in
+DETR: cost = cost_class * focal class cost + cost_bbox * L1(cxcywh) - cost_giou * GIoU.
+"""
+
+from __future__ import annotations
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+from raydetr.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
+
+
+class HungarianMatcher(nn.Module):
+    """forward(outputs, targets) -> list of (pred_idx int64[K], target_idx int64[K]) per image.
+
+    outputs: pred_logits [B,Q,C] (sigmoid logits), pred_boxes [B,Q,4] cxcywh normalised.
+    targets: list of dict(labels int64[N], boxes float[N,4] cxcywh normalised).
+    K = min(Q, N); an image with no targets gets two empty index tensors.
+    """
+
+    def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
+                 alpha: float = 0.25, gamma: float = 2.0) -> None:
+        super().__init__()
+        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+            raise ValueError("loss.cost_class, cost_bbox and cost_giou cannot all be 0")
+        self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
+        self.alpha, self.gamma = alpha, gamma
+
+    @torch.no_grad()
+    def cost_matrix(self, outputs: dict, targets: list[dict[str, Tensor]]) -> Tensor:
+        """[B, Q, sum N] cost of the whole batch (float32, on the outputs' device)."""
+        b, q, _ = outputs["pred_logits"].shape
+        prob = outputs["pred_logits"].flatten(0, 1).float().sigmoid()  # [B*Q, C]
+        boxes = outputs["pred_boxes"].flatten(0, 1).float()  # [B*Q, 4]
+        tgt_ids = torch.cat([t["labels"] for t in targets]).long()
+        tgt_boxes = torch.cat([t["boxes"] for t in targets]).float().to(boxes.device)
+        p = prob[:, tgt_ids]
+        neg = (1 - self.alpha) * p.pow(self.gamma) * -(1 - p + 1e-8).log()
+        pos = self.alpha * (1 - p).pow(self.gamma) * -(p + 1e-8).log()
+        cost_class = pos - neg
+        cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)
+        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
+        cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+        return cost.view(b, q, -1)
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        sizes = [len(t["labels"]) for t in targets]
+        empty = torch.empty(0, dtype=torch.int64)
+        if sum(sizes) == 0:
+            return [(empty, empty) for _ in sizes]
+        cost = self.cost_matrix(outputs, targets).cpu()
+        cost = torch.nan_to_num(cost, nan=1e6, posinf=1e6, neginf=-1e6)
+        indices = []
+        for i, c in enumerate(cost.split(sizes, -1)):
+            if sizes[i] == 0:
+                indices.append((empty, empty))
+                continue
+            rows, cols = linear_sum_assignment(c[i].numpy())
+            indices.append((torch.as_tensor(rows, dtype=torch.int64),
+                            torch.as_tensor(cols, dtype=torch.int64)))
+        return indices

@@ -1,0 +1,40 @@
+"""Model outputs -> per-image detections in absolute pixels of the original image.
+
+No NMS: a DETR predicts one box per object. Scores are sigmoid probabilities; the top-k is
+taken over queries x classes, so one query may yield several (box, class) detections.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from raydetr.ops.boxes import box_cxcywh_to_xyxy
+
+
+class PostProcessor(nn.Module):
+    """forward(outputs, orig_sizes int64[B,2] (h, w), top_k=100) -> list of dict(
+    scores float[K], labels int64[K], boxes float[K,4] xyxy absolute pixels of the original
+    image, clipped to it). K = min(top_k, Q*C).
+
+    The model sees a square resize of the image (aspect not kept), so normalised x scales by
+    the original width and y by the original height.
+    """
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, orig_sizes: Tensor, top_k: int = 100) -> list[dict[str, Tensor]]:
+        logits = outputs["pred_logits"].float()
+        boxes = box_cxcywh_to_xyxy(outputs["pred_boxes"].float())  # [B,Q,4] normalised
+        b, q, c = logits.shape
+        if len(orig_sizes) != b:
+            raise ValueError(f"orig_sizes has {len(orig_sizes)} rows for a batch of {b} images")
+        k = min(top_k, q * c)
+        scores, flat = logits.sigmoid().flatten(1).topk(k, dim=1)
+        query = torch.div(flat, c, rounding_mode="floor")
+        labels = flat % c
+        boxes = boxes.gather(1, query[..., None].expand(-1, -1, 4))
+        h, w = orig_sizes.to(boxes.device, torch.float32).unbind(-1)
+        scale = torch.stack([w, h, w, h], -1)[:, None, :]
+        boxes = (boxes * scale).clamp(min=0.0)
+        boxes = torch.minimum(boxes, scale)
+        return [{"scores": s, "labels": lab, "boxes": bx} for s, lab, bx in zip(scores, labels, boxes)]

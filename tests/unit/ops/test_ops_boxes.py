@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from raydetr.ops.boxes import (
+    box_cxcywh_to_xyxy,
+    box_iou,
+    box_xyxy_to_cxcywh,
+    elementwise_box_iou,
+    generalized_box_iou,
+    inverse_sigmoid,
+)
+
+
+def test_round_trip_cxcywh_xyxy():
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(50, 2, generator=g) * 100
+    wh = torch.rand(50, 2, generator=g) * 50 + 1
+    xyxy = torch.cat([xy, xy + wh], 1)
+    assert torch.allclose(box_cxcywh_to_xyxy(box_xyxy_to_cxcywh(xyxy)), xyxy, atol=1e-4)
+    assert torch.allclose(box_xyxy_to_cxcywh(torch.tensor([[0.0, 0, 4, 2]])),
+                          torch.tensor([[2.0, 1, 4, 2]]))
+
+
+def test_iou_and_giou_known_values():
+    a = torch.tensor([[0.0, 0, 2, 2]])
+    b = torch.tensor([[1.0, 1, 3, 3], [0, 0, 2, 2], [4, 0, 6, 2]])
+    iou, union = box_iou(a, b)
+    # overlap 1, union 7; identical; disjoint
+    assert torch.allclose(iou, torch.tensor([[1 / 7, 1.0, 0.0]]))
+    assert torch.allclose(union, torch.tensor([[7.0, 4.0, 8.0]]))
+    giou = generalized_box_iou(a, b)
+    # enclosing boxes: 3x3=9 -> 1/7 - 2/9 ; identical -> 1 ; 6x2=12 -> 0 - 4/12
+    assert torch.allclose(giou, torch.tensor([[1 / 7 - 2 / 9, 1.0, -1 / 3]]), atol=1e-6)
+    assert torch.allclose(elementwise_box_iou(a.expand(3, 4), b), iou[0])
+
+
+def test_giou_degenerate_box_is_finite():
+    a = torch.tensor([[1.0, 1, 1, 1]])
+    g = generalized_box_iou(a, a)
+    assert torch.isfinite(g).all()
+
+
+def test_inverse_sigmoid():
+    x = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.allclose(inverse_sigmoid(x).sigmoid(), x, atol=1e-5)
+    assert torch.isfinite(inverse_sigmoid(torch.tensor([0.0, 1.0]))).all()
+
+
+@pytest.mark.parametrize("shape", [(4,), (2, 3, 4)])
+def test_conversion_keeps_leading_dims(shape):
+    x = torch.rand(shape)
+    assert box_cxcywh_to_xyxy(x).shape == x.shape
