@@ -78,8 +78,10 @@ class OptimConfig(_Strict):
     epochs: int = Field(12, gt=0)
     batch_size: int = Field(4, gt=0, description="Images per worker per step.")
     grad_accum_steps: int = Field(1, gt=0)
-    lr: float = Field(2e-4, gt=0)
-    lr_encoder: float = Field(1e-4, gt=0, description="Backbone learning rate.")
+    # From-scratch defaults (nothing is downloaded, so the backbone starts random). With a
+    # pretrained backbone (model.backbone_weights) use RF-DETR's lr=1e-4, lr_encoder=1.5e-4.
+    lr: float = Field(1e-3, gt=0)
+    lr_encoder: float = Field(1e-3, gt=0, description="Backbone learning rate.")
     weight_decay: float = Field(1e-4, ge=0)
     schedule: Literal["cosine", "step"] = "cosine"
     warmup_steps: int = Field(50, ge=0)

@@ -196,6 +196,9 @@ def _trial_fn(base: dict[str, Any], prepared: str, classes: list[str], train_ima
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
                 callbacks=[TuneReportCallback()],
+                # Idle OpenMP threads spin by default: with 2 threads per worker a CPU step
+                # cost ~6x the CPU time (measured in bench/convergence.py's notes).
+                worker_runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
             ),
         )
         trainer.fit()

@@ -201,11 +201,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             device, " (bf16)" if amp_dtype else "", decays if ema else "off",
         )
 
-    # find_unused_parameters: the denoising embedding gets no gradient on a batch without
-    # boxes (all negatives) or with denoising off, which plain DDP treats as an error.
-    ddp_model = ray.train.torch.prepare_model(
-        model, move_to_device=False,
-        parallel_strategy_kwargs={"find_unused_parameters": True})
+    # Every parameter is in the graph on every step (the model keeps the denoising embedding in
+    # it even for batches without boxes), so DDP needs no unused-parameter search.
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
     eval_models: dict[str, torch.nn.Module] = {"regular": model}
     ema_names = {d: f"ema@{d}" for d in decays}
     if ema is not None:

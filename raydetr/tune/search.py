@@ -76,9 +76,8 @@ class SearchResult:
 
 def _scheduler(cfg: Config):
     if cfg.tune.scheduler == "early_stopping":
-        from raydetr.tune.early_stopping import EarlyStoppingScheduler
-
         from raydetr.train.driver import run_dir_of
+        from raydetr.tune.early_stopping import EarlyStoppingScheduler
 
         return EarlyStoppingScheduler.from_config(
             cfg.early_stopping, cfg.ema.enabled,
