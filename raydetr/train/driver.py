@@ -111,8 +111,10 @@ def init_ray(cfg: Config) -> None:
     # Local: logical CPUs for the workers plus room for Ray Data's read/decode tasks.
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 1), include_dashboard=False,
-             log_to_driver=True)
+    # The dashboard (loopback only) serves the State API, which Ray Train's placement-group
+    # cleaner needs to notice a killed controller (early stop); without it PGs leak.
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 1), include_dashboard=True,
+             dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def check_placeable(cfg: Config, trials: int = 1) -> None:
@@ -164,8 +166,6 @@ def _trial_fn(base: dict[str, Any], prepared: str, classes: list[str], train_ima
         from ray.train.torch import TorchTrainer
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from raydetr.data.loader import read_split
-
         tree = copy.deepcopy(base)
         for key, value in params.items():
             set_dotted(tree, key, value)
@@ -185,8 +185,7 @@ def _trial_fn(base: dict[str, Any], prepared: str, classes: list[str], train_ima
                 resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
                                       **({"GPU": 1} if cfg.scaling.use_gpu else {})},
             ),
-            datasets={"train": read_split(prepared, cfg.data.train_split),
-                      "val": read_split(prepared, cfg.data.val_split)},
+            datasets=_datasets(prepared, cfg),
             # Not split by Ray: each worker takes its slice of the same seeded stream (train)
             # or its image ids (val), so the split is reproducible and val loses no image.
             dataset_config=ray.train.DataConfig(datasets_to_split=[],
@@ -204,6 +203,25 @@ def _trial_fn(base: dict[str, Any], prepared: str, classes: list[str], train_ima
         trainer.fit()
 
     return trial
+
+
+MATERIALIZE_TRAIN_MAX_BYTES = 1 << 30
+
+
+def _datasets(prepared: str, cfg: Config) -> dict[str, Any]:
+    """Ray Datasets of the splits. Starting a streaming pass over Parquet costs about a second
+    per epoch per split (bench/ray_overhead.py), so the val split (read every epoch, small) is
+    materialised in the object store once; so is train when its encoded bytes are under 1 GiB.
+    Larger train splits stream. Decoding and augmentation always run per epoch."""
+    from raydetr.data.loader import read_split
+    from raydetr.data.parquet import split_files
+
+    def load(split: str, always: bool):
+        ds = read_split(prepared, split)
+        size = sum(Path(f).stat().st_size for f in split_files(prepared, split))
+        return ds.materialize() if always or size <= MATERIALIZE_TRAIN_MAX_BYTES else ds
+
+    return {"train": load(cfg.data.train_split, False), "val": load(cfg.data.val_split, True)}
 
 
 def quiet_ray_data() -> None:

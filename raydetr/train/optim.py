@@ -58,7 +58,10 @@ def build_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.Ada
     groups = param_groups(model, optim_cfg)
     if not groups:
         raise ValueError("model has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+    # fused: one kernel per parameter group; ~4x faster than the default step on CPU
+    # (bench/ notes: 74 ms -> ~20 ms per step for nano) and the fast path on CUDA.
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay,
+                             fused=True)
 
 
 def lr_factor(step: int, optim_cfg: OptimConfig, steps_per_epoch: int) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ def local_ray():
     import ray
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1")
     yield
     ray.shutdown()
 
@@ -108,9 +109,15 @@ def test_early_stop_registers_winner_and_leaves_nothing_running(tmp_path, local_
     assert version.tags["variant"] == result.meta["variant"]
     assert client.get_run(version.run_id).info.status == "FINISHED"
 
-    alive = _alive_actor_classes()
+    # Ray Train removes a killed run's placement group asynchronously (its cleaner polls).
+    deadline = time.time() + 60
+    while True:
+        alive = _alive_actor_classes()
+        pgs = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+        if not (alive or pgs) or time.time() > deadline:
+            break
+        time.sleep(1)
     assert not alive, f"actors left behind: {alive}"
-    pgs = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
     assert not pgs, f"placement groups left behind: {pgs}"
 
 
