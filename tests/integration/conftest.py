@@ -42,21 +42,31 @@ def ray_head(tmp_path_factory) -> RayHead:
         PATH=f"{VENV_BIN}:{env.get('PATH', '')}",
     )
     env.pop("RAY_ADDRESS", None)
-    gcs_port, dash_port = free_port(), free_port()
-    log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-         "--num-cpus=4", f"--temp-dir={temp_dir}", "--include-dashboard=true",
-         "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{dash_port}"
+    log_dir = tmp_path_factory.mktemp("ray")
+    # A port picked free can be taken by the time Ray binds it (Ray starts many processes on
+    # random ports): on failure, stop that head and retry with fresh ports.
+    for attempt in range(3):
+        gcs_port, dash_port = free_port(), free_port()
+        log = open(log_dir / f"head{attempt}.log", "w")
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+             f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+             "--num-cpus=4", f"--temp-dir={temp_dir}", "--include-dashboard=true",
+             "--disable-usage-stats"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        url = f"http://127.0.0.1:{dash_port}"
+        try:
+            wait_http(f"{url}/api/version", timeout_s=60, alive=proc)
+            break
+        except (TimeoutError, RuntimeError):
+            stop_group(proc)
+            log.close()
+            if attempt == 2:
+                raise
     try:
-        wait_http(f"{url}/api/version", timeout_s=120)
-        head = RayHead(gcs_address=f"127.0.0.1:{gcs_port}", dashboard_url=url, env=env,
-                       temp_dir=temp_dir)
-        yield head
+        yield RayHead(gcs_address=f"127.0.0.1:{gcs_port}", dashboard_url=url, env=env,
+                      temp_dir=temp_dir)
     finally:
         stop_group(proc)
         log.close()

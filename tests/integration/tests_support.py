@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 
@@ -16,14 +17,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout_s: float = 90.0) -> None:
+def wait_http(url: str, timeout_s: float = 90.0, alive: subprocess.Popen | None = None) -> None:
+    """Poll ``url`` until it answers; fail at once if the server process ``alive`` exits."""
     deadline = time.time() + timeout_s
     last: Exception | None = None
     while time.time() < deadline:
+        if alive is not None and alive.poll() is not None:
+            raise RuntimeError(f"server process exited with {alive.returncode} before {url} answered")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status < 500:
                     return
+        except urllib.error.HTTPError as exc:  # answering, e.g. 401 under token auth
+            if exc.code < 500:
+                return
+            last = exc
         except Exception as exc:  # noqa: BLE001 - keep polling until the deadline
             last = exc
         time.sleep(0.5)
