@@ -224,10 +224,13 @@ class ModelEma:
         return self._decay_values(max(1, self.updates))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> bool:
+    def update(self, model: nn.Module, finite: bool | None = None) -> bool:
         """Fold the model's current weights into every shadow. Call once per optimizer step.
 
-        Returns False when the NaN guard skipped the update (``skipped`` counts them).
+        ``finite``: the caller's verdict on the new weights, e.g. from the gradient norm it
+        already computed for clipping (finite weights + finite gradients give finite AdamW
+        weights). None: the NaN guard checks the weights itself (one extra read of the model).
+        Returns False when the guard skipped the update (``skipped`` counts them).
         """
         module = unwrap_model(model)
         if module is not self._module or self._read_sentinel() != self._sentinel:
@@ -237,7 +240,7 @@ class ModelEma:
                 torch._foreach_copy_(g.scratch, g.model, non_blocking=g.cross_device)
         if any(g.cross_device and g.model[0].is_cuda for g in self._groups):
             torch.cuda.current_stream(self._groups[0].model[0].device).synchronize()
-        if self.nan_guard and not self._all_finite():
+        if self.nan_guard and not (self._all_finite() if finite is None else finite):
             self.skipped += 1
             log.warning(
                 "EMA update skipped: the model has NaN/inf weights (update %d, %d skipped)",

@@ -99,15 +99,19 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[di
             total_loss += float(loss.detach())
             micro += 1
             images += imgs.shape[0]
+        grads_finite = None
         if clip_max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
+            total_norm = torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
+            grads_finite = bool(torch.isfinite(total_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         steps += 1
         if lr_scheduler is not None:
             lr_scheduler.step()
         if ema is not None:
-            ema.update(model)
+            # The clipping norm already tells whether the step kept the weights finite; the
+            # EMA's own guard (a pass over every weight) runs only when clipping is off.
+            ema.update(model, finite=grads_finite)
         if log_every and steps % log_every == 0:
             log.info("epoch %d step %d loss %.4f lr %.2e", epoch, steps, total_loss / micro,
                      optimizer.param_groups[0]["lr"])

@@ -103,6 +103,22 @@ def test_nan_guard_skips_and_counts():
     assert torch.isnan(unguarded.shadow_state_dict()["0.weight"][0, 0])
 
 
+def test_caller_verdict_replaces_the_weight_scan():
+    """finite=False (e.g. a non-finite clipping norm) skips; finite=True trusts the caller."""
+    model = _net()
+    ema = ModelEma(model, decay=0.9, schedule="constant")
+    snap = {k: v.clone() for k, v in ema.shadow_state_dict().items()}
+    assert ema.update(model, finite=False) is False
+    assert (ema.skipped, ema.updates) == (1, 0)
+    for k, v in ema.shadow_state_dict().items():
+        assert torch.equal(v, snap[k]), k
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    assert ema.update(model, finite=True) is True
+    assert ema.updates == 1
+    assert not torch.equal(ema.shadow_state_dict()["0.weight"], snap["0.weight"])
+
+
 def test_non_finite_buffer_at_creation_is_copied_not_guarded():
     model = _net()
     model.register_buffer("mask", torch.tensor([0.0, float("-inf")]))

@@ -44,7 +44,7 @@ def _train(accum, batch_size, items, with_ema=False):
     class CountingEma:
         calls = []
 
-        def update(self, m):
+        def update(self, m, finite=None):
             self.calls.append(opt.state[next(iter(opt.state))]["step"].item() if opt.state else 0)
 
     ema = CountingEma() if with_ema else None
