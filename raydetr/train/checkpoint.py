@@ -65,14 +65,14 @@ class Bests:
         return "ema" if self.ema.epoch >= 0 and self.ema.map > self.regular.map else "regular"
 
 
-def clean_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def cpu_contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Contiguous CPU float tensors with no shared storage (what safetensors needs)."""
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
 
 
 def save_weights(sd: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_suffix(".tmp")
-    save_file(clean_state_dict(sd), str(tmp))
+    save_file(cpu_contiguous(sd), str(tmp))
     os.replace(tmp, path)
 
 

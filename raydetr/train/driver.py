@@ -244,7 +244,6 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
                num_samples: int = 1, max_concurrent_trials: int | None = None,
                resume: bool = False, pretrain_weights: str | None = None):
     """Run a Tuner whose trials are TorchTrainer runs; returns (ResultGrid, run_dir, info)."""
-    import ray
     from ray import tune
 
     run_dir = run_dir_of(cfg)
@@ -282,7 +281,6 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
         tuner = tune.Tuner(trainable, param_space=param_space or {}, tune_config=tune_config,
                            run_config=run_config)
     grid = tuner.fit()
-    del ray  # imported for side effects of init only
     return grid, run_dir, {"prepared": prepared, **info}
 
 
