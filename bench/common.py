@@ -193,3 +193,11 @@ def write_json(name: str, args: argparse.Namespace, payload: dict[str, Any]) -> 
     out.write_text(json.dumps(payload, indent=2, default=str))
     print(f"wrote {out}")
     return out
+
+
+def run(main: Callable[[], Any]) -> None:
+    """Entry point of a bench script: run it, and shut Ray down whatever happens."""
+    try:
+        main()
+    finally:
+        shutdown_ray()

@@ -198,7 +198,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        common.shutdown_ray()
+    common.run(main)

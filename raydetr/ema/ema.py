@@ -224,12 +224,13 @@ class ModelEma:
         return self._decay_values(max(1, self.updates))
 
     @torch.no_grad()
-    def update(self, model: nn.Module, finite: bool | None = None) -> bool:
+    def update(self, model: nn.Module, finite: bool | Tensor | None = None) -> bool:
         """Fold the model's current weights into every shadow. Call once per optimizer step.
 
         ``finite``: the caller's verdict on the new weights, e.g. from the gradient norm it
         already computed for clipping (finite weights + finite gradients give finite AdamW
-        weights). None: the NaN guard checks the weights itself (one extra read of the model).
+        weights); a 0-dim bool tensor is read (one sync) only when the guard is on.
+        None: the NaN guard checks the weights itself (one extra read of the model).
         Returns False when the guard skipped the update (``skipped`` counts them).
         """
         module = unwrap_model(model)
@@ -240,7 +241,7 @@ class ModelEma:
                 torch._foreach_copy_(g.scratch, g.model, non_blocking=g.cross_device)
         if any(g.cross_device and g.model[0].is_cuda for g in self._groups):
             torch.cuda.current_stream(self._groups[0].model[0].device).synchronize()
-        if self.nan_guard and not (self._all_finite() if finite is None else finite):
+        if self.nan_guard and not (self._all_finite() if finite is None else bool(finite)):
             self.skipped += 1
             log.warning(
                 "EMA update skipped: the model has NaN/inf weights (update %d, %d skipped)",

@@ -192,7 +192,8 @@ def read_state(directory: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(
             f"{path} is missing: {directory} is not a complete raydetr checkpoint"
         )
-    return torch.load(path, map_location=map_location, weights_only=True)
+    # mmap: post-fit readers need only the history and config, not every tensor in memory.
+    return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
 
 
 def read_bests(directory: Path) -> Bests:

@@ -102,7 +102,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[di
         grads_finite = None
         if clip_max_norm > 0:
             total_norm = torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
-            grads_finite = bool(torch.isfinite(total_norm))
+            grads_finite = torch.isfinite(total_norm)  # a tensor: no device sync here
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         steps += 1

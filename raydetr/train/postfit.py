@@ -25,15 +25,17 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def strip_winner(checkpoint_dir: Path, winner_dir: Path, *, dataset: str) -> dict[str, Any]:
+def strip_winner(checkpoint_dir: Path, winner_dir: Path, *, dataset: str,
+                 state: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``winner_dir/{model.safetensors, meta.json}`` from a checkpoint; returns meta.
 
     Written into a temporary sibling and renamed, so a half-written winner never looks complete.
+    ``state``: the checkpoint's state.pt when the caller has already read it.
     """
     from raydetr.model.build import resolve_model_config
 
     checkpoint_dir = Path(checkpoint_dir)
-    state = read_state(checkpoint_dir)
+    state = state if state is not None else read_state(checkpoint_dir)
     bests = read_bests(checkpoint_dir)
     variant = bests.winner()
     best = bests.ema if variant == "ema" else bests.regular
@@ -86,7 +88,7 @@ def finalize(cfg: Config, run_dir: Path, train_dir: Path, info: dict[str, Any], 
     history = list(state["history"])
     dataset = str(cfg.data.path or "synthetic")
     winner_dir = run_dir / "winner"
-    meta = strip_winner(ckpt, winner_dir, dataset=dataset)
+    meta = strip_winner(ckpt, winner_dir, dataset=dataset, state=state)
     (run_dir / "history.json").write_text(json.dumps(history, indent=2))
     ratio = meta["checkpoint_bytes"] / max(meta["winner_bytes"], 1)
     log.info(
