@@ -53,12 +53,11 @@ def bench_preset(preset: str, decays: list[float], repeats: int, work: Path) -> 
     cfg = Config()
     cfg.model.preset = preset
     cfg.model.resolution = 64  # the step below only has to create the optimizer state
-    cfg.ema.decays = decays if len(decays) > 1 else None
-    cfg.ema.decay = decays[0]
+    cfg.ema.decay = list(decays)
     torch.manual_seed(0)
     classes = ["a", "b", "c"]
     model, criterion, _ = build(cfg.model, cfg.loss, len(classes))
-    ema = ModelEma(model, decay=decays[0], decays=cfg.ema.decays)
+    ema = ModelEma(model, decays=cfg.ema.decay)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_lr_scheduler(optimizer, cfg.optim, 10)
     images = torch.randn(2, 3, 64, 64)

@@ -7,7 +7,7 @@
 Same seed and data for both:
   Tune:    raydetr.tune.search.search, tune.scheduler=fifo,
            tune.search_space={ema.decay: {grid: [d1, d2, d3]}}  (3 full trainings)
-  shadows: raydetr.train.driver.fit with ema.decays=[d1, d2, d3]  (1 training, 3 shadows)
+  shadows: raydetr.train.driver.fit with ema.decay=[d1, d2, d3]  (1 training, 3 shadows)
 MLflow off. Because the EMA never feeds back into training, both must give the same numbers.
 Compared per decay: best map_ema over the epochs, map_ema / map50_ema of every epoch, the
 train loss of every epoch, and the EMA weights in the last checkpoint (bit for bit).
@@ -40,7 +40,7 @@ def _ema_shadows(ckpt: Path, cfg, n_classes: int) -> list[dict[str, Any]]:
 
     state = read_state(ckpt)
     model, _, _ = build(cfg.model, cfg.loss, n_classes)
-    ema = ModelEma(model, decay=cfg.ema.decay, decays=cfg.ema.decays)
+    ema = ModelEma(model, decays=cfg.ema.decay)
     ema.load_state_dict(state["ema"])
     return [ema.shadow_state_dict(i) for i in range(len(ema.decays))]
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     common.shutdown_ray()
 
     sh_cfg = load_config(None, [*base, f"run.output_dir={work}", "run.name=shadows",
-                                f"ema.decays={decays}"])
+                                f"ema.decay={decays}"])
     t0 = time.perf_counter()
     fit_res = fit(sh_cfg)
     shadow_wall = time.perf_counter() - t0
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
                        [["Tune search (fifo, trials " + ("concurrent" if args.concurrent
                                                           else "one at a time") + ")",
                          tune_wall, len(res.rows)],
-                        ["single run, ema.decays", shadow_wall, 1],
+                        ["single run, ema.decay list", shadow_wall, 1],
                         ["Tune / shadows", speed, ""]])
     all_equal = all(v["best_equal"] and v["ema_weights_equal"] for v in per_decay.values())
     summary = [

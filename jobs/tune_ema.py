@@ -3,7 +3,7 @@
     ray job submit --working-dir . -- python jobs/tune_ema.py --config configs/tune_ema.yaml
 
 Arguments are exactly those of `raydetr tune`. When only EMA settings vary, one run with
-several shadows (`ema.decays=[...]`) gives the same map_ema per decay for the cost of one run.
+several shadows (`ema.decay=[...]`) gives the same map_ema per decay for the cost of one run.
 """
 
 import sys

@@ -10,7 +10,7 @@
     raydetr evaluate --model URI|DIR --data DATASET [--split val] [--mlflow]
 
 ``key=value`` overrides use dotted config keys (see raydetr/config.py), e.g. ``optim.lr=2e-4
-ema.decays=[0.99,0.999] scaling.num_workers=2``.
+ema.decay=[0.99,0.999] scaling.num_workers=2``.
 """
 
 from __future__ import annotations

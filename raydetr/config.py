@@ -3,7 +3,7 @@
 YAML files and ``key=value`` CLI overrides only override these models. Every error names the
 key (dotted path) and, for files, the file.
 
-    cfg = load_config("configs/thermal.yaml", ["optim.lr=2e-4", "ema.decays=[0.99,0.999]"])
+    cfg = load_config("configs/thermal.yaml", ["optim.lr=2e-4", "ema.decay=[0.99,0.999]"])
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -93,33 +93,51 @@ class OptimConfig(_Strict):
 
 class EmaConfig(_Strict):
     enabled: bool = True
-    decay: float = Field(0.993, gt=0, lt=1)
-    decays: list[float] | None = Field(
-        None, description="Several EMA shadows at once; overrides `decay`."
+    decay: list[float] = Field(
+        default_factory=lambda: [0.993],
+        description="Peak decay of each EMA shadow, e.g. [0.99, 0.999] (one shadow each, one "
+        "run); a single number is shorthand for a one-element list.",
     )
     tau: float = Field(100.0, gt=0, description="Warmup length in optimizer updates (rfdetr).")
-    schedule: str = "rfdetr"
+    schedule: str = Field(
+        "rfdetr", description="constant | rfdetr | timm | threshold | exp | power, or an import "
+        "path such as mypkg.decay:linear (fn(updates, *, decay, ...) -> float).")
     schedule_kwargs: dict[str, Any] = Field(default_factory=dict)
     average_buffers: bool = True
     nan_guard: bool = Field(True, description="Skip (and count) updates from non-finite weights.")
     device: str | None = Field(None, description="e.g. 'cpu' to keep the shadow off the GPU.")
 
-    @field_validator("decays")
+    @field_validator("decay", mode="before")
     @classmethod
-    def _decays_in_range(cls, v: list[float] | None) -> list[float] | None:
-        if v is not None:
-            if not v:
-                raise ValueError("must be a non-empty list, or null")
-            bad = [d for d in v if not 0 < d < 1]
-            if bad:
-                raise ValueError(f"every decay must be in (0, 1); got {bad}")
-            if len(set(v)) != len(v):
-                raise ValueError(f"duplicate decays in {v}")
+    def _scalar_is_shorthand(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+    @field_validator("decay")
+    @classmethod
+    def _decays_in_range(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("must be a decay or a non-empty list of decays")
+        bad = [d for d in v if not 0 < d < 1]
+        if bad:
+            raise ValueError(f"every decay must be in (0, 1); got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate decays in {v}")
         return v
 
-    @property
-    def all_decays(self) -> list[float]:
-        return list(self.decays) if self.decays else [self.decay]
+    @model_validator(mode="after")
+    def _schedule_builds(self) -> EmaConfig:
+        # Build the schedule here, as every worker will, so a bad ema.schedule or option fails
+        # when the config loads, not in a worker after the cluster started.
+        from raydetr.ema.schedules import check_schedule, schedule_accepts
+
+        try:
+            kwargs = dict(self.schedule_kwargs)
+            if "tau" not in kwargs and schedule_accepts(self.schedule, "tau"):
+                kwargs["tau"] = self.tau
+            check_schedule(self.schedule, self.decay, kwargs)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"ema.schedule / ema.schedule_kwargs: {exc}") from None
+        return self
 
 
 class ScalingConfig(_Strict):
@@ -217,10 +235,16 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# Keys that were removed on purpose, and what replaces them.
+RENAMED = {"ema.decays": "ema.decay (now a list; a single number is shorthand)"}
+
+
 def _check_known(tree: dict[str, Any], model: type[BaseModel], prefix: str, source: str) -> None:
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         fields = model.model_fields
+        if dotted in RENAMED:
+            raise ConfigError(f"{source}: config key '{dotted}' is now {RENAMED[dotted]}")
         if key not in fields:
             raise ConfigError(
                 f"{source}: unknown config key '{dotted}'. Known keys here: "
@@ -270,3 +294,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def config_from_json(text: str) -> Config:
     return build_config(json.loads(text), "checkpoint config")
+
+
+def with_overrides(cfg: Config, params: dict[str, Any], source: str = "overrides") -> Config:
+    """``cfg`` with dotted-key values applied (a search trial's parameters), validated; the
+    same object when there is nothing to apply."""
+    if not params:
+        return cfg
+    tree = cfg.to_dict()
+    for key, value in params.items():
+        set_dotted(tree, key, value)
+    return build_config(tree, source)

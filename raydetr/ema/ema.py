@@ -80,6 +80,8 @@ class ModelEma:
         average_buffers: average floating-point buffers (True) or copy them (False).
         device: shadow device, e.g. "cpu" while the model is on GPU; None: the model's device.
         nan_guard: skip (and count in ``skipped``) updates where a model tensor is not finite.
+        total_steps: optimizer steps of the whole run, passed to schedules that take
+            ``total_steps`` (exp, custom ones) unless ``schedule_kwargs`` sets it.
     """
 
     fused_shadows = False  # one foreach call over all shadows (ScalarList); see bench/ema.py
@@ -96,18 +98,22 @@ class ModelEma:
         average_buffers: bool = True,
         device: str | torch.device | None = None,
         nan_guard: bool = True,
+        total_steps: int | None = None,
     ) -> None:
         self.decays: list[float] = [float(d) for d in (decays if decays is not None else [decay])]
         if not self.decays:
-            raise ValueError("ModelEma: decays must be a non-empty list (config key ema.decays)")
+            raise ValueError("ModelEma: decays must be a non-empty list (config key ema.decay)")
         if len(set(self.decays)) != len(self.decays):
-            raise ValueError(f"ModelEma: duplicate decays in {self.decays} (config key ema.decays)")
+            raise ValueError(f"ModelEma: duplicate decays in {self.decays} (config key ema.decay)")
         self.schedule = schedule
         self.schedule_kwargs: dict[str, Any] = _plain(
             dict(schedule_kwargs or {}), "schedule_kwargs"
         )
         if "tau" not in self.schedule_kwargs and schedule_accepts(schedule, "tau"):
             self.schedule_kwargs["tau"] = float(tau)
+        if (total_steps is not None and "total_steps" not in self.schedule_kwargs
+                and schedule_accepts(schedule, "total_steps")):
+            self.schedule_kwargs["total_steps"] = int(total_steps)
         self._schedules = [get_schedule(schedule, d, **self.schedule_kwargs) for d in self.decays]
         self.average_buffers = bool(average_buffers)
         self.device = torch.device(device) if device is not None else None
@@ -370,7 +376,7 @@ class ModelEma:
             raise ValueError(
                 "ModelEma.load_state_dict: checkpoint does not match this EMA:\n  "
                 + "\n  ".join(problems)
-                + "\nBuild the EMA with the checkpoint's settings (ema.decays / ema.schedule) "
+                + "\nBuild the EMA with the checkpoint's settings (ema.decay / ema.schedule) "
                 "or start the EMA fresh."
             )
         if sched_diff:

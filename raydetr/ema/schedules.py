@@ -17,11 +17,17 @@ Add your own:
 A schedule is ``fn(updates: int, *, decay: float, **kwargs) -> float``; its keyword arguments
 (with defaults) are the ``schedule_kwargs`` it accepts. The registry checks them when the
 schedule is built, not at the first update.
+
+Or name it by import path, with no registration (``ema.schedule=mypkg.decay:linear`` in YAML or
+on the CLI): the driver resolves it and ships it to every Ray worker. A schedule that takes
+``total_steps`` (optimizer steps of the whole run; SuperGradients' ``IDecayFunction`` gets it)
+receives it from the worker unless ``ema.schedule_kwargs`` sets it.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import math
 from collections.abc import Callable
@@ -58,18 +64,50 @@ def available_schedules() -> list[str]:
 
 def schedule_accepts(name: str, kwarg: str) -> bool:
     """Whether schedule ``name`` takes keyword ``kwarg`` (e.g. ``tau``)."""
-    return kwarg in inspect.signature(_lookup(name)).parameters
+    return kwarg in inspect.signature(resolve_schedule(name)).parameters
 
 
-def _lookup(name: str) -> ScheduleFn:
-    try:
+def is_import_path(name: str) -> bool:
+    return ":" in name
+
+
+def resolve_schedule(name: str) -> ScheduleFn:
+    """The schedule function: a registered name, or ``package.module:function``."""
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
+    if not is_import_path(name):
         raise ValueError(
             f"unknown EMA schedule '{name}' (config key ema.schedule). Known schedules: "
-            f"{', '.join(available_schedules())}; add one with "
-            "raydetr.ema.schedules.register_schedule"
+            f"{', '.join(available_schedules())}; or give an import path such as "
+            "mypkg.decay:linear (a function fn(updates, *, decay, ...) -> float)"
+        )
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(
+            f"ema.schedule '{name}': cannot import module '{module_name}' ({exc}); is it "
+            "installed or on PYTHONPATH?"
         ) from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"ema.schedule '{name}': module '{module_name}' has no function '{attr}'")
+    if "decay" not in inspect.signature(fn).parameters:
+        raise ValueError(
+            f"ema.schedule '{name}': {attr} must accept a keyword argument 'decay' "
+            "(fn(updates, *, decay, ...) -> float)"
+        )
+    return fn
+
+
+def check_schedule(name: str, decays: list[float], kwargs: dict[str, Any]) -> None:
+    """Build the schedule for every decay as a worker would (with a stand-in ``total_steps``
+    when the worker would supply it), so a bad name or option fails when the config loads."""
+    kw = dict(kwargs)
+    if "total_steps" not in kw and schedule_accepts(name, "total_steps"):
+        kw["total_steps"] = 1000
+    for d in decays:
+        get_schedule(name, d, **kw)
 
 
 def get_schedule(name: str, decay: float, **kwargs: Any) -> Callable[[int], float]:
@@ -78,7 +116,7 @@ def get_schedule(name: str, decay: float, **kwargs: Any) -> Callable[[int], floa
     ``updates`` counts EMA updates including the current one, from 1. Unknown or missing
     keyword arguments raise a ``ValueError`` that lists what the schedule accepts.
     """
-    fn = _lookup(name)
+    fn = resolve_schedule(name)
     if not 0.0 <= float(decay) < 1.0:
         raise ValueError(f"EMA decay must be in [0, 1), got {decay} (schedule '{name}')")
     sig = inspect.signature(fn)
@@ -166,26 +204,31 @@ def timm(
 def threshold(updates: int, *, decay: float) -> float:
     """SuperGradients ThresholdDecay: d = min(c, (1 + s) / (10 + s)).
 
-    SuperGradients passes ``step`` = its 0-based global step, so s = updates - 1.
+    SuperGradients' trainer calls ``ema.update(step=global_step)`` with
+    ``global_step = batch_idx + 1 + len(loader) * epoch``: counted from 1, so s = updates (with
+    grad accumulation it counts micro-batches; ours counts optimizer steps). First update:
+    2 / 11 = 0.1818.
     """
     _check_updates(updates)
-    s = updates - 1
+    s = updates
     return min(decay, (1.0 + s) / (10.0 + s))
 
 
 @register_schedule("exp")
 def exp(updates: int, *, decay: float, total_steps: int, beta: float = 15.0) -> float:
-    """SuperGradients ExpDecay: d = c * (1 - exp(-beta * s / total_steps)), s = updates - 1.
+    """SuperGradients ExpDecay: d = c * (1 - exp(-beta * s / total_steps)), s = updates (its
+    step counts from 1, see :func:`threshold`).
 
-    ``total_steps`` (optimizer steps of the whole run) is required. Check: c=0.9999, beta=15,
-    s / total_steps = 0.1 -> 0.9999 * (1 - exp(-1.5)) = 0.776792.
+    ``total_steps``: optimizer steps of the whole run; the worker passes it. Check: c=0.9999,
+    beta=15, s / total_steps = 0.1 -> 0.9999 * (1 - exp(-1.5)) = 0.776792; first update of
+    10000: 0.9999 * (1 - exp(-0.0015)) = 0.0014987.
     """
     _check_updates(updates)
     if total_steps is None or int(total_steps) <= 0:
         raise ValueError(
             f"exp schedule needs total_steps > 0 in ema.schedule_kwargs, got {total_steps!r}"
         )
-    s = updates - 1
+    s = updates
     return decay * (1.0 - math.exp(-beta * s / float(total_steps)))
 
 

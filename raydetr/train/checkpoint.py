@@ -17,18 +17,21 @@ hard-links them into each new checkpoint (a copy where the filesystem cannot lin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from raydetr.train.record import Best, Bests
 
 STATE_FILE = "state.pt"
 BEST_FILES = {"regular": "best_regular.safetensors", "ema": "best_ema.safetensors"}
@@ -37,32 +40,6 @@ BESTS_FILE = "bests.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint folder is missing a file or does not match the model."""
-
-
-@dataclass
-class Best:
-    """Best-so-far mAP of one variant. ``epoch`` -1 means no evaluation yet."""
-
-    map: float = -1.0
-    epoch: int = -1
-    decay: float | None = None  # EMA decay of the shadow that made it (EMA only)
-
-
-@dataclass
-class Bests:
-    regular: Best = field(default_factory=Best)
-    ema: Best = field(default_factory=Best)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"regular": asdict(self.regular), "ema": asdict(self.ema)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Bests:
-        return cls(regular=Best(**d["regular"]), ema=Best(**d["ema"]))
-
-    def winner(self) -> str:
-        """RF-DETR's rule: EMA wins only when its best mAP is strictly higher."""
-        return "ema" if self.ema.epoch >= 0 and self.ema.map > self.regular.map else "regular"
 
 
 def cpu_contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -105,6 +82,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def best_cache_dir(run_key: str) -> Path:
+    """Where rank 0 caches a run's best weights: a fixed folder per run (its storage path), so
+    a restarted worker group reuses it instead of leaking one more, and the driver can delete it
+    when the fit ends however it ended (a Tune STOP kills the workers: no ``finally`` runs)."""
+    digest = hashlib.sha1(run_key.encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"raydetr-best-{digest}"
 
 
 class BestWeightsCache:

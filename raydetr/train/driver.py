@@ -13,17 +13,19 @@ Layout of a run (``<run.output_dir>/<run.name>/``)::
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
-from raydetr.config import Config, build_config, set_dotted
+from raydetr.config import Config, with_overrides
+from raydetr.train.checkpoint import best_cache_dir
+from raydetr.train.postfit import FitResult, finalize
 
 log = logging.getLogger("raydetr.driver")
 
@@ -32,16 +34,6 @@ TRIAL_MEMORY_BYTES = 64 * 1024 * 1024  # lets the Tune trial actor take no CPU (
 
 class FitError(RuntimeError):
     """A fit could not start or did not finish; the message says what to do."""
-
-
-@dataclass
-class FitResult:
-    run_dir: Path
-    train_dir: Path
-    winner_dir: Path
-    meta: dict[str, Any]
-    registered: dict[str, Any] | None
-    stopped_early: bool
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -155,10 +147,17 @@ def max_concurrent(cfg: Config) -> int:
 
 
 # --------------------------------------------------------------------------- tune + train
-def _trial_fn(base: dict[str, Any], prepared: str, classes: list[str], train_images: int,
+def train_name(single: bool, trial_id: str) -> str:
+    """The Train run's folder under the run dir: ``train`` (plain fit) or ``trials/<id>``."""
+    return "train" if single else f"trials/{trial_id}"
+
+
+def _trial_fn(base: Config, prepared: str, classes: list[str], train_images: int,
               run_dir: str, pretrain_weights: str | None, single: bool,
-              fault_inject: str | None = None):
-    """The Tune trainable: builds a TorchTrainer whose rank-0 reports reach Tune."""
+              fault_inject: str | None = None, decision_board: str | None = None,
+              schedule_fn: Any = None):
+    """The Tune trainable: builds a TorchTrainer whose rank-0 reports reach Tune. ``base`` is
+    the parsed Config object; a search's trial applies its parameters to it once."""
 
     def trial(params: dict[str, Any]) -> None:
         import ray.train
@@ -166,20 +165,19 @@ def _trial_fn(base: dict[str, Any], prepared: str, classes: list[str], train_ima
         from ray.train.torch import TorchTrainer
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        tree = copy.deepcopy(base)
-        for key, value in params.items():
-            set_dotted(tree, key, value)
-        cfg = build_config(tree, "trial config")
+        cfg = with_overrides(base, params, "trial config")
         quiet_ray_data()
         trial_id = tune.get_context().get_trial_id()
-        name = "train" if single else f"trials/{trial_id}"
+        name = train_name(single, trial_id)
         exec_opts = ray.data.ExecutionOptions(preserve_order=True)  # reproducible order
         trainer = TorchTrainer(
             train_loop_per_worker=_train_loop,
-            train_loop_config={"cfg": cfg.to_dict(), "classes": classes,
-                               "train_images": train_images,
+            train_loop_config={"cfg": cfg, "classes": classes, "train_images": train_images,
+                               "run_key": str(Path(run_dir) / name),
                                "pretrain_weights": pretrain_weights,
-                               "fault_inject": fault_inject},
+                               "fault_inject": fault_inject, "trial_id": trial_id,
+                               "decision_board": decision_board,
+                               "schedule_fn": schedule_fn},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                 resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
@@ -262,10 +260,18 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
     check_placeable(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    board = None
+    if getattr(scheduler, "decision_board", None):
+        from raydetr.tune.decisions import start_board
+
+        board = start_board(run_dir)
+        if board != scheduler.decision_board:
+            raise RuntimeError(f"scheduler posts to {scheduler.decision_board}, run has {board}")
     trainable = tune.with_resources(
-        _trial_fn(cfg.to_dict(), str(prepared), info["classes"],
+        _trial_fn(cfg, str(prepared), info["classes"],
                   info["splits"][cfg.data.train_split]["images"], str(run_dir),
-                  pretrain_weights, single, os.environ.get("RAYDETR_FAULT_INJECT")),
+                  pretrain_weights, single, os.environ.get("RAYDETR_FAULT_INJECT"),
+                  decision_board=board, schedule_fn=_shipped_schedule(cfg)),
         {"memory": TRIAL_MEMORY_BYTES},
     )
     tune_config = tune.TuneConfig(
@@ -280,23 +286,51 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
     else:
         tuner = tune.Tuner(trainable, param_space=param_space or {}, tune_config=tune_config,
                            run_config=run_config)
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        _cleanup(run_dir, board)
     return grid, run_dir, {"prepared": prepared, **info}
+
+
+def _shipped_schedule(cfg: Config):
+    """An import-path EMA schedule (``mypkg.decay:linear``), resolved here and pickled by value
+    so every Ray worker gets it, installed there or not. Registered names need nothing."""
+    from raydetr.ema.schedules import is_import_path, resolve_schedule
+
+    if not cfg.ema.enabled or not is_import_path(cfg.ema.schedule):
+        return None
+    import ray.cloudpickle
+
+    fn = resolve_schedule(cfg.ema.schedule)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[fn.__module__])
+    return fn
+
+
+def _cleanup(run_dir: Path, board: str | None) -> None:
+    """After the fit, however it ended: the best-weights caches of every Train run (a STOP
+    kills the workers before their own cleanup) and the decision board."""
+    for train_dir in [run_dir / "train", *(run_dir / "trials").glob("*")]:
+        shutil.rmtree(best_cache_dir(str(train_dir)), ignore_errors=True)
+    if board is not None:
+        from raydetr.tune.decisions import stop_board
+
+        stop_board(board)
 
 
 def fit(cfg: Config, *, resume: bool = False, pretrain_weights: str | None = None) -> FitResult:
     """Train one model (one Tune trial) and publish the winner."""
-    from raydetr.train.postfit import finalize
-
     scheduler = None
     if cfg.early_stopping.enabled:
+        from raydetr.tune.decisions import board_name
         from raydetr.tune.early_stopping import EarlyStoppingScheduler
 
         # state_path: Tuner.restore (--resume) unpickles its own copy of the scheduler; both
         # copies share their counters through this file.
         scheduler = EarlyStoppingScheduler.from_config(
             cfg.early_stopping, cfg.ema.enabled,
-            state_path=run_dir_of(cfg) / "early_stopping.json")
+            state_path=run_dir_of(cfg) / "early_stopping.json",
+            decision_board=board_name(run_dir_of(cfg)))
     grid, run_dir, info = run_trials(cfg, scheduler=scheduler, resume=resume,
                                      pretrain_weights=pretrain_weights)
     result = grid[0]

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +22,28 @@ from raydetr.train.checkpoint import BEST_FILES, latest_checkpoint, read_bests, 
 log = logging.getLogger("raydetr.postfit")
 
 
+@dataclass
+class FitResult:
+    run_dir: Path
+    train_dir: Path
+    winner_dir: Path
+    meta: dict[str, Any]
+    registered: dict[str, Any] | None
+    stopped_early: bool
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 def strip_winner(checkpoint_dir: Path, winner_dir: Path, *, dataset: str,
-                 state: dict[str, Any] | None = None) -> dict[str, Any]:
+                 state: dict[str, Any] | None = None, cfg: Config | None = None
+                 ) -> dict[str, Any]:
     """Write ``winner_dir/{model.safetensors, meta.json}`` from a checkpoint; returns meta.
 
     Written into a temporary sibling and renamed, so a half-written winner never looks complete.
-    ``state``: the checkpoint's state.pt when the caller has already read it.
+    ``state``: the checkpoint's state.pt when the caller has already read it; ``cfg``: the
+    run's Config when the caller has it (else the checkpoint's copy is read).
     """
     from raydetr.model.build import resolve_model_config
 
@@ -38,8 +51,8 @@ def strip_winner(checkpoint_dir: Path, winner_dir: Path, *, dataset: str,
     state = state if state is not None else read_state(checkpoint_dir)
     bests = read_bests(checkpoint_dir)
     variant = bests.winner()
-    best = bests.ema if variant == "ema" else bests.regular
-    cfg = Config.model_validate(state["config"])
+    best = bests.best(variant)
+    cfg = cfg if cfg is not None else Config.model_validate(state["config"])
     history: list[dict[str, Any]] = list(state["history"])
     row = next((h for h in history if int(h["epoch"]) == best.epoch), {})
     suffix = "_ema" if variant == "ema" else ""
@@ -80,16 +93,16 @@ def strip_winner(checkpoint_dir: Path, winner_dir: Path, *, dataset: str,
 def finalize(cfg: Config, run_dir: Path, train_dir: Path, info: dict[str, Any], *,
              stopped_early: bool = False, publish: bool = True, parent_run_id: str | None = None,
              register: bool = True):
-    """Strip the winner of a Train run, write history/fit.json, and publish it to MLflow."""
-    from raydetr.train.driver import FitResult
-
+    """Strip the winner of a Train run, write config/history/fit.json (so ``raydetr register
+    RUN_DIR`` works on every run dir this writes), and publish it to MLflow."""
     ckpt = latest_checkpoint(train_dir)
     state = read_state(ckpt)
     history = list(state["history"])
     dataset = str(cfg.data.path or "synthetic")
     winner_dir = run_dir / "winner"
-    meta = strip_winner(ckpt, winner_dir, dataset=dataset, state=state)
+    meta = strip_winner(ckpt, winner_dir, dataset=dataset, state=state, cfg=cfg)
     (run_dir / "history.json").write_text(json.dumps(history, indent=2))
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     ratio = meta["checkpoint_bytes"] / max(meta["winner_bytes"], 1)
     log.info(
         "winner: %s weights from epoch %d (mAP %.4f); regular best %.4f, EMA best %s. "

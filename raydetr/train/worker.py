@@ -1,43 +1,58 @@
-"""``train_loop_per_worker``: what each Ray Train worker runs.
+"""What each Ray Train worker runs, as a recipe: setup, then per epoch train -> evaluate ->
+save_checkpoint -> report -> wait for the scheduler's decision.
+
+    train_loop_per_worker({"cfg": Config, "classes": [...], "train_images": N, ...})
 
 Per epoch: train (DDP; EMA updated after every optimizer step) -> evaluate the regular weights
-and every EMA shadow on this worker's share of the val split (one decode, one forward per
-variant) -> gather detections to rank 0 -> COCOeval there -> rank 0 writes ``epoch_NNNN``
--> every rank calls ``ray.train.report``.
+and every EMA shadow on this worker's share of the val split -> gather detections to rank 0 ->
+COCOeval there -> one :class:`EpochResult` -> rank 0 writes ``epoch_NNNN`` -> every rank calls
+``ray.train.report`` -> every rank waits for the scheduler's verdict on that epoch.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from raydetr.config import Config, build_config
+from raydetr.config import Config
 from raydetr.train.checkpoint import (
-    Bests,
     BestWeightsCache,
-    read_bests,
+    best_cache_dir,
     read_state,
-    rng_state,
-    set_rng_state,
     update_bests,
     write_checkpoint,
 )
+from raydetr.train.record import METRIC_KEYS, EpochResult, score_of
+from raydetr.train.state import TrainState
 
 log = logging.getLogger("raydetr.train")
 
-METRIC_KEYS = ("map", "map50", "map75", "mar")
+
+@dataclass
+class WorkerArgs:
+    """``train_loop_config``: the parsed Config object itself (Ray pickles pydantic models)."""
+
+    cfg: Config
+    classes: list[str]
+    train_images: int
+    run_key: str  # the Train run's storage path: names the best-weights cache
+    pretrain_weights: str | None = None
+    fault_inject: str | None = None
+    trial_id: str | None = None
+    decision_board: str | None = None  # raydetr.tune.decisions board, when a scheduler stops
+    schedule_fn: Any = None  # an import-path EMA schedule, shipped by value by the driver
 
 
 def seed_everything(seed: int) -> None:
@@ -46,264 +61,255 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_pretrained(model: torch.nn.Module, path: str) -> list[str]:
-    """Start from weights (a winner's model.safetensors or a checkpoint's state.pt).
+class Recipe:
+    def __init__(self, args: WorkerArgs) -> None:
+        import ray.train
+        import ray.train.torch
 
-    Tensors whose shape differs (the class head when the class count differs) keep their fresh
-    initialisation, as RF-DETR does with ``pretrain_weights``. Returns the re-initialised keys.
-    """
-    from raydetr.train.checkpoint import load_weights
+        from raydetr.model.build import resolve_model_config
 
-    p = Path(path)
-    if p.is_dir():
-        p = p / "model.safetensors"
-    if p.suffix == ".safetensors":
-        incoming = load_weights(p)
-    else:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-        incoming = obj.get("model", obj) if isinstance(obj, dict) else obj
-    own = model.state_dict()
-    unknown = sorted(set(incoming) - set(own))
-    if len(unknown) > len(own) // 2:
-        raise ValueError(
-            f"--pretrain-weights {path}: {len(unknown)} of its keys are not in this model "
-            f"(e.g. {unknown[:3]}); is it a raydetr model of the same preset?"
-        )
-    reinit = [k for k, v in incoming.items() if k in own and own[k].shape != v.shape]
-    usable = {k: v for k, v in incoming.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(usable, strict=False)
-    return reinit
+        self.args, self.cfg = args, args.cfg
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        if self.cfg.scaling.torch_threads:
+            torch.set_num_threads(self.cfg.scaling.torch_threads)
+        self.device = ray.train.torch.get_device()
+        self.amp_dtype = (torch.bfloat16 if self.device.type == "cuda" and self.cfg.optim.amp
+                          else None)
+        self.resolution = resolve_model_config(self.cfg.model)["resolution"]
+        self.cache = None
+        if self.rank == 0:
+            # A fixed folder per run: an earlier attempt's leftovers are not this run's bests
+            # (the checkpoint's own best files are copied in by setup_state).
+            shutil.rmtree(best_cache_dir(args.run_key), ignore_errors=True)
+            self.cache = BestWeightsCache(best_cache_dir(args.run_key))
 
+    # ------------------------------------------------------------------ setup
+    def setup_data(self) -> None:
+        """Shards and the step arithmetic. Every worker streams the same seeded global batches
+        (batch_size x world) and decodes only its slice: a restarted run equals an
+        uninterrupted one. With several workers the last partial global batch is dropped."""
+        import ray.train
 
-def _gather_records(records: dict[str, list[dict]], rank: int, world: int):
-    if world == 1:
-        return records
-    gathered: list[Any] = [None] * world if rank == 0 else None
-    dist.gather_object(records, gathered, dst=0)
-    if rank != 0:
+        cfg, world = self.cfg, self.world
+        self.global_batch = cfg.optim.batch_size * world
+        n = self.args.train_images
+        batches = n // self.global_batch if world > 1 else math.ceil(n / self.global_batch)
+        if batches == 0:
+            raise ValueError(
+                f"{n} training images cannot fill one global batch of {self.global_batch} "
+                f"(optim.batch_size {cfg.optim.batch_size} x {world} workers): lower either")
+        self.steps_per_epoch = math.ceil(batches / cfg.optim.grad_accum_steps)
+        self.train_shard = ray.train.get_dataset_shard("train")
+        self.val_shard = ray.train.get_dataset_shard("val")
+
+    def setup_model(self) -> None:
+        from raydetr.model.build import build
+        from raydetr.train.pretrained import load_pretrained
+
+        seed_everything(self.cfg.run.seed)  # identical init on every rank
+        self.model, self.criterion, self.postprocessor = build(
+            self.cfg.model, self.cfg.loss, len(self.args.classes))
+        if self.args.pretrain_weights:
+            reinit, source = load_pretrained(self.model, self.args.pretrain_weights)
+            if self.rank == 0:
+                log.info("pretrain weights: %s; re-initialised: %s", source, reinit or "nothing")
+        self.model.to(self.device)
+        self.criterion.to(self.device)
+
+    def make_ema(self, model: torch.nn.Module):
+        from raydetr.ema.ema import ModelEma
+
+        e = self.cfg.ema
+        return ModelEma(model, tau=e.tau, decays=e.decay, schedule=e.schedule,
+                        schedule_kwargs=e.schedule_kwargs, average_buffers=e.average_buffers,
+                        device=e.device, nan_guard=e.nan_guard,
+                        total_steps=self.steps_per_epoch * self.cfg.optim.epochs)
+
+    def setup_state(self) -> None:
+        """Optimizer, LR schedule, EMA -> TrainState, restored from Ray's checkpoint if any."""
+        import ray.train
+
+        from raydetr.ema.schedules import register_schedule
+        from raydetr.train.optim import build_lr_scheduler, build_optimizer
+
+        if self.args.schedule_fn is not None:  # import-path schedule: this process may lack it
+            register_schedule(self.cfg.ema.schedule)(self.args.schedule_fn)
+        optimizer = build_optimizer(self.model, self.cfg.optim)
+        self.state = TrainState(
+            self.model, optimizer, build_lr_scheduler(optimizer, self.cfg.optim,
+                                                      self.steps_per_epoch),
+            ema=self.make_ema(self.model) if self.cfg.ema.enabled else None,
+            ema_factory=self.make_ema)
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as ckpt_dir:
+                self.state.load_state_dict(read_state(Path(ckpt_dir)))
+                if self.cache is not None:
+                    self.cache.seed_from(Path(ckpt_dir))
+            if self.rank == 0:
+                log.info("resumed from %s: continuing at epoch %d (EMA updates so far: %s)",
+                         checkpoint.path, self.state.next_epoch + 1,
+                         self.state.ema.updates if self.state.ema else "-")
+        # Every parameter is in the graph on every step, so DDP needs no unused-parameter search.
+        self.ddp_model = ray.train.torch.prepare_model(self.model, move_to_device=False)
+        from raydetr.train.evaluation import ShadowEvaluator
+
+        self.evaluator = ShadowEvaluator(self.model, self.state.ema)
+
+    def log_header(self) -> None:
+        c = self.cfg
+        eff = c.optim.batch_size * c.optim.grad_accum_steps * self.world
+        log.info("effective batch %d = batch_size %d x grad_accum_steps %d x workers %d; "
+                 "%d optimizer steps/epoch; device %s%s; EMA decays %s",
+                 eff, c.optim.batch_size, c.optim.grad_accum_steps, self.world,
+                 self.steps_per_epoch, self.device, " (bf16)" if self.amp_dtype else "",
+                 c.ema.decay if self.state.ema else "off")
+
+    # ------------------------------------------------------------------ per epoch
+    def train_batches(self, epoch: int):
+        """This rank's training batches of ``epoch`` (the one place the loader is chosen)."""
+        from raydetr.data.loader import make_collate
+
+        c = self.cfg
+        return self.train_shard.iter_torch_batches(
+            batch_size=self.global_batch, drop_last=self.world > 1,
+            collate_fn=make_collate(train=True, resolution=self.resolution, data_cfg=c.data,
+                                    seed=c.run.seed, epoch=epoch, rank=self.rank,
+                                    world=self.world, shard="slice"),
+            local_shuffle_buffer_size=max(8 * self.global_batch, 256),
+            local_shuffle_seed=c.run.seed * 100003 + epoch, prefetch_batches=2)
+
+    def val_batches(self):
+        from raydetr.data.loader import make_collate
+
+        c = self.cfg
+        batches = self.val_shard.iter_torch_batches(
+            batch_size=max(c.optim.batch_size, 8) * self.world,
+            collate_fn=make_collate(train=False, resolution=self.resolution, data_cfg=c.data,
+                                    seed=0, epoch=0, rank=self.rank, world=self.world,
+                                    shard="image_id"))
+        return (b for b in batches if b is not None)
+
+    def train_epoch(self, epoch: int, on_step=None) -> dict[str, float]:
+        from raydetr.train.engine import train_one_epoch
+
+        # Reseed per (seed, epoch, rank): ranks consume randomness at different rates, so this,
+        # not one saved state, makes restarts exact.
+        seed_everything(self.cfg.run.seed * 1_000_003 + epoch * 1_009 + self.rank)
+        s, o = self.state, self.cfg.optim
+        self.model.train()
+        stats = train_one_epoch(
+            self.ddp_model, self.criterion, self.train_batches(epoch), s.optimizer,
+            s.lr_scheduler, device=self.device, epoch=epoch, grad_accum_steps=o.grad_accum_steps,
+            clip_max_norm=o.clip_max_norm, ema=s.ema, amp_dtype=self.amp_dtype,
+            log_every=self.cfg.run.log_every_steps, on_step=on_step)
+        s.step += stats["steps"]
+        return stats
+
+    def evaluate(self, epoch: int, stats: dict[str, float]) -> EpochResult | None:
+        """Every variant on the val split; rank 0 returns the epoch's record."""
+        from raydetr.eval.coco import coco_metrics
+        from raydetr.train.evaluation import gather_records, variant_name
+        from raydetr.tune.rule import monitored_value, replay
+
+        t0 = time.perf_counter()
+        self.model.eval()
+        records = self.evaluator.predict(self.postprocessor, self.val_batches(), self.device,
+                                         self.amp_dtype)
+        records = gather_records(records, self.rank, self.world)
+        if records is None:
+            return None
+        res = {name: coco_metrics(recs, self.args.classes) for name, recs in records.items()}
+        regular = {k: float(res["regular"][k]) for k in METRIC_KEYS}
+        s, ema = self.state, self.state.ema
+        per_decay = ({d: {k: float(res[variant_name(d)][k]) for k in METRIC_KEYS}
+                      for d in ema.decays} if ema is not None else {})
+        best_d = max(per_decay, key=lambda d: per_decay[d]["map"]) if per_decay else None
+        map_ema = per_decay[best_d]["map"] if best_d is not None else None
+        update_bests(
+            s.bests, self.cache, epoch=epoch, map_regular=regular["map"], map_ema=map_ema,
+            ema_decay=best_d, regular_weights=self.model.state_dict,
+            ema_weights=(partial(ema.shadow_state_dict, ema.decays.index(best_d))
+                         if best_d is not None else None))
+        es = self.cfg.early_stopping
+        monitored = monitored_value({"map": regular["map"], "map_ema": map_ema},
+                                    use_ema=es.use_ema, ema_enabled=ema is not None)
+        pairs = [(int(h["epoch"]), float(h["monitored"])) for h in s.history]
+        rule = replay([*pairs, (epoch, monitored)], es.patience, es.min_delta, es.skip_epochs)
+        train = {"train_loss": stats["train_loss"], "lr": stats["lr"],
+                 "images_per_s": stats["images_per_s"], "train_seconds": stats["seconds"],
+                 "eval_seconds": time.perf_counter() - t0}
+        return EpochResult(
+            epoch=epoch, step=s.step, regular=regular, ema=per_decay, bests=s.bests,
+            score=score_of(regular["map"], map_ema, self.cfg.tune.metric), monitored=monitored,
+            train=train, ema_decay_now=(float(ema.current_decays()[0]) if ema else None),
+            early_stopping_counter=rule.counter)
+
+    def save_checkpoint(self, result: EpochResult):
+        """Rank 0 writes ``epoch_NNNN`` (resume state + both bests); others return None."""
+        import ray.train
+
+        if self.rank != 0:
+            return None
+        out = Path(tempfile.mkdtemp(prefix=f"raydetr-epoch_{result.epoch:04d}-"))
+        state = {**self.state.state_dict(), "classes": self.args.classes,
+                 "config": self.cfg.to_dict()}
+        write_checkpoint(out, state=state, bests=self.state.bests, cache=self.cache)
+        return ray.train.Checkpoint.from_directory(str(out))
+
+    def wait_for_decision(self, epoch: int) -> None:
+        """Start no epoch after a STOP: wait until the scheduler has decided on this one."""
+        if self.args.decision_board is None or self.args.trial_id is None:
+            return
+        from raydetr.tune.decisions import wait_decision
+
+        if wait_decision(self.args.decision_board, self.args.trial_id, epoch) == "STOP":
+            log.info("early stop after epoch %d: waiting for Tune to end the trial", epoch + 1)
+            while True:  # Tune kills this trial; training must not go on meanwhile
+                time.sleep(1.0)
+
+    def run(self) -> dict[str, Any] | None:
+        import ray.train
+
+        self.setup_data()
+        self.setup_model()
+        self.setup_state()
+        if self.rank == 0:
+            self.log_header()
+        epochs = self.cfg.optim.epochs
+        patience = self.cfg.early_stopping.patience if self.cfg.early_stopping.enabled else None
+        for epoch in range(self.state.next_epoch, epochs):
+            stats = self.train_epoch(epoch)
+            _maybe_inject_fault(self.args.fault_inject, epoch, self.rank)
+            result = self.evaluate(epoch, stats)
+            metrics: dict[str, Any] = {}
+            self.state.epoch = epoch
+            if result is not None:
+                metrics = result.to_report()
+                self.state.history.append(metrics)
+                log.info(result.format_line(epochs, patience))
+            ray.train.report(metrics, checkpoint=self.save_checkpoint(result) if result else None,
+                             checkpoint_dir_name=f"epoch_{epoch:04d}",
+                             delete_local_checkpoint_after_upload=True)
+            if epoch + 1 < epochs:
+                self.wait_for_decision(epoch)
+        if self.rank == 0:
+            return {"epochs": len(self.state.history), "bests": self.state.bests.to_dict()}
         return None
-    merged: dict[str, list[dict]] = {k: [] for k in records}
-    for part in gathered:
-        for k, v in part.items():
-            merged[k].extend(v)
-    return merged
 
-
-def _format_line(m: dict[str, Any], epochs: int, es: dict[str, Any] | None) -> str:
-    parts = [
-        f"epoch {m['epoch'] + 1}/{epochs}",
-        f"loss {m['train_loss']:.4f}",
-        f"mAP {m['map']:.4f} (best {m['best_map']:.4f} @{m['best_map_epoch'] + 1})",
-    ]
-    if "map_ema" in m:
-        parts.append(
-            f"mAP_ema {m['map_ema']:.4f} (best {m['best_map_ema']:.4f} @{m['best_map_ema_epoch'] + 1})"
-        )
-    if es is not None:
-        parts.append(f"early-stop {es['counter']}/{es['patience']}")
-    parts.append(f"{m['images_per_s']:.1f} img/s")
-    parts.append(f"lr {m['lr']:.2e}")
-    return "  ".join(parts)
+    def cleanup(self) -> None:
+        if self.cache is not None:
+            shutil.rmtree(self.cache.root, ignore_errors=True)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
-    import ray.train
-    import ray.train.torch
-
-    from raydetr.data.loader import make_collate
-    from raydetr.ema.ema import ModelEma
-    from raydetr.eval.coco import coco_metrics
-    from raydetr.model.build import build, resolve_model_config
-    from raydetr.train.engine import predict_records, train_one_epoch
-    from raydetr.train.optim import build_lr_scheduler, build_optimizer
-    from raydetr.tune.early_stopping import EarlyStopping, monitored_value
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg: Config = build_config(loop_config["cfg"], "train_loop_config")
-    classes: list[str] = loop_config["classes"]
-    train_images: int = loop_config["train_images"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.scaling.torch_threads:
-        torch.set_num_threads(cfg.scaling.torch_threads)
-    device = ray.train.torch.get_device()
-    amp_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.optim.amp) else None
-    resolution = resolve_model_config(cfg.model)["resolution"]
-
-    seed_everything(cfg.run.seed)  # identical init on every rank
-    model, criterion, postprocessor = build(cfg.model, cfg.loss, len(classes))
-    if loop_config.get("pretrain_weights"):
-        reinit = load_pretrained(model, loop_config["pretrain_weights"])
-        if rank == 0:
-            log.info("pretrain weights %s loaded; re-initialised: %s",
-                     loop_config["pretrain_weights"], reinit or "nothing")
-    model.to(device)
-    criterion.to(device)
-
-    decays = cfg.ema.all_decays
-    ema = None
-    if cfg.ema.enabled:
-        ema = ModelEma(
-            model, decay=cfg.ema.decay, tau=cfg.ema.tau, decays=cfg.ema.decays,
-            schedule=cfg.ema.schedule, schedule_kwargs=cfg.ema.schedule_kwargs,
-            average_buffers=cfg.ema.average_buffers, device=cfg.ema.device,
-            nan_guard=cfg.ema.nan_guard,
-        )
-    # Every worker streams the same seeded global batches (batch_size x world) and decodes only
-    # its own slice: a reproducible split (a restarted run equals an uninterrupted one). With
-    # several workers the last partial global batch is dropped (reshuffled every epoch).
-    global_batch = cfg.optim.batch_size * world
-    batches_per_epoch = (train_images // global_batch) if world > 1 else math.ceil(
-        train_images / global_batch)
-    if batches_per_epoch == 0:
-        raise ValueError(
-            f"{train_images} training images cannot fill one global batch of {global_batch} "
-            f"(optim.batch_size {cfg.optim.batch_size} x {world} workers): lower either")
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.optim.grad_accum_steps)
-    optimizer = build_optimizer(model, cfg.optim)
-    lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, steps_per_epoch)
-    # The Tune scheduler makes the stop decision; rank 0 mirrors its counter for the log line
-    # and keeps it in the checkpoint, so a resumed run shows the same counter.
-    es = EarlyStopping(patience=cfg.early_stopping.patience,
-                       min_delta=cfg.early_stopping.min_delta,
-                       skip_epochs=cfg.early_stopping.skip_epochs)
-
-    start_epoch, step = 0, 0
-    bests = Bests()
-    history: list[dict[str, Any]] = []
-    cache = BestWeightsCache(Path(tempfile.mkdtemp(prefix="raydetr-best-"))) if rank == 0 else None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = read_state(Path(ckpt_dir))
-            model.load_state_dict(state["model"])
-            if ema is not None and state.get("ema") is not None:
-                ema.load_state_dict(state["ema"])
-            optimizer.load_state_dict(state["optimizer"])
-            lr_scheduler.load_state_dict(state["lr_scheduler"])
-            start_epoch, step = state["epoch"] + 1, state["step"]
-            history = list(state["history"])
-            bests = read_bests(Path(ckpt_dir))
-            vars(es).update(state["early_stopping"])
-            set_rng_state(state["rng"])
-            if cache is not None:
-                cache.seed_from(Path(ckpt_dir))
-        if rank == 0:
-            log.info("resumed from %s: continuing at epoch %d (EMA updates so far: %s)",
-                     checkpoint.path, start_epoch + 1, ema.updates if ema else "-")
-
-    if rank == 0:
-        eff = cfg.optim.batch_size * cfg.optim.grad_accum_steps * world
-        log.info(
-            "effective batch %d = batch_size %d x grad_accum_steps %d x workers %d; "
-            "%d optimizer steps/epoch; device %s%s; EMA decays %s",
-            eff, cfg.optim.batch_size, cfg.optim.grad_accum_steps, world, steps_per_epoch,
-            device, " (bf16)" if amp_dtype else "", decays if ema else "off",
-        )
-
-    # Every parameter is in the graph on every step (the model keeps the denoising embedding in
-    # it even for batches without boxes), so DDP needs no unused-parameter search.
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
-    eval_models: dict[str, torch.nn.Module] = {"regular": model}
-    ema_names = {d: f"ema@{d}" for d in decays}
-    if ema is not None:
-        for d in decays:
-            eval_models[ema_names[d]] = copy.deepcopy(model).eval()
-
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        # Reseed per (seed, epoch, rank): ranks consume randomness at different rates (e.g.
-        # denoising noise per box), so this, not one saved state, makes restarts exact.
-        seed_everything(cfg.run.seed * 1_000_003 + epoch * 1_009 + rank)
-        batches = train_shard.iter_torch_batches(
-            batch_size=global_batch,
-            drop_last=world > 1,
-            collate_fn=make_collate(train=True, resolution=resolution, data_cfg=cfg.data,
-                                    seed=cfg.run.seed, epoch=epoch, rank=rank, world=world,
-                                    shard="slice"),
-            local_shuffle_buffer_size=max(8 * global_batch, 256),
-            local_shuffle_seed=cfg.run.seed * 100003 + epoch,
-            prefetch_batches=2,
-        )
-        model.train()
-        stats = train_one_epoch(
-            ddp_model, criterion, batches, optimizer, lr_scheduler, device=device, epoch=epoch,
-            grad_accum_steps=cfg.optim.grad_accum_steps, clip_max_norm=cfg.optim.clip_max_norm,
-            ema=ema, amp_dtype=amp_dtype, log_every=cfg.run.log_every_steps,
-        )
-        step += stats["steps"]
-        _maybe_inject_fault(loop_config.get("fault_inject"), epoch, rank)
-
-        # Evaluate: regular + every EMA shadow, one decode per batch.
-        t_eval = time.perf_counter()
-        if ema is not None:
-            for i, d in enumerate(decays):
-                ema.load_into(eval_models[ema_names[d]], i)
-        model.eval()
-        val_batches = (
-            b for b in val_shard.iter_torch_batches(
-                batch_size=max(cfg.optim.batch_size, 8) * world,
-                collate_fn=make_collate(train=False, resolution=resolution, data_cfg=cfg.data,
-                                        seed=0, epoch=0, rank=rank, world=world,
-                                        shard="image_id"),
-            ) if b is not None
-        )
-        records = predict_records(eval_models, postprocessor, val_batches, device, amp_dtype)
-        records = _gather_records(records, rank, world)
-
-        metrics: dict[str, Any] = {}
-        if rank == 0:
-            results = {name: coco_metrics(recs, classes) for name, recs in records.items()}
-            metrics = _epoch_metrics(results, ema_names, stats, epoch, step, ema, decays)
-            metrics["eval_seconds"] = time.perf_counter() - t_eval
-            update_bests(
-                bests, cache, epoch=epoch, map_regular=metrics["map"],
-                map_ema=metrics.get("map_ema"), ema_decay=metrics.get("map_ema_decay"),
-                regular_weights=model.state_dict,
-                ema_weights=partial(ema.shadow_state_dict, decays.index(metrics["map_ema_decay"]))
-                if ema is not None else None,
-            )
-            metrics.update(
-                best_map=bests.regular.map, best_map_epoch=bests.regular.epoch,
-                best_map_ema=bests.ema.map if ema else -1.0, best_map_ema_epoch=bests.ema.epoch,
-            )
-            es.update(monitored_value(metrics, use_ema=cfg.early_stopping.use_ema,
-                                      ema_enabled=cfg.ema.enabled), epoch)
-            metrics["early_stopping_counter"] = es.counter
-            history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-            log.info(_format_line(metrics, cfg.optim.epochs,
-                                  vars(es) if cfg.early_stopping.enabled else None))
-
-        ckpt_obj = None
-        if rank == 0:
-            ckpt_dir = Path(tempfile.mkdtemp(prefix=f"raydetr-epoch_{epoch:04d}-"))
-            write_checkpoint(
-                ckpt_dir,
-                state={
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict() if ema else None,
-                    "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": lr_scheduler.state_dict(),
-                    "scaler": None,  # bf16 autocast needs no grad scaler
-                    "epoch": epoch, "step": step,
-                    "early_stopping": dict(vars(es)),
-                    "rng": rng_state(),
-                    "history": history,
-                    "classes": classes,
-                    "config": cfg.to_dict(),
-                },
-                bests=bests, cache=cache,
-            )
-            ckpt_obj = ray.train.Checkpoint.from_directory(str(ckpt_dir))
-        ray.train.report(
-            metrics, checkpoint=ckpt_obj, checkpoint_dir_name=f"epoch_{epoch:04d}",
-            delete_local_checkpoint_after_upload=True,
-        )
-
-    if rank == 0:
-        return {"epochs": len(history), "bests": bests.to_dict()}
-    return None
+    recipe = Recipe(WorkerArgs(**loop_config))
+    try:
+        return recipe.run()
+    finally:  # a STOP kills the workers before this: the driver removes the cache then
+        recipe.cleanup()
 
 
 def _maybe_inject_fault(spec: str | None, epoch: int, rank: int) -> None:
@@ -317,24 +323,3 @@ def _maybe_inject_fault(spec: str | None, epoch: int, rank: int) -> None:
         Path(marker).write_text(f"killed rank {rank} after training epoch {epoch}\n")
         log.warning("fault injection: rank %d exits during epoch %d", rank, epoch + 1)
         os._exit(1)
-
-
-def _epoch_metrics(results, ema_names, stats, epoch, step, ema, decays) -> dict[str, Any]:
-    reg = results["regular"]
-    m: dict[str, Any] = {"epoch": epoch, "step": step}
-    m.update({k: float(reg[k]) for k in METRIC_KEYS})
-    if ema is not None:
-        per_decay = {d: results[ema_names[d]] for d in decays}
-        best_d = max(decays, key=lambda d: per_decay[d]["map"])
-        m.update({f"{k}_ema": float(per_decay[best_d][k]) for k in METRIC_KEYS})
-        if len(decays) > 1:
-            for d in decays:
-                m[f"map_ema@{d}"] = float(per_decay[d]["map"])
-                m[f"map50_ema@{d}"] = float(per_decay[d]["map50"])
-        m["map_ema_decay"] = best_d
-        m["ema_decay"] = float(ema.current_decays()[0])
-    m["train_loss"] = float(stats["train_loss"])
-    m["lr"] = float(stats["lr"])
-    m["images_per_s"] = float(stats["images_per_s"])
-    m["train_seconds"] = float(stats["seconds"])
-    return m

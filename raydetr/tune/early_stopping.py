@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -44,6 +43,8 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from raydetr.config import ConfigError, EarlyStoppingConfig
+from raydetr.tune.decisions import post_decision
+from raydetr.tune.rule import EarlyStopping, monitored_value, replay
 
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
@@ -51,106 +52,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("raydetr.early_stopping")
 
 _STATE_VERSION = 1
-
-
-class EarlyStopping:
-    """The stopping rule for one training run; plain Python, no Ray.
-
-    Args:
-        patience: consecutive non-improving (monitored) epochs that trigger a stop.
-        min_delta: an epoch improves when ``value > best + min_delta``.
-        skip_epochs: the first ``skip_epochs`` calls to :meth:`update` are ignored entirely.
-        initial_best: starting best value; RF-DETR uses 0.0 for mAP.
-
-    Attributes:
-        best: best monitored value so far (``initial_best`` before any improvement).
-        best_epoch: epoch label passed with the best value (None before any improvement).
-        counter: consecutive non-improving monitored epochs.
-        stopped: True once ``counter`` has reached ``patience`` (stays True).
-        seen: calls to :meth:`update` so far, skipped ones included.
-    """
-
-    def __init__(
-        self,
-        patience: int = 10,
-        min_delta: float = 0.001,
-        skip_epochs: int = 0,
-        initial_best: float = 0.0,
-    ) -> None:
-        if patience < 1:
-            raise ValueError(f"early_stopping.patience must be >= 1, got {patience}")
-        if min_delta < 0:
-            raise ValueError(f"early_stopping.min_delta must be >= 0, got {min_delta}")
-        if skip_epochs < 0:
-            raise ValueError(f"early_stopping.skip_epochs must be >= 0, got {skip_epochs}")
-        self.patience = int(patience)
-        self.min_delta = float(min_delta)
-        self.skip_epochs = int(skip_epochs)
-        self.best = float(initial_best)
-        self.best_epoch: int | None = None
-        self.counter = 0
-        self.stopped = False
-        self.seen = 0
-
-    @property
-    def skipping(self) -> bool:
-        """True while the next :meth:`update` would still be ignored."""
-        return self.seen < self.skip_epochs
-
-    def update(self, value: float, epoch: int | None = None) -> tuple[bool, bool]:
-        """Record one epoch's monitored value; return ``(improved, stop)``.
-
-        A NaN value never improves (it counts towards patience). A skipped epoch returns
-        ``(False, False)`` and changes neither ``best`` nor ``counter``.
-        """
-        skipped = self.skipping
-        self.seen += 1
-        if skipped:
-            return False, False
-        improved = value > self.best + self.min_delta
-        if improved:
-            self.best = float(value)
-            self.best_epoch = epoch if epoch is not None else self.seen - 1
-            self.counter = 0
-        else:
-            self.counter += 1
-        if self.counter >= self.patience:
-            self.stopped = True
-        return improved, self.stopped
-
-
-def monitored_value(result: dict[str, Any], *, use_ema: bool, ema_enabled: bool) -> float | None:
-    """The mAP the rule watches in one Tune result, or None when the result has no ``map``.
-
-    EMA mAP: ``map_ema``; with several EMA decays and no plain ``map_ema``, the best of the
-    ``map_ema@<decay>`` keys. ``use_ema``: the EMA mAP (the regular ``map`` when the result has
-    none). Otherwise ``max(map, EMA mAP)``, ignoring NaN/None entries (NaN if all are).
-    """
-    regular = _as_float(result.get("map"))
-    if regular is None:
-        return None
-    if not ema_enabled:
-        return regular
-    ema = _as_float(result.get("map_ema"))
-    if ema is None:
-        per_decay = [_as_float(v) for k, v in result.items() if k.startswith("map_ema@")]
-        finite = [v for v in per_decay if v is not None and not math.isnan(v)]
-        ema = max(finite) if finite else None
-    if ema is None:
-        return regular
-    if use_ema:
-        return ema
-    finite = [v for v in (regular, ema) if not math.isnan(v)]
-    return max(finite) if finite else math.nan
-
-
-def _as_float(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
 
 
 @dataclass
@@ -176,6 +77,8 @@ class EarlyStoppingScheduler(FIFOScheduler):
             monitored result and read back on first use, so a restored Tune experiment
             (``Tuner.restore``, which unpickles the scheduler as it was at the start) keeps its
             counters. Only safe for one scheduler per file.
+        decision_board: name of the run's decision board (:mod:`raydetr.tune.decisions`);
+            every decision is posted there so workers never run past a STOP.
     """
 
     # One decision per reported epoch: never let Tune batch several results per decision.
@@ -190,6 +93,7 @@ class EarlyStoppingScheduler(FIFOScheduler):
         ema_enabled: bool = True,
         *,
         state_path: str | os.PathLike[str] | None = None,
+        decision_board: str | None = None,
     ) -> None:
         super().__init__()
         if use_ema and not ema_enabled:
@@ -204,6 +108,7 @@ class EarlyStoppingScheduler(FIFOScheduler):
         self.skip_epochs = int(skip_epochs)
         self.ema_enabled = bool(ema_enabled)
         self.state_path = str(state_path) if state_path is not None else None
+        self.decision_board = decision_board
         self._trials: dict[str, _TrialState] = {}
         self._loaded_state_path = False
         self._search_metric: str | None = None
@@ -216,6 +121,7 @@ class EarlyStoppingScheduler(FIFOScheduler):
         ema_enabled: bool,
         *,
         state_path: str | os.PathLike[str] | None = None,
+        decision_board: str | None = None,
     ) -> EarlyStoppingScheduler:
         """Build from ``Config.early_stopping`` and ``Config.ema.enabled``."""
         return cls(
@@ -225,6 +131,7 @@ class EarlyStoppingScheduler(FIFOScheduler):
             skip_epochs=cfg.skip_epochs,
             ema_enabled=ema_enabled,
             state_path=state_path,
+            decision_board=decision_board,
         )
 
     @property
@@ -252,6 +159,14 @@ class EarlyStoppingScheduler(FIFOScheduler):
     def on_trial_result(
         self, tune_controller: TuneController, trial: Trial, result: dict[str, Any]
     ) -> str:
+        decision = self._decide(trial, result)
+        if self.decision_board is not None:
+            # Workers wait for this before their next epoch (raydetr.tune.decisions).
+            post_decision(self.decision_board, trial.trial_id,
+                          _epoch_of(result, default=-1), decision)
+        return decision
+
+    def _decide(self, trial: Trial, result: dict[str, Any]) -> str:
         value = monitored_value(result, use_ema=self.use_ema, ema_enabled=self.ema_enabled)
         if value is None:
             return TrialScheduler.CONTINUE
@@ -372,10 +287,7 @@ class EarlyStoppingScheduler(FIFOScheduler):
     # ---- internals -----------------------------------------------------------------------
 
     def _replay(self, history: list[tuple[int, float]]) -> EarlyStopping:
-        rule = EarlyStopping(self.patience, self.min_delta, self.skip_epochs)
-        for epoch, value in history:
-            rule.update(value, epoch)
-        return rule
+        return replay(history, self.patience, self.min_delta, self.skip_epochs)
 
     def _log_epoch(self, trial_id: str, epoch: int, value: float, rule: EarlyStopping) -> None:
         where = f"[trial {trial_id}]"

@@ -12,7 +12,7 @@ each trial's winner is stripped; MLflow gets a parent run with the results table
 run per trial; the best trial's winner is registered with the alias.
 
 Because the EMA never feeds back into training, a search over EMA settings alone trains the same
-network K times. One run with ``ema.decays=[...]`` gives the same ``map_ema`` per decay for the
+network K times. One run with ``ema.decay=[...]`` gives the same ``map_ema`` per decay for the
 cost of one run; the CLI says so when only ``ema.*`` keys vary.
 """
 
@@ -24,14 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raydetr.config import Config, ConfigError, build_config, set_dotted
+from ray.tune.schedulers import ASHAScheduler
+
+from raydetr.config import Config, ConfigError, build_config, set_dotted, with_overrides
+from raydetr.train.record import score_of
 
 log = logging.getLogger("raydetr.search")
 
 SHADOWS_HINT = (
     "only EMA settings vary in this search: every trial trains the same network. One run with "
     "several EMA shadows gives the same map_ema per decay at ~1/K of the cost:\n"
-    "    raydetr train ... ema.decays=[{decays}]"
+    "    raydetr train ... ema.decay=[{decays}]"
 )
 
 
@@ -57,6 +60,24 @@ def build_param_space(space: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def overridden_keys(cfg: Config, keys: list[str]) -> dict[str, str]:
+    """Search keys that this config makes ineffective -> why. A search over them would train
+    the same model in every trial."""
+    from raydetr.ema.schedules import schedule_accepts
+
+    out: dict[str, str] = {}
+    for key in keys:
+        if key.startswith("ema.") and key != "ema.enabled" and not cfg.ema.enabled:
+            out[key] = "ema.enabled is false"
+        elif key == "ema.tau" and "tau" in cfg.ema.schedule_kwargs:
+            out[key] = "ema.schedule_kwargs.tau overrides it"
+        elif key == "ema.tau" and not schedule_accepts(cfg.ema.schedule, "tau"):
+            out[key] = f"ema.schedule '{cfg.ema.schedule}' takes no tau"
+        elif key.startswith("early_stopping.") and cfg.tune.scheduler != "early_stopping":
+            out[key] = f"tune.scheduler is '{cfg.tune.scheduler}'"
+    return out
+
+
 def _check_keys(cfg: Config) -> None:
     base = cfg.to_dict()
     for key, spec in cfg.tune.search_space.items():
@@ -64,6 +85,11 @@ def _check_keys(cfg: Config) -> None:
         tree = json.loads(json.dumps(base))
         set_dotted(tree, key, value)
         build_config(tree, f"tune.search_space.{key}")
+    bad = overridden_keys(cfg, list(cfg.tune.search_space))
+    if bad:
+        raise ConfigError(
+            "tune.search_space searches keys that the config overrides, so every trial would "
+            "train the same: " + "; ".join(f"{k} ({why})" for k, why in bad.items()))
 
 
 @dataclass
@@ -74,29 +100,45 @@ class SearchResult:
     registered: dict[str, Any] | None
 
 
+class GatedASHAScheduler(ASHAScheduler):
+    """ASHA that posts each decision to the run's decision board, so workers never train past
+    a STOP (see raydetr.tune.decisions)."""
+
+    _supports_buffered_results = False
+
+    def __init__(self, *args: Any, decision_board: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.decision_board = decision_board
+
+    def on_trial_result(self, tune_controller, trial, result: dict[str, Any]) -> str:
+        from raydetr.tune.decisions import post_decision
+
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if self.decision_board is not None and "epoch" in result:
+            post_decision(self.decision_board, trial.trial_id, int(result["epoch"]), decision)
+        return decision
+
+
 def _scheduler(cfg: Config):
+    from raydetr.train.driver import run_dir_of
+    from raydetr.tune.decisions import board_name
+
+    board = board_name(run_dir_of(cfg))
     if cfg.tune.scheduler == "early_stopping":
-        from raydetr.train.driver import run_dir_of
         from raydetr.tune.early_stopping import EarlyStoppingScheduler
 
         return EarlyStoppingScheduler.from_config(
             cfg.early_stopping, cfg.ema.enabled,
-            state_path=run_dir_of(cfg) / "early_stopping.json")
+            state_path=run_dir_of(cfg) / "early_stopping.json", decision_board=board)
     if cfg.tune.scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
-        metric = "map" if cfg.tune.metric == "map" or not cfg.ema.enabled else "map_ema"
-        return ASHAScheduler(time_attr="training_iteration", metric=metric, mode="max",
-                             max_t=cfg.optim.epochs, grace_period=1)
+        # Prunes on the same score the best trial is chosen by (EpochResult.score).
+        return GatedASHAScheduler(time_attr="training_iteration", metric="score", mode="max",
+                                  max_t=cfg.optim.epochs, grace_period=1, decision_board=board)
     return None
 
 
 def _score(row: dict[str, Any], metric: str) -> float:
-    if metric == "map":
-        return row["best_map"]
-    if metric == "map_ema":
-        return row["best_map_ema"] if row["best_map_ema"] is not None else -1.0
-    return max(row["best_map"], row["best_map_ema"] or -1.0)
+    return score_of(row["best_map"], row["best_map_ema"], metric)
 
 
 def format_table(rows: list[dict[str, Any]], keys: list[str]) -> str:
@@ -156,10 +198,7 @@ def search(cfg: Config, *, resume: bool = False) -> SearchResult:
 
 
 def _trial_cfg(cfg: Config, params: dict[str, Any]) -> Config:
-    tree = cfg.to_dict()
-    for key, value in params.items():
-        set_dotted(tree, key, value)
-    return build_config(tree, "trial config")
+    return with_overrides(cfg, params, "trial config")
 
 
 def _publish_search(cfg, run_dir, rows, best, table, info, finalize) -> dict[str, Any] | None:

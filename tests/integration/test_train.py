@@ -57,7 +57,7 @@ def test_fault_restart_and_resume_equal_uninterrupted(tmp_path, local_ray, monke
     """2 workers (DDP, gloo). A rank killed with os._exit restarts from the latest checkpoint
     (FailureConfig) and ends with exactly the weights of an uninterrupted run; so does a run
     that died for good and was continued with --resume."""
-    two = ("scaling.num_workers=2", "ema.decays=[0.9,0.99]", "mlflow.enabled=false",
+    two = ("scaling.num_workers=2", "ema.decay=[0.9,0.99]", "mlflow.enabled=false",
            "optim.epochs=2")
     ref = fit(tiny(tmp_path, "ref", *two))
     ref_state = final_state(ref)
@@ -142,7 +142,7 @@ def test_search_equals_shadows_and_nests_mlflow_runs(tmp_path, local_ray):
                       "tune.max_concurrent_trials=1")
     found = search(search_cfg)
     assert len(found.rows) == 2
-    shadows = fit(tiny(tmp_path, "shadows", f"ema.decays={decays}", "mlflow.enabled=false"))
+    shadows = fit(tiny(tmp_path, "shadows", f"ema.decay={decays}", "mlflow.enabled=false"))
     shadow_hist = final_state(shadows)["history"]
     for row in found.rows:
         d = row["params"]["ema.decay"]

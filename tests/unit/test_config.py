@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from raydetr.config import ConfigError, load_config
 
@@ -21,9 +22,9 @@ def test_configs_exist():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["optim.lr=3e-4", "ema.decays=[0.99,0.999]", "scaling.use_gpu=true"])
+    cfg = load_config(None, ["optim.lr=3e-4", "ema.decay=[0.99,0.999]", "scaling.use_gpu=true"])
     assert cfg.optim.lr == pytest.approx(3e-4)
-    assert cfg.ema.all_decays == [0.99, 0.999]
+    assert cfg.ema.decay == [0.99, 0.999]
     assert cfg.scaling.use_gpu is True
 
 
@@ -51,3 +52,60 @@ def test_bad_file(tmp_path):
 def test_override_syntax():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["optim.lr"])
+
+
+# Defect 2 (issue 11): every EMA schedule problem fails at load_config, naming the key.
+@pytest.mark.parametrize("overrides, message", [
+    (["ema.schedule=nope"], r"ema.schedule.*unknown EMA schedule 'nope'"),
+    (["ema.schedule=rfdetr", "ema.schedule_kwargs={taux: 3}"],
+     r"ema.schedule_kwargs.*unexpected keyword argument 'taux'"),
+    (["ema.schedule=timm", "ema.schedule_kwargs={gamma: -1}"], r"ema.schedule.*gamma must be > 0"),
+    (["ema.schedule=rdt_missing_mod:fn"], r"ema.schedule.*cannot import module 'rdt_missing_mod'"),
+])
+def test_ema_schedule_checked_at_load(overrides, message):
+    from raydetr.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_exp_schedule_gets_total_steps_from_the_run():
+    """exp needs total_steps; the worker supplies it (steps/epoch x epochs), so the config
+    loads without it, and ModelEma passes it on."""
+    from raydetr.ema.ema import ModelEma
+
+    cfg = load_config(None, ["ema.schedule=exp"])
+    ema = ModelEma(torch.nn.Linear(2, 2), decays=cfg.ema.decay, schedule="exp", total_steps=500)
+    assert ema.schedule_kwargs["total_steps"] == 500
+
+
+# Defect 3: one source of truth for the decays; a search over an overridden key is an error.
+def test_decay_scalar_is_shorthand_and_decays_is_gone():
+    from raydetr.config import ConfigError
+
+    assert load_config(None, ["ema.decay=0.99"]).ema.decay == [0.99]
+    assert load_config(None, ["ema.decay=[0.9,0.99]"]).ema.decay == [0.9, 0.99]
+    with pytest.raises(ConfigError, match="'ema.decays' is now ema.decay"):
+        load_config(None, ["ema.decays=[0.9,0.99]"])
+
+
+def test_default_decay_search_reaches_every_trial():
+    """The default search space (ema.decay grid) changes the decays each trial trains."""
+    from raydetr.config import with_overrides
+
+    base = load_config(None, ["ema.decay=[0.9,0.95]"])
+    trials = [with_overrides(base, {"ema.decay": d}).ema.decay for d in (0.99, 0.993, 0.999)]
+    assert trials == [[0.99], [0.993], [0.999]]
+
+
+def test_search_over_overridden_key_is_an_error():
+    from raydetr.config import ConfigError
+    from raydetr.tune.search import _check_keys
+
+    cfg = load_config(None, ["ema.enabled=false"])  # default space: ema.decay grid
+    with pytest.raises(ConfigError, match=r"ema.decay \(ema.enabled is false\)"):
+        _check_keys(cfg)
+    cfg = load_config(None, ["ema.schedule_kwargs={tau: 5}",
+                             "tune.search_space={ema.tau: {grid: [10, 20]}}"])
+    with pytest.raises(ConfigError, match=r"ema.tau \(ema.schedule_kwargs.tau overrides it\)"):
+        _check_keys(cfg)

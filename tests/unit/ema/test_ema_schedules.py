@@ -19,8 +19,18 @@ def test_reference_values():
     assert get_schedule("rfdetr", 0.9999, tau=2000)(2000) == pytest.approx(0.632057, abs=1e-6)
     # timm ModelEmaV3, step = updates: step 10 -> s = 9 -> 1 - 10^(-2/3)
     assert get_schedule("timm", 0.9999)(10) == pytest.approx(0.784557, abs=1e-6)
-    # SuperGradients exp, s = updates - 1: s / T = 0.1
-    assert get_schedule("exp", 0.9999, total_steps=1000)(101) == pytest.approx(0.776792, abs=1e-6)
+    # SuperGradients exp, s = updates (its global step counts from 1): s / T = 0.1
+    assert get_schedule("exp", 0.9999, total_steps=1000)(100) == pytest.approx(0.776792, abs=1e-6)
+
+
+def test_first_update_matches_supergradients():
+    """SuperGradients' trainer passes step = batch_idx + 1 + len(loader) * epoch, so its first
+    EMA update uses step 1: threshold 2/11 = 0.1818, exp (decay 0.9999, beta 15, 10000 steps)
+    0.9999 * (1 - exp(-15/10000)) = 0.0014987 (0.0015)."""
+    assert get_schedule("threshold", 0.9999)(1) == pytest.approx(0.181818, abs=1e-6)
+    first = get_schedule("exp", 0.9999, total_steps=10000, beta=15)(1)
+    assert first == pytest.approx(0.00149873, abs=1e-8)
+    assert round(first, 4) == 0.0015
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 100, 5000])
@@ -31,8 +41,9 @@ def test_formulas(n):
     s = n - 1
     timm = 0.0 if s == 0 else min(c, 1 - (1 + s / 2.0) ** -0.75)
     assert get_schedule("timm", c, gamma=2.0, power=0.75)(n) == pytest.approx(timm)
-    assert get_schedule("threshold", c)(n) == pytest.approx(min(c, (1 + s) / (10 + s)))
-    exp = c * (1 - math.exp(-10 * s / 4000))
+    # SuperGradients' step counts from 1: step = n.
+    assert get_schedule("threshold", c)(n) == pytest.approx(min(c, (1 + n) / (10 + n)))
+    exp = c * (1 - math.exp(-10 * n / 4000))
     assert get_schedule("exp", c, total_steps=4000, beta=10)(n) == pytest.approx(exp)
     assert get_schedule("power", 0.99999, gamma=6.94)(n) == pytest.approx((1 - 1 / n) ** 7.94)
 
@@ -79,3 +90,17 @@ def test_register_custom_schedule():
     assert get_schedule("test_linear_warmup", 0.9, warmup=4)(2) == pytest.approx(0.45)
     with pytest.raises(ValueError, match="already registered"):
         register_schedule("test_linear_warmup")(lambda updates, *, decay: decay)
+
+
+def test_import_path_schedule(tmp_path, monkeypatch):
+    """``ema.schedule=pkg.module:fn`` needs no registration; it gets total_steps from ModelEma."""
+    (tmp_path / "rdt_custom_decay.py").write_text(
+        "def linear(updates, *, decay, total_steps):\n"
+        "    return decay * min(1.0, updates / total_steps)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sched = get_schedule("rdt_custom_decay:linear", 0.9, total_steps=10)
+    assert sched(5) == pytest.approx(0.45)
+    with pytest.raises(ValueError, match="cannot import module 'rdt_nope'"):
+        get_schedule("rdt_nope:linear", 0.9)
+    with pytest.raises(ValueError, match="has no function 'quadratic'"):
+        get_schedule("rdt_custom_decay:quadratic", 0.9)

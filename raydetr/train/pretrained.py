@@ -1,0 +1,93 @@
+"""``--pretrain-weights``: find the weights a path means, then load what fits into a model.
+
+    state_dict, description = resolve_pretrained("runs/demo")   # run dir -> its winner
+    reinit = load_pretrained(model, "runs/demo/train/epoch_0003")
+
+Accepted paths: a run dir (its ``winner/``, else its latest checkpoint), a winner dir
+(``model.safetensors``), an ``epoch_NNNN`` checkpoint dir or its ``state.pt``, a
+``.safetensors`` file. From a checkpoint the winner of the bests it holds is taken, so the EMA
+weights are used when they won (SuperGradients' ``models.get`` prefers ``ema_net`` the same way).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from raydetr.train.checkpoint import (
+    BEST_FILES,
+    BESTS_FILE,
+    STATE_FILE,
+    CheckpointError,
+    latest_checkpoint,
+    load_weights,
+    read_bests,
+)
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+class PretrainedError(ValueError):
+    """The path given as pretrained weights is not something raydetr can load."""
+
+
+def _from_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], str]:
+    if (ckpt / BESTS_FILE).is_file():
+        bests = read_bests(ckpt)
+        variant = bests.winner()
+        best = bests.best(variant)
+        if best.epoch >= 0 and (ckpt / BEST_FILES[variant]).is_file():
+            return (load_weights(ckpt / BEST_FILES[variant]),
+                    f"{ckpt}: best {variant} weights of epoch {best.epoch} (mAP {best.map:.4f})")
+    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    return dict(state["model"]), f"{ckpt}: last regular weights (no bests recorded)"
+
+
+def resolve_pretrained(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict ``path`` names and a one-line description of what was taken."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise PretrainedError(f"--pretrain-weights {p}: no such file or directory")
+    if p.is_file():
+        if p.name == STATE_FILE:
+            return _from_checkpoint(p.parent)
+        if p.suffix == ".safetensors":
+            return load_weights(p), str(p)
+        raise PretrainedError(
+            f"--pretrain-weights {p}: expected a .safetensors file, a state.pt, or a run / "
+            "winner / epoch_NNNN directory")
+    if (p / WEIGHTS_FILE).is_file():  # a winner dir
+        return load_weights(p / WEIGHTS_FILE), f"{p / WEIGHTS_FILE} (stripped winner)"
+    if (p / STATE_FILE).is_file():  # an epoch_NNNN checkpoint dir
+        return _from_checkpoint(p)
+    if (p / "winner" / WEIGHTS_FILE).is_file():  # a run dir after post-fit
+        return load_weights(p / "winner" / WEIGHTS_FILE), f"{p / 'winner'} (run winner)"
+    if (p / "train").is_dir():  # a run dir whose post-fit did not happen
+        try:
+            return _from_checkpoint(latest_checkpoint(p / "train"))
+        except CheckpointError as exc:
+            raise PretrainedError(f"--pretrain-weights {p}: {exc}") from None
+    raise PretrainedError(
+        f"--pretrain-weights {p}: no {WEIGHTS_FILE}, {STATE_FILE}, winner/ or train/ in it; "
+        "pass a run dir, a winner dir, an epoch_NNNN checkpoint dir, a state.pt or a "
+        ".safetensors file")
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> tuple[list[str], str]:
+    """Load what fits. Tensors whose shape differs (the class head when the class count
+    differs) keep their fresh initialisation, as RF-DETR does with ``pretrain_weights``.
+    Returns (re-initialised keys, description of the source)."""
+    incoming, description = resolve_pretrained(path)
+    own = model.state_dict()
+    unknown = sorted(set(incoming) - set(own))
+    if len(unknown) > len(own) // 2:
+        raise PretrainedError(
+            f"--pretrain-weights {path}: {len(unknown)} of its keys are not in this model "
+            f"(e.g. {unknown[:3]}); is it a raydetr model of the same preset?"
+        )
+    reinit = [k for k, v in incoming.items() if k in own and own[k].shape != v.shape]
+    usable = {k: v for k, v in incoming.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    return reinit, description
