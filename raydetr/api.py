@@ -39,7 +39,7 @@ class RayDETR:
     def __init__(self, size: str = "nano", *, detector: Any = None, **config: Any) -> None:
         self.size = size
         self.config = config
-        self.detector = detector  # raydetr.predict.Detector once trained / loaded
+        self.detector = detector  # raydetr.detector.Detector once trained / loaded
         self.fit_result: Any = None
 
     # -- consuming a published model
@@ -47,7 +47,7 @@ class RayDETR:
     def from_registry(cls, model: str, *, tracking_uri: str | None = None,
                       device: str | None = None) -> RayDETR:
         """``"name@alias"``, ``"name/3"``, any ``models:/``/``runs:/`` URI, or a model dir."""
-        from raydetr.predict import Detector
+        from raydetr.detector import Detector
 
         uri = str(model)
         if not uri.startswith(("models:/", "runs:/")) and not Path(uri).exists():
@@ -90,7 +90,7 @@ class RayDETR:
 
     def train(self, **kwargs: Any) -> Any:
         """Train with ``raydetr.train.driver.fit``; afterwards ``predict`` uses the winner."""
-        from raydetr.predict import Detector
+        from raydetr.detector import Detector
         from raydetr.train.driver import fit
 
         self.fit_result = fit(self.build_config(**kwargs))

@@ -172,7 +172,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         search(cfg, resume=args.resume)
         return 0
     if cmd == "register":
-        from raydetr.registry.mlflow import register_run_dir
+        from raydetr.registry.publish import register_run_dir
 
         mlflow_cfg = load_config(None, list(args.overrides)).mlflow if args.overrides else None
         info = register_run_dir(Path(args.run_dir), mlflow_cfg)
@@ -183,7 +183,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return predict_command(args.model, args.images, args.out, args.threshold)
     if cmd == "evaluate":
-        from raydetr.predict import evaluate_command
+        from raydetr.evaluate import evaluate_command
 
         return evaluate_command(args.model, args.data, args.split, args.mlflow)
     raise AssertionError(cmd)

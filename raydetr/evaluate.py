@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from raydetr.registry.mlflow import RegistryError, metric_key
+from raydetr.registry.errors import RegistryError
+from raydetr.registry.plots import metric_key
 
 SCALAR_KEYS = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "mar", "mar1",
                "mar10")
@@ -100,7 +101,7 @@ def log_evaluation(detector: Any, metrics: dict[str, Any], *, data: str, split: 
     from mlflow import MlflowClient
 
     from raydetr.config import MlflowConfig
-    from raydetr.registry.mlflow import (
+    from raydetr.registry.tracking import (
         check_reachable,
         default_tracking_uri,
         ensure_experiment,
@@ -140,7 +141,7 @@ def evaluate_command(model: str, data: str | Path, split: str = "val", log_to_ml
     """Print overall + per-class COCO metrics; ``out``: also write them as JSON. 0, or 2 on a
     user error (unknown model, missing dataset/split, class mismatch)."""
     from raydetr.data.formats import DatasetError
-    from raydetr.predict import Detector
+    from raydetr.detector import Detector
 
     try:
         detector = Detector.from_uri(model, tracking_uri=tracking_uri)

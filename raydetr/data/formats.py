@@ -1,5 +1,6 @@
 """Dataset readers: COCO JSON, YOLO and Pascal VOC -> one canonical :class:`Record` form.
 
+    from raydetr.data.dataset import read_dataset
     splits = read_dataset(Path("data/thermal-dogs-people"))   # format auto-detected
     splits["train"].records[0].boxes_xyxy                      # float32[N, 4], absolute pixels
 
@@ -182,26 +183,3 @@ def detect_format(src: Path) -> str:
         "(data.yaml + <split>/images + <split>/labels), Pascal VOC (Annotations/, JPEGImages/, "
         "ImageSets/Main/*.txt). Or pass fmt='coco'|'yolo'|'voc'."
     )
-
-
-def read_dataset(src: Path | str, fmt: str | None = None, *, classes: Sequence[str] | None = None,
-                 progress: bool = False) -> dict[str, SplitData]:
-    """Read and validate a dataset; returns split name -> :class:`SplitData`.
-
-    ``fmt``: 'coco' | 'yolo' | 'voc' | None (auto-detect). ``classes``: VOC class order (default:
-    sorted names found in the XML). ``progress``: tqdm bar while images are checked.
-    Raises DatasetError listing every hard problem found (up to 20, then a count).
-    """
-    src = Path(src).expanduser().resolve()
-    if not src.exists():
-        raise DatasetError(f"dataset not found: {src}")
-    fmt = (fmt or detect_format(src)).lower()
-    from raydetr.data import readers as r  # readers import this module's types
-
-    readers = {"coco": r.read_coco, "yolo": r.read_yolo, "voc": r.read_voc}
-    if fmt not in readers:
-        raise DatasetError(f"unknown dataset format '{fmt}'; use one of {sorted(readers)}")
-    problems = Problems(src)
-    splits = readers[fmt](src, problems, progress, classes=classes)
-    problems.raise_if_any()
-    return splits

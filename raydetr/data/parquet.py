@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from raydetr.data.formats import DatasetError, Record, SplitData, read_dataset
+from raydetr.data.dataset import read_dataset
+from raydetr.data.formats import DatasetError, Record, SplitData
 
 FORMAT_VERSION = 1
 INFO_FILE = "dataset.json"
@@ -117,7 +118,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def prepare_dataset(src: Path | str, out: Path | str, shard_size: int = 256,
                     fmt: str | None = None, progress: bool = True, *, overwrite: bool = False,
                     classes: list[str] | None = None) -> dict[str, Any]:
-    """Validate ``src`` (COCO/YOLO/VOC, see formats.read_dataset) and write it to ``out``.
+    """Validate ``src`` (COCO/YOLO/VOC, see dataset.read_dataset) and write it to ``out``.
 
     Returns the dataset.json dict. ``progress``: tqdm bars and a one-line summary per split
     on stdout (nothing else is printed). ``overwrite``: replace an existing prepared OUT.

@@ -1,4 +1,4 @@
-"""COCO, YOLO and Pascal VOC readers (used by ``formats.read_dataset``; see its docstring).
+"""COCO, YOLO and Pascal VOC readers (used by ``dataset.read_dataset``; see its docstring).
 
 Each reader takes (src, problems, progress, **options) and returns split -> SplitData, adding
 every hard problem to ``problems`` (raised together by the caller) and every soft fix to the

@@ -23,18 +23,18 @@ from mlflow.pyfunc import PythonModel
 
 
 class RayDetrModel(PythonModel):
-    """Thin adapter: all pre/post-processing lives in ``raydetr.predict.Detector``."""
+    """Thin adapter: all pre/post-processing lives in ``raydetr.detector.Detector``."""
 
     def load_context(self, context: Any) -> None:
         # Imported here: the package comes from the model's code_paths, put on sys.path by MLflow.
-        from raydetr.predict import Detector
+        from raydetr.detector import Detector
 
         self.detector = Detector.from_files(context.artifacts["weights"], context.artifacts["meta"],
                                             source="mlflow")
 
     # model_input: a DataFrame once MLflow has applied the logged signature (lists become a
     # one-column frame). MLflow infers no schema from a DataFrame hint, so the explicit signature
-    # from raydetr.registry.mlflow.model_signature() stays in charge. No __future__ annotations
+    # from raydetr.registry.modelfiles.model_signature() stays in charge. No __future__ annotations
     # here: MLflow inspects the real hint objects.
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:

@@ -127,7 +127,7 @@ def publish_winner(cfg: Config, run_dir: Path, winner_dir: Path, history: list[d
                    meta: dict[str, Any], *, parent_run_id: str | None = None,
                    stopped_early: bool = False, register: bool = True) -> dict[str, Any] | None:
     """Log + register; if MLflow is unreachable the fit still succeeds and says how to retry."""
-    from raydetr.registry.mlflow import publish
+    from raydetr.registry.publish import publish
 
     tags = {"variant": meta["variant"], "map": f"{meta['metrics']['map'] or 0:.4f}",
             "epoch": str(meta["epoch"]), "dataset": meta["dataset"],

@@ -226,7 +226,7 @@ def _publish_search(cfg, run_dir, rows, best, table, info, finalize) -> dict[str
 def _start_parent(cfg: Config, run_dir: Path, rows, table: str) -> str:
     import mlflow
 
-    from raydetr.registry.mlflow import (
+    from raydetr.registry.tracking import (
         check_reachable,
         ensure_experiment,
         mlflow_session,

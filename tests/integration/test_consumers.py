@@ -23,7 +23,9 @@ import pandas as pd
 import pytest
 
 from raydetr.config import Config, MlflowConfig
-from raydetr.predict import DETECTION_COLUMNS, encode_png, predict_command
+from raydetr.detector import DETECTION_COLUMNS
+from raydetr.images import encode_png
+from raydetr.predict import predict_command
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +73,7 @@ def _no_telemetry():
 
 @pytest.fixture(scope="module")
 def published(mlflow_server, tmp_path_factory):
-    from raydetr.registry.mlflow import publish
+    from raydetr.registry.publish import publish
 
     root = tmp_path_factory.mktemp("published")
     winner = _write_winner(root / "run" / "winner")
@@ -194,7 +196,7 @@ def test_evaluate_logs_to_mlflow(registry_env, tmp_path, capsys):
 
 
 def test_register_run_dir_moves_the_alias(registry_env):
-    from raydetr.registry.mlflow import register_run_dir
+    from raydetr.registry.publish import register_run_dir
 
     run_dir = registry_env["winner"].parent
     cfg = Config()

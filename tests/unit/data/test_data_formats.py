@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raydetr.data.formats import DatasetError, detect_format, read_dataset
+from raydetr.data.dataset import read_dataset
+from raydetr.data.formats import DatasetError, detect_format
 
 
 def test_yolo_thermal(thermal_dir):

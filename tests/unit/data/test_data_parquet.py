@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from raydetr.config import DataConfig
-from raydetr.data.formats import DatasetError, read_dataset
+from raydetr.data.dataset import read_dataset
+from raydetr.data.formats import DatasetError
 from raydetr.data.loader import iter_local_batches
 from raydetr.data.parquet import is_prepared, load_info, prepare_dataset, split_files
 from raydetr.data.transforms import normalise_boxes

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raydetr.data.formats import DatasetError, read_dataset
+from raydetr.data.dataset import read_dataset
+from raydetr.data.formats import DatasetError
 from raydetr.data.synthetic import draw_image, make_synthetic
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from raydetr.data.formats import DatasetError, read_dataset
+from raydetr.data.dataset import read_dataset
+from raydetr.data.formats import DatasetError
 
 
 def _coco_error(make_coco, edit, layout="roboflow") -> str:

@@ -11,16 +11,10 @@ from pathlib import Path
 import pytest
 
 from raydetr.config import MlflowConfig
-from raydetr.registry.mlflow import (
-    ModelLoadError,
-    RegistryUnavailable,
-    check_reachable,
-    history_metrics,
-    metric_key,
-    parse_models_uri,
-    plot_map_curves,
-    resolve_tracking_uri,
-)
+from raydetr.registry.errors import ModelLoadError, RegistryUnavailable
+from raydetr.registry.fetch import parse_models_uri
+from raydetr.registry.plots import history_metrics, metric_key, plot_map_curves
+from raydetr.registry.tracking import check_reachable, resolve_tracking_uri
 
 
 def test_tracking_uri_config_then_env_then_sqlite(tmp_path, monkeypatch):
@@ -116,7 +110,7 @@ def test_models_uri_parsing():
 
 
 def test_consumer_errors_without_a_registry(tmp_path, monkeypatch):
-    from raydetr.predict import Detector
+    from raydetr.detector import Detector
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from raydetr.predict import DETECTION_COLUMNS, Detector, ImageInputError, encode_png
+from raydetr.detector import DETECTION_COLUMNS, Detector
+from raydetr.images import ImageInputError, encode_png
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def test_weights_that_do_not_match_meta(winner_dir, tmp_path):
     import json
     import shutil
 
-    from raydetr.registry.mlflow import ModelLoadError
+    from raydetr.registry.errors import ModelLoadError
 
     bad = tmp_path / "bad"
     shutil.copytree(winner_dir, bad)

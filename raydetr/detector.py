@@ -1,0 +1,177 @@
+"""Load a published detector (winner dir, registry URI or MLflow model dir) and predict.
+
+The served MLflow model (``raydetr/registry/pyfunc.py``) calls into this module, so the CLI, the
+Python API and the HTTP endpoint share one preprocessing / postprocessing path:
+
+    det = Detector.from_uri("models:/raydetr@champion")      # or Detector.from_dir("runs/x/winner")
+    df = det.predict(["a.jpg", b"<png bytes>", rgb_uint8_array], threshold=0.5)
+    det.draw("a.jpg", df[df.image_index == 0]).save("a_boxes.jpg")
+
+Detections are a DataFrame with one row per box, columns ``DETECTION_COLUMNS``; boxes are
+``x1, y1, x2, y2`` in absolute pixels of the original image (not the resized model input).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from raydetr.draw import draw_detections
+from raydetr.images import image_items, load_image
+from raydetr.registry.errors import ModelLoadError
+from raydetr.registry.fetch import download_model
+from raydetr.registry.modelfiles import read_meta
+
+DETECTION_COLUMNS = ["image_index", "class_id", "class_name", "score", "x1", "y1", "x2", "y2"]
+DEFAULT_TOP_K = 100
+
+
+class Detector:
+    """A published detector in eval mode: ``predict`` images -> detections DataFrame."""
+
+    def __init__(self, model: torch.nn.Module, postprocessor: torch.nn.Module, meta: dict,
+                 *, source: str = "", device: str | torch.device = "cpu",
+                 model_version: Any = None) -> None:
+        self.model = model.eval().to(device)
+        self.postprocessor = postprocessor.eval()
+        self.meta = meta
+        self.classes: list[str] = list(meta["classes"])
+        self.resolution = int(meta["resolution"])
+        self.device = torch.device(device)
+        self.source = source
+        self.model_version = model_version  # mlflow ModelVersion when loaded from the registry
+
+    # -- loading
+    @classmethod
+    def from_files(cls, weights: str | Path, meta: str | Path, *, device: str | None = None,
+                   source: str = "", model_version: Any = None) -> Detector:
+        """Build from ``model.safetensors`` + ``meta.json`` (no pickle: safetensors only)."""
+        from safetensors.torch import load_file
+
+        from raydetr.config import LossConfig, ModelConfig
+        from raydetr.model.build import build
+
+        meta_dict = read_meta(meta)
+        weights = Path(weights)
+        if not weights.is_file():
+            raise ModelLoadError(f"weights file not found: {weights}")
+        try:
+            # backbone_weights is a training-machine path; the published weights replace it.
+            model_cfg = ModelConfig(**{**meta_dict["model"], "backbone_weights": None})
+        except Exception as exc:
+            raise ModelLoadError(f"{meta}: 'model' section does not fit this raydetr: {exc}") from None
+        model, _criterion, postprocessor = build(model_cfg, LossConfig(), int(meta_dict["num_classes"]))
+        try:
+            state = load_file(str(weights), device="cpu")
+        except Exception as exc:
+            raise ModelLoadError(f"{weights}: not a readable safetensors file ({exc})") from None
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatch, e.g. another number of classes
+            raise ModelLoadError(f"{weights} does not match the architecture in {meta}: "
+                                 f"{str(exc).splitlines()[-1].strip()}") from None
+        if missing or unexpected:
+            raise ModelLoadError(
+                f"{weights} does not match the architecture in {meta}: missing keys "
+                f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys "
+                f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(model, postprocessor, meta_dict, source=source or str(weights.parent),
+                   device=device, model_version=model_version)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, *, device: str | None = None) -> Detector:
+        """A winner dir (``model.safetensors`` + ``meta.json``) or a downloaded MLflow model dir."""
+        path = Path(path)
+        if (path / "model.safetensors").is_file() and (path / "meta.json").is_file():
+            return cls.from_files(path / "model.safetensors", path / "meta.json", device=device,
+                                  source=str(path))
+        if (path / "MLmodel").is_file():
+            from raydetr.registry.modelfiles import model_dir_artifacts
+
+            weights, meta = model_dir_artifacts(path)
+            return cls.from_files(weights, meta, device=device, source=str(path))
+        raise ModelLoadError(
+            f"{path}: not a model directory; expected model.safetensors + meta.json (a run's "
+            "winner/ dir) or an MLflow model dir (MLmodel)"
+        )
+
+    @classmethod
+    def from_uri(cls, uri: str | Path, *, tracking_uri: str | None = None,
+                 device: str | None = None) -> Detector:
+        """``models:/name@alias``, ``models:/name/3``, ``runs:/<id>/model`` or a local dir."""
+        text = str(uri)
+        if not text.startswith(("models:/", "runs:/", "mlflow-artifacts:/")) or Path(text).exists():
+            return cls.from_dir(text, device=device)
+        with tempfile.TemporaryDirectory(prefix="raydetr-model-") as tmp:
+            local, version = download_model(text, tmp, tracking_uri=tracking_uri)
+            det = cls.from_dir(local, device=device)
+        det.source, det.model_version = text, version
+        return det
+
+    # -- inference
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, orig_sizes_hw: torch.Tensor,
+                top_k: int = DEFAULT_TOP_K) -> list[dict[str, np.ndarray]]:
+        """images float32[B,3,S,S] (normalised), orig_sizes_hw int64[B,2] ->
+        per image dict(scores f32[K], labels i64[K], boxes f32[K,4] xyxy absolute pixels)."""
+        outputs = self.model(images.to(self.device))
+        q, c = outputs["pred_logits"].shape[1:]
+        results = self.postprocessor(outputs, orig_sizes_hw.to(self.device), top_k=min(top_k, q * c))
+        return [{k: r[k].float().cpu().numpy() if k != "labels" else r[k].cpu().numpy()
+                 for k in ("scores", "labels", "boxes")} for r in results]
+
+    def detect_arrays(self, arrays: Sequence[np.ndarray], top_k: int = DEFAULT_TOP_K
+                      ) -> list[dict[str, np.ndarray]]:
+        """RGB uint8[H,W,3] images (any sizes) -> raw per-image detections (see ``forward``)."""
+        from raydetr.data.transforms import to_model_input
+
+        batch = to_model_input(list(arrays), self.resolution)
+        sizes = torch.tensor([[a.shape[0], a.shape[1]] for a in arrays], dtype=torch.int64)
+        return self.forward(batch, sizes, top_k)
+
+    def predict(self, images: Any, threshold: float = 0.5, max_detections: int | None = None,
+                batch_size: int = 8) -> pd.DataFrame:
+        """Images (see ``image_items``) -> DataFrame ``DETECTION_COLUMNS``, one row per box with
+        ``score >= threshold``, at most ``max_detections`` per image, best first."""
+        items = image_items(images)
+        top_k = int(max_detections) if max_detections else DEFAULT_TOP_K
+        rows: list[dict[str, Any]] = []
+        for start in range(0, len(items), batch_size):
+            arrays = [load_image(it, start + i) for i, it in enumerate(items[start:start + batch_size])]
+            for offset, det in enumerate(self.detect_arrays(arrays, top_k)):
+                rows.extend(self._rows(start + offset, det, threshold))
+        return detections_frame(rows)
+
+    def _rows(self, image_index: int, det: dict[str, np.ndarray], threshold: float
+              ) -> list[dict[str, Any]]:
+        keep = np.flatnonzero(det["scores"] >= threshold)
+        keep = keep[np.argsort(-det["scores"][keep], kind="stable")]
+        out = []
+        for k in keep:
+            cid = int(det["labels"][k])
+            x1, y1, x2, y2 = (float(v) for v in det["boxes"][k])
+            name = self.classes[cid] if 0 <= cid < len(self.classes) else str(cid)
+            out.append(dict(image_index=image_index, class_id=cid, class_name=name,
+                            score=float(det["scores"][k]), x1=x1, y1=y1, x2=x2, y2=y2))
+        return out
+
+    def draw(self, image: Any, detections: pd.DataFrame | Iterable[dict]) -> Image.Image:
+        """A copy of ``image`` with each detection's box and ``class score`` label drawn."""
+        return draw_detections(Image.fromarray(load_image(image)), detections)
+
+
+def detections_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Rows -> DataFrame with exactly ``DETECTION_COLUMNS`` and stable dtypes (also when empty)."""
+    df = pd.DataFrame(rows, columns=DETECTION_COLUMNS)
+    return df.astype({"image_index": "int64", "class_id": "int64", "class_name": object,
+                      "score": "float64", "x1": "float64", "y1": "float64", "x2": "float64",
+                      "y2": "float64"})

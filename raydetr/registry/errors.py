@@ -1,0 +1,16 @@
+"""Errors of the registry side: what a user can fix, and where.
+"""
+
+from __future__ import annotations
+
+
+class RegistryError(RuntimeError):
+    """A registry/model problem a user can fix; the message says what and where."""
+
+
+class RegistryUnavailable(RegistryError):
+    """The tracking server does not answer."""
+
+
+class ModelLoadError(RegistryError):
+    """A model URI / directory / artifact that cannot be resolved or loaded."""
