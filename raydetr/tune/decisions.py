@@ -41,18 +41,22 @@ def board_name(run_dir: str | Path) -> str:
     return "raydetr-decisions-" + hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
 
 
+_HANDLES: dict[str, object] = {}  # a named actor still dies when its last handle goes away
+
+
 def start_board(run_dir: str | Path) -> str:
-    """Create (or reuse) the run's board; returns its name. Lives as long as the driver."""
+    """Create (or reuse) the run's board; returns its name. Lives until :func:`stop_board`."""
     name = board_name(run_dir)
-    _Board.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote()
+    handle = _Board.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote()
+    ray.get(handle.get.remote("", -1))  # created and named before any scheduler looks it up
+    _HANDLES[name] = handle
     return name
 
 
 def stop_board(name: str) -> None:
-    try:
-        ray.kill(ray.get_actor(name, namespace=NAMESPACE))
-    except ValueError:  # already gone
-        pass
+    handle = _HANDLES.pop(name, None)
+    if handle is not None:
+        ray.kill(handle)
 
 
 def post_decision(name: str, trial_id: str, epoch: int, decision: str) -> None:

@@ -183,7 +183,7 @@ def search(cfg: Config, *, resume: bool = False) -> SearchResult:
         rows.append({
             "trial_id": trial_id, "params": dict(result.config), "train_dir": train_dir,
             "best_map": bests.regular.map,
-            "best_map_ema": bests.ema.map if bests.ema.epoch >= 0 else None,
+            "best_map_ema": bests.map_ema,
             "winner": bests.winner(), "epochs": len(state["history"]),
             "history": state["history"],
         })
