@@ -254,6 +254,14 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
         )
     if resume and not tune_dir.exists():
         raise FitError(f"--resume: no run '{cfg.run.name}' at {run_dir} to continue")
+    if pretrain_weights:  # a bad path fails here, before Ray starts, not in every worker
+        from raydetr.train.pretrained import PretrainedError, resolve_pretrained
+
+        try:
+            _, source = resolve_pretrained(pretrain_weights)
+        except PretrainedError as exc:
+            raise FitError(str(exc)) from None
+        log.info("pretrain weights: %s", source)
     prepared = ensure_prepared(cfg)
     info = dataset_info(prepared, cfg)
     init_ray(cfg)

@@ -191,3 +191,15 @@ def test_pretrained_winner_dir_and_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PretrainedError, match="pass a run dir"):
         resolve_pretrained(tmp_path / "empty")
+
+
+def test_bad_pretrain_path_fails_before_ray(tmp_path):
+    import ray
+
+    from raydetr.config import load_config
+    from raydetr.train.driver import FitError, fit
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "mlflow.enabled=false"])
+    with pytest.raises(FitError, match="--pretrain-weights .*nope: no such file"):
+        fit(cfg, pretrain_weights=str(tmp_path / "nope"))
+    assert not ray.is_initialized()
