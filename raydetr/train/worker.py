@@ -110,7 +110,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
     import ray.train.torch
 
-    from raydetr.data.loader import make_collate
+    from raydetr.data.loader import SplitReader
+    from raydetr.data.loader import steps_per_epoch as batches_per_rank
     from raydetr.ema.ema import ModelEma
     from raydetr.eval.coco import coco_metrics
     from raydetr.model.build import build, resolve_model_config
@@ -149,12 +150,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             average_buffers=cfg.ema.average_buffers, device=cfg.ema.device,
             nan_guard=cfg.ema.nan_guard,
         )
-    # Every worker streams the same seeded global batches (batch_size x world) and decodes only
-    # its own slice: a reproducible split (a restarted run equals an uninterrupted one). With
-    # several workers the last partial global batch is dropped (reshuffled every epoch).
+    # Each worker reads only its rows of a seeded global shuffle (data.loader): a reproducible
+    # split, so a restarted run equals an uninterrupted one. With several workers the last
+    # partial global batch is dropped (different rows every epoch).
     global_batch = cfg.optim.batch_size * world
-    batches_per_epoch = (train_images // global_batch) if world > 1 else math.ceil(
-        train_images / global_batch)
+    batches_per_epoch = batches_per_rank(train_images, cfg.optim.batch_size, world)
     if batches_per_epoch == 0:
         raise ValueError(
             f"{train_images} training images cannot fill one global batch of {global_batch} "
@@ -210,22 +210,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         for d in decays:
             eval_models[ema_names[d]] = copy.deepcopy(model).eval()
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    train_data = SplitReader(loop_config["prepared"], cfg.data.train_split, cfg.data)
+    val_data = SplitReader(loop_config["prepared"], cfg.data.val_split, cfg.data)
+    log.info("rank %d of %d on node %s", rank, world, ray.get_runtime_context().get_node_id())
     for epoch in range(start_epoch, cfg.optim.epochs):
         # Reseed per (seed, epoch, rank): ranks consume randomness at different rates (e.g.
         # denoising noise per box), so this, not one saved state, makes restarts exact.
         seed_everything(cfg.run.seed * 1_000_003 + epoch * 1_009 + rank)
-        batches = train_shard.iter_torch_batches(
-            batch_size=global_batch,
-            drop_last=world > 1,
-            collate_fn=make_collate(train=True, resolution=resolution, data_cfg=cfg.data,
-                                    seed=cfg.run.seed, epoch=epoch, rank=rank, world=world,
-                                    shard="slice"),
-            local_shuffle_buffer_size=max(8 * global_batch, 256),
-            local_shuffle_seed=cfg.run.seed * 100003 + epoch,
-            prefetch_batches=2,
-        )
+        batches = train_data.train_batches(seed=cfg.run.seed, epoch=epoch, rank=rank,
+                                           world=world, batch_size=cfg.optim.batch_size,
+                                           resolution=resolution)
         model.train()
         stats = train_one_epoch(
             ddp_model, criterion, batches, optimizer, lr_scheduler, device=device, epoch=epoch,
@@ -241,14 +235,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             for i, d in enumerate(decays):
                 ema.load_into(eval_models[ema_names[d]], i)
         model.eval()
-        val_batches = (
-            b for b in val_shard.iter_torch_batches(
-                batch_size=max(cfg.optim.batch_size, 8) * world,
-                collate_fn=make_collate(train=False, resolution=resolution, data_cfg=cfg.data,
-                                        seed=0, epoch=0, rank=rank, world=world,
-                                        shard="image_id"),
-            ) if b is not None
-        )
+        val_batches = val_data.eval_batches(rank=rank, world=world,
+                                            batch_size=max(cfg.optim.batch_size, 8),
+                                            resolution=resolution)
         records = predict_records(eval_models, postprocessor, val_batches, device, amp_dtype)
         records = _gather_records(records, rank, world)
 
