@@ -116,12 +116,16 @@ def init_ray(cfg: Config) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
-    # Local: logical CPUs for the workers plus room for Ray Data's read/decode tasks.
+    # Local: logical CPUs for the workers plus one to spare (each worker decodes in its own
+    # loader threads; nothing else needs a CPU).
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # The dashboard (loopback only) serves the State API, which Ray Train's placement-group
     # cleaner needs to notice a killed controller (early stop); without it PGs leak.
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 1), include_dashboard=True,
+    # address="local": start a new Ray even when another cluster runs on this machine (ray.init
+    # without an address would try to join it, and refuse num_cpus).
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 1),
+             include_dashboard=True,
              dashboard_host="127.0.0.1", log_to_driver=True)
 
 

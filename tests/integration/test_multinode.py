@@ -1,8 +1,9 @@
-"""Two Ray nodes on 127.0.0.1 (a head and a worker node, two `ray start` processes), a real
-`ray job submit` of jobs/train.py with one Train worker on each node, storage in a directory
-both nodes see, a real `mlflow server`. Then the worker node dies mid-epoch (its whole process
-group, raylet included, SIGKILLed): with scaling.max_failures=1 the run restarts on the head's
-CPUs from the last checkpoint and ends with exactly the weights of the uninterrupted run.
+"""Two Ray nodes on 127.0.0.1 (a head and a worker node, each its own raylet: see
+two_node_cluster.py), a real `ray job submit` of jobs/train.py with one Train worker on each
+node, storage in a directory both nodes see, a real `mlflow server`. Then the worker node dies
+mid-epoch (every process of it, raylet included, SIGKILLed): with scaling.max_failures=1 the
+run restarts on the head's CPUs from the last checkpoint and ends with exactly the weights of
+the uninterrupted run.
 
 Resources force the placement: the head has 2 CPUs, the worker node 1 CPU and too little
 `memory` for the Tune trial actor (which asks for 64 MiB and no CPU), so only a Train worker
@@ -16,7 +17,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -39,28 +39,15 @@ pytestmark = pytest.mark.slow
 @dataclass
 class TwoNodes:
     dashboard_url: str
-    env: dict[str, str]
-    worker_node: subprocess.Popen
+    env: dict[str, str]  # for clients: token auth + loopback-only mode
+    worker_node_id: str
+    proc: subprocess.Popen
 
-
-def _ray_start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([str(VENV_BIN / "ray"), "start", "--block", *args], env=env,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def _wait_nodes(env: dict[str, str], gcs: str, count: int, timeout_s: float = 90) -> None:
-    code = ("import ray, sys, time; ray.init(address=sys.argv[1], log_to_driver=False); "
-            "n = sum(x['Alive'] for x in ray.nodes()); print(n)")
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        out = subprocess.run([sys.executable, "-c", code, gcs], env=env, capture_output=True,
-                             text=True, timeout=60)
-        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
-            return
-        time.sleep(1)
-    raise TimeoutError(f"the cluster did not reach {count} alive nodes: {out.stdout[-500:]}"
-                       f"{out.stderr[-1500:]}")
+    def kill_worker_node(self) -> None:
+        self.proc.stdin.write("kill\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline().strip()
+        assert line == "killed", f"two_node_cluster.py answered {line!r}"
 
 
 @pytest.fixture(scope="module")
@@ -72,30 +59,50 @@ def two_nodes(tmp_path_factory):
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # local-only mode: every address is loopback
         RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
         OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0",
-        # notice the dead node in ~2 s instead of the default ~30 s
+        # notice the dead node in ~2 s instead of ~30 s
         RAY_health_check_period_ms="500", RAY_health_check_timeout_ms="1000",
         RAY_health_check_failure_threshold="3",
         PATH=f"{VENV_BIN}:{env.get('PATH', '')}",
     )
     env.pop("RAY_ADDRESS", None)
-    gcs_port, dash_port = free_port(), free_port()
-    head = _ray_start(["--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-                       "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-                       "--num-cpus=2", f"--temp-dir={temp_dir}", "--include-dashboard=true",
-                       "--disable-usage-stats"], env, logs / "head.log")
-    worker = None
+    err = open(logs / "cluster.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("two_node_cluster.py")),
+         str(free_port()), str(temp_dir), str(WORKER_NODE_MEMORY)],
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+        start_new_session=True)
     try:
-        url = f"http://127.0.0.1:{dash_port}"
-        wait_http(f"{url}/api/version", timeout_s=90, alive=head)
-        worker = _ray_start([f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1",
-                             "--num-cpus=1", f"--memory={WORKER_NODE_MEMORY}",
-                             "--disable-usage-stats"], env, logs / "worker.log")
-        _wait_nodes(env, f"127.0.0.1:{gcs_port}", 2)
-        yield TwoNodes(dashboard_url=url, env=env, worker_node=worker)
+        first = proc.stdout.readline()
+        if not first:
+            raise RuntimeError(f"two_node_cluster.py exited; see {logs / 'cluster.log'}")
+        info = json.loads(first)
+        wait_http(f"{info['dashboard_url']}/api/version", timeout_s=90, alive=proc)
+        _wait_job_agent(info["dashboard_url"], env, logs)
+        yield TwoNodes(dashboard_url=info["dashboard_url"], env=env,
+                       worker_node_id=info["worker_node_id"], proc=proc)
     finally:
-        if worker is not None:
-            stop_group(worker)
-        stop_group(head)
+        proc.stdin.close()  # the helper shuts the cluster down
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            stop_group(proc)
+        err.close()
+
+
+def _wait_job_agent(url: str, env: dict[str, str], logs: Path, timeout_s: float = 180) -> None:
+    """The dashboard answers before the head's job agent has registered ("No available agent
+    to submit job"): submit an empty job until one is accepted and succeeds."""
+    deadline = time.time() + timeout_s
+    while True:
+        proc = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", url, "--",
+                               "python", "-c", "pass"], env=env, capture_output=True,
+                              text=True, timeout=300)
+        if proc.returncode == 0:
+            return
+        (logs / "agent-probe.log").write_text(proc.stdout + proc.stderr)
+        if "No available agent" not in proc.stderr + proc.stdout or time.time() > deadline:
+            raise RuntimeError(f"the job server does not take jobs; see {logs}/agent-probe.log")
+        time.sleep(3)
 
 
 def _job_cmd(cluster: TwoNodes, out: Path, name: str, mlflow_uri: str, *extra: str) -> list[str]:
@@ -126,6 +133,7 @@ def test_two_nodes_job_keeps_both_bests_and_registers(two_nodes, mlflow_server, 
     import mlflow
 
     out = tmp_path_factory.getbasetemp() / "multinode-runs"
+    out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(_job_cmd(two_nodes, out, "spread", mlflow_server.uri),
                           env=two_nodes.env, capture_output=True, text=True, timeout=600,
                           cwd=REPO)
@@ -135,6 +143,7 @@ def test_two_nodes_job_keeps_both_bests_and_registers(two_nodes, mlflow_server, 
     nodes = _nodes_of_ranks(log)
     assert sorted(nodes) == [0, 1] and len(nodes[0] | nodes[1]) == 2, (
         f"the two workers were not on two nodes: {nodes}")
+    assert two_nodes.worker_node_id in nodes[0] | nodes[1]
     assert "registered: models:/spread-detector@champion" in log
     ckpt = latest_checkpoint(out / "spread" / "train")
     assert all((ckpt / f).is_file() for f in BEST_FILES.values()), "both bests kept"
@@ -163,8 +172,7 @@ def test_worker_node_killed_mid_epoch_ends_equal(two_nodes, mlflow_server, tmp_p
             lines.append(line)
             # second epoch (0-based 1) has made a step: kill the worker node now
             if not killed and re.search(r"epoch 1 step 1 loss", line):
-                os.killpg(two_nodes.worker_node.pid, signal.SIGKILL)  # a crash, not a stop
-                two_nodes.worker_node.wait(timeout=30)
+                two_nodes.kill_worker_node()
                 killed = len(lines)
             if time.time() > deadline:
                 break
@@ -180,6 +188,7 @@ def test_worker_node_killed_mid_epoch_ends_equal(two_nodes, mlflow_server, tmp_p
     assert len(before[0] | before[1]) == 2, f"not spread before the kill: {before}"
     assert sorted(after) == [0, 1] and len(after[0] | after[1]) == 1, (
         f"after the restart both ranks should run on the head: {after}")
+    assert two_nodes.worker_node_id not in after[0]
     state, ref = _final_state(out, "killed"), read_state(latest_checkpoint(reference))
     assert [h["epoch"] for h in state["history"]] == [0, 1, 2]
     for k in ref["model"]:

@@ -1,0 +1,40 @@
+"""A two-node Ray cluster on 127.0.0.1 in its own process, for test_multinode.py.
+
+    python two_node_cluster.py DASHBOARD_PORT TEMP_DIR WORKER_MEMORY_BYTES
+
+`ray start` refuses a second node in Ray's local-only mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+which keeps every address on loopback), so the nodes are started with ray.cluster_utils.Cluster:
+a head (2 CPUs, dashboard + job server) and a worker node (1 CPU, little `memory`), each its
+own raylet. Prints one JSON line {"dashboard_url", "gcs_address", "worker_node_id"}, then obeys
+stdin: "kill" SIGKILLs every process of the worker node (raylet included) and prints "killed";
+end of input shuts the cluster down.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main() -> None:
+    dash_port, temp_dir, worker_memory = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+        "dashboard_port": dash_port, "temp_dir": temp_dir})
+    worker = cluster.add_node(num_cpus=1, memory=worker_memory)
+    print(json.dumps({"dashboard_url": f"http://127.0.0.1:{dash_port}",
+                      "gcs_address": cluster.gcs_address,
+                      "worker_node_id": worker.node_id}), flush=True)
+    try:
+        for line in sys.stdin:
+            if line.strip() == "kill":
+                cluster.remove_node(worker, allow_graceful=False)
+                print("killed", flush=True)
+    finally:
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main()
