@@ -68,7 +68,7 @@ def two_nodes(tmp_path_factory):
     err = open(logs / "cluster.log", "w")
     proc = subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("two_node_cluster.py")),
-         str(free_port()), str(temp_dir), str(WORKER_NODE_MEMORY)],
+         str(free_port()), str(free_port()), str(temp_dir), str(WORKER_NODE_MEMORY)],
         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
         start_new_session=True)
     try:
@@ -89,7 +89,7 @@ def two_nodes(tmp_path_factory):
         err.close()
 
 
-def _wait_job_agent(url: str, env: dict[str, str], logs: Path, timeout_s: float = 180) -> None:
+def _wait_job_agent(url: str, env: dict[str, str], logs: Path, timeout_s: float = 120) -> None:
     """The dashboard answers before the head's job agent has registered ("No available agent
     to submit job"): submit an empty job until one is accepted and succeeds."""
     deadline = time.time() + timeout_s

@@ -1,6 +1,6 @@
 """A two-node Ray cluster on 127.0.0.1 in its own process, for test_multinode.py.
 
-    python two_node_cluster.py DASHBOARD_PORT TEMP_DIR WORKER_MEMORY_BYTES
+    python two_node_cluster.py DASHBOARD_PORT AGENT_PORT TEMP_DIR WORKER_MEMORY_BYTES
 
 `ray start` refuses a second node in Ray's local-only mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
 which keeps every address on loopback), so the nodes are started with ray.cluster_utils.Cluster:
@@ -17,12 +17,16 @@ import sys
 
 
 def main() -> None:
-    dash_port, temp_dir, worker_memory = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    dash_port, agent_port, temp_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    worker_memory = int(sys.argv[4])
     from ray.cluster_utils import Cluster
 
+    # The head's dashboard agent (which runs jobs) must not take Ray's default port 52365:
+    # another cluster on this machine may hold it, and then no job can be submitted.
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": dash_port, "temp_dir": temp_dir})
+        "dashboard_port": dash_port, "dashboard_agent_listen_port": agent_port,
+        "temp_dir": temp_dir})
     worker = cluster.add_node(num_cpus=1, memory=worker_memory)
     print(json.dumps({"dashboard_url": f"http://127.0.0.1:{dash_port}",
                       "gcs_address": cluster.gcs_address,
