@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=None, help="default 3, quick 2")
     p.add_argument("--concurrent", action="store_true", help="Tune's own max_concurrent_trials")
     p.add_argument("--augment", action="store_true",
-                   help="keep flips / crops / multi-scale on (not deterministic under Ray Data)")
+                   help="keep flips / crops / multi-scale on")
     args = p.parse_args(argv)
     import torch
 
