@@ -125,7 +125,6 @@ def today_supply(prepared: Path, resolution: int, batch_size: int, epochs: int) 
     import ray.data
 
     from raydetr.config import Config
-    from raydetr.data.collate import COLUMNS
     from raydetr.data.parquet import split_files
     from raydetr.train.driver import init_ray
 
@@ -133,7 +132,7 @@ def today_supply(prepared: Path, resolution: int, batch_size: int, epochs: int) 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    ds = ray.data.read_parquet(split_files(prepared, "train"), columns=list(COLUMNS))
+    ds = ray.data.read_parquet(split_files(prepared, "train"))  # as read_split did
     collate_cls = _today_collate_class()
     out = []
     for epoch in range(epochs):
@@ -172,7 +171,7 @@ def shuffle_quality(prepared: Path, batch_size: int, world: int = 2) -> dict[str
     plans = [train_plan(n, seed=0, epoch=1, rank=r, world=world, batch_size=batch_size)
              for r in range(world)]
     reader_order = [int(row) for step in zip(*plans) for part in step for row in part]
-    ds = ray.data.read_parquet(split_files(prepared, "train"), columns=["image_id"])
+    ds = ray.data.read_parquet(split_files(prepared, "train")).select_columns(["image_id"])
     today_order = [pos[int(i)] for b in ds.iter_batches(
         batch_size=batch_size * world, local_shuffle_buffer_size=TODAY_SHUFFLE_WINDOW,
         local_shuffle_seed=1) for i in b["image_id"]]
