@@ -27,7 +27,10 @@ def main() -> None:
         "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1",
         "dashboard_port": dash_port, "dashboard_agent_listen_port": agent_port,
         "temp_dir": temp_dir})
-    worker = cluster.add_node(num_cpus=1, memory=worker_memory)
+    # Its own temp dir, as a separate machine would have: nodes sharing one would share
+    # runtime_resources/, and the worker node's agent deletes the job's working_dir package
+    # (the job driver's cwd on the head) once its Train workers are done with it.
+    worker = cluster.add_node(num_cpus=1, memory=worker_memory, temp_dir=f"{temp_dir}w")
     print(json.dumps({"dashboard_url": f"http://127.0.0.1:{dash_port}",
                       "gcs_address": cluster.gcs_address,
                       "worker_node_id": worker.node_id}), flush=True)
