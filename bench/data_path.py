@@ -11,8 +11,9 @@ augmentation included) in this process, one rank after the other, streaming
 footers included) over that rank's reader; the line printed is the largest rank's share of the
 split's file bytes. Today's path (before issue 14) streamed the whole split to every worker.
 Images/s per worker: the same rank epochs (2 loader threads), against today's path -- Ray Data
-``read_parquet(...).iter_torch_batches(collate_fn=..., local_shuffle_buffer_size=256,
-prefetch_batches=2)`` on a local Ray, one worker, no model -- and against the training step's
+``read_parquet(...).materialize()`` once (as the driver did for splits under 1 GiB), then per
+epoch ``iter_torch_batches(collate_fn=..., local_shuffle_buffer_size=256, prefetch_batches=2)``
+with preserve_order=True, on a local Ray, one worker, no model -- and against the training step's
 demand (forward + criterion + backward + clip + AdamW + EMA on pre-decoded batches).
 Shuffle quality: Spearman rank correlation between a row's position in the Parquet files and
 its position in epoch 1's training order (all ranks' batches, step by step), for the rank reader
@@ -129,10 +130,9 @@ def today_supply(prepared: Path, resolution: int, batch_size: int, epochs: int) 
     from raydetr.train.driver import init_ray
 
     init_ray(Config())  # as the driver does for a 1-worker fit
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ds = ray.data.read_parquet(split_files(prepared, "train"))  # as read_split did
+    _today_context()
+    # as the driver did for train splits under 1 GiB: read once into the object store
+    ds = ray.data.read_parquet(split_files(prepared, "train")).materialize()
     collate_cls = _today_collate_class()
     out = []
     for epoch in range(epochs):
@@ -145,6 +145,17 @@ def today_supply(prepared: Path, resolution: int, batch_size: int, epochs: int) 
             n += batch["images"].shape[0]
         out.append(n / (time.perf_counter() - t0))
     return out
+
+
+def _today_context() -> None:
+    """Ray Data settings of today's fit: file order kept (ExecutionOptions(preserve_order=True)
+    in the driver's DataConfig), no progress bars."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.execution_options.preserve_order = True
 
 
 def _positions(prepared: Path) -> dict[int, int]:
@@ -171,6 +182,7 @@ def shuffle_quality(prepared: Path, batch_size: int, world: int = 2) -> dict[str
     plans = [train_plan(n, seed=0, epoch=1, rank=r, world=world, batch_size=batch_size)
              for r in range(world)]
     reader_order = [int(row) for step in zip(*plans) for part in step for row in part]
+    _today_context()
     ds = ray.data.read_parquet(split_files(prepared, "train")).select_columns(["image_id"])
     today_order = [pos[int(i)] for b in ds.iter_batches(
         batch_size=batch_size * world, local_shuffle_buffer_size=TODAY_SHUFFLE_WINDOW,
