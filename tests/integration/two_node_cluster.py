@@ -27,6 +27,12 @@ def main() -> None:
         "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1",
         "dashboard_port": dash_port, "dashboard_agent_listen_port": agent_port,
         "temp_dir": temp_dir})
+    # A job's driver finds its cluster through <head temp dir>/ray_current_cluster (else it
+    # joins the newest Ray started on this machine, maybe another test's): write it there, as
+    # `ray start --head --temp-dir` does. Cluster writes it only under the default temp dir.
+    from ray._private.utils import write_ray_address
+
+    write_ray_address(cluster.gcs_address, temp_dir)
     # Its own temp dir, as a separate machine would have: nodes sharing one would share
     # runtime_resources/, and the worker node's agent deletes the job's working_dir package
     # (the job driver's cwd on the head) once its Train workers are done with it.
