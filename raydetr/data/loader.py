@@ -21,7 +21,7 @@ instead would keep bytes at 1/N for any g, but every epoch's batches would then 
 runs of neighbouring images. So ``prepare`` writes one image per row group by default
 (data.row_group_size) and the shuffle stays per row. Its costs: a few hundred footer bytes per
 image (every rank reads every footer once, when the reader opens) and one small read per image
-(one request per row group with pre_buffer; the prefetch threads overlap them). Datasets with
+(one request per row group on remote stores; the prefetch threads overlap them). Datasets with
 larger row groups still work; each distinct row group of a batch is read once per batch.
 
 Small splits: a split whose files total at most ``data.materialize_max_bytes`` is read whole
@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raydetr.config import DataConfig
@@ -91,6 +92,7 @@ class SplitReader:
         self.where = f"{prepared} split '{split}'"
         self.data_cfg = data_cfg
         self.fs, _ = open_prepared(prepared)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.files = split_files(prepared, split)
         expected = int(load_info(prepared)["splits"][split]["images"])
         self._lock = threading.Lock()
@@ -176,9 +178,10 @@ class SplitReader:
             return cache[k]
         if len(cache) >= OPEN_FILES_PER_THREAD:
             cache.popitem(last=False)[1].close()
-        # pre_buffer: one coalesced request per row group (matters on object stores)
+        # pre_buffer: one coalesced request per row group on remote stores; on a local disk
+        # it only adds work (~0.9 vs ~0.4 ms per one-image row group, measured here)
         cache[k] = pq.ParquetFile(self.fs.open_input_file(self.files[k]),
-                                  metadata=self.metadata[k], pre_buffer=True)
+                                  metadata=self.metadata[k], pre_buffer=not self.local)
         return cache[k]
 
     # ------------------------------------------------------------------ batches
