@@ -59,6 +59,7 @@ def two_nodes(tmp_path_factory):
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # local-only mode: every address is loopback
         RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
         OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0",
+        RAY_DEDUP_LOGS="0",  # keep every rank's "rank r of 2 on node ..." line in the job log
         # notice the dead node in ~2 s instead of ~30 s
         RAY_health_check_period_ms="500", RAY_health_check_timeout_ms="1000",
         RAY_health_check_failure_threshold="3",
