@@ -1,21 +1,26 @@
-"""Data path: can the loader feed the model? And how fast is ``raydetr prepare``?
+"""Data path: bytes each worker reads, shuffle quality, can the loader feed the step, prepare speed.
 
     .venv/bin/python bench/data_path.py
     .venv/bin/python bench/data_path.py --quick --resolution 64
 
-Supply: Ray Data decode + augment without a model, exactly as the worker iterates:
-``read_split(prepared, "train").iter_torch_batches(batch_size, collate_fn=make_collate(train=True,
-...), prefetch_batches=2)`` on a local Ray started like the driver's (1 worker). Epoch 1 (the
-streaming executor's start-up) is reported apart from the steady epochs. For comparison the
-single-process loader (``iter_local_batches``, decode inline) too, and Ray Data over the split
-materialized once (``read_split(...).materialize()``): what a pass costs without the per-pass
-file listing / read tasks. A pass over the small val split gives the loader's fixed cost per
-epoch (the worker starts one train and one val pass each epoch).
-Demand: images/s of the training step (forward + criterion + backward + clip + AdamW + EMA,
-``train_one_epoch`` on pre-decoded batches) at the same resolution and thread count.
-Supply / demand > 1 means the loader does not starve the step (they share this machine's cores).
-Datasets: the bench's synthetic set, and the real thermal-dogs-people set (YOLO) prepared here,
-which also gives ``prepare_dataset`` throughput (images/s, all splits, progress bar off).
+Bytes: for N = 1, 2, 4 workers, each rank r runs one training epoch of the rank reader
+(``SplitReader(prepared, "train", data_cfg).train_batches(rank=r, world=N, ...)``, decode and
+augmentation included) in this process, one rank after the other, streaming
+(data.materialize_max_bytes=0, as for a split above the budget). Bytes read are the process's
+``rchar`` (/proc/self/io: bytes returned by read syscalls, so what pyarrow really fetched,
+footers included) over that rank's reader; the line printed is the largest rank's share of the
+split's file bytes. Today's path (before issue 14) streamed the whole split to every worker.
+Images/s per worker: the same rank epochs (2 loader threads), against today's path -- Ray Data
+``read_parquet(...).materialize()`` once (as the driver did for splits under 1 GiB), then per
+epoch ``iter_torch_batches(collate_fn=..., local_shuffle_buffer_size=256, prefetch_batches=2)``
+with preserve_order=True, on a local Ray, one worker, no model -- and against the training step's
+demand (forward + criterion + backward + clip + AdamW + EMA on pre-decoded batches).
+Shuffle quality: Spearman rank correlation between a row's position in the Parquet files and
+its position in epoch 1's training order (all ranks' batches, step by step), for the rank reader
+and for today's 256-row local shuffle window, on the bench datasets and on a 4096-image split
+(where a window is much smaller than the split).
+Datasets: the bench's synthetic set, the real thermal-dogs-people set (YOLO) prepared here
+(which also gives ``prepare_dataset`` throughput), and the 4096-image synthetic split (order only).
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+
+TODAY_SHUFFLE_WINDOW = 256  # the worker's local_shuffle_buffer_size before issue 14 (>= 8 x batch)
+WORKER_COUNTS = (1, 2, 4)
 
 
 def prepare_bench(workdir: Path, repeats: int) -> tuple[Path, dict[str, Any]]:
@@ -50,50 +58,137 @@ def prepare_bench(workdir: Path, repeats: int) -> tuple[Path, dict[str, Any]]:
                  "source_format": info["source_format"]}
 
 
-def ray_supply(prepared: Path, resolution: int, batch_size: int, epochs: int,
-               split: str = "train", seconds: bool = False, materialize: bool = False
-               ) -> list[float]:
-    """images/s (or seconds per pass) of Ray Data decode + augment per epoch, no model.
-    ``materialize``: read the Parquet rows into the object store once (what the driver could
-    do for a small split), so a pass skips file listing and read tasks."""
-    from raydetr.config import Config, DataConfig
-    from raydetr.data.loader import make_collate, read_split
-    from raydetr.train.driver import init_ray, quiet_ray_data
+def rchar() -> int:
+    """Bytes this process has read through read syscalls so far (Linux /proc/self/io)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise RuntimeError("/proc/self/io has no rchar")
+
+
+def rank_epoch(prepared: Path, *, world: int, rank: int, resolution: int, batch_size: int,
+               epoch: int) -> dict[str, float]:
+    """One epoch of one rank's reader, streaming: images/s and bytes read (rchar, counted)."""
+    from raydetr.config import DataConfig
+    from raydetr.data.loader import SplitReader
+
+    cfg = DataConfig(materialize_max_bytes=0, multi_scale=False)
+    io0, t0 = rchar(), time.perf_counter()
+    reader = SplitReader(prepared, "train", cfg)
+    n = sum(b["images"].shape[0] for b in reader.train_batches(
+        seed=0, epoch=epoch, rank=rank, world=world, batch_size=batch_size,
+        resolution=resolution))
+    dt = time.perf_counter() - t0
+    return {"images": n, "images_per_s": n / dt, "rchar_bytes": rchar() - io0,
+            "counted_bytes": reader.bytes_read, "split_bytes": reader.file_bytes}
+
+
+def bytes_and_speed(prepared: Path, resolution: int, batch_size: int) -> dict[str, Any]:
+    rank_epoch(prepared, world=1, rank=0, resolution=resolution, batch_size=batch_size,
+               epoch=0)  # warm-up: lazy imports, PIL plugins
+    out: dict[str, Any] = {}
+    for world in WORKER_COUNTS:
+        ranks = [rank_epoch(prepared, world=world, rank=r, resolution=resolution,
+                            batch_size=batch_size, epoch=1) for r in range(world)]
+        split = ranks[0]["split_bytes"]
+        out[str(world)] = {
+            "ranks": ranks,
+            "max_rchar_over_split": max(r["rchar_bytes"] for r in ranks) / split,
+            "max_counted_over_split": max(r["counted_bytes"] for r in ranks) / split,
+            "images_per_s_per_worker": common.median([r["images_per_s"] for r in ranks]),
+        }
+    return out
+
+
+def _today_collate_class() -> type:
+    """Today's (pre issue 14) Ray Data collate: decode + augment a numpy batch."""
+    import numpy as np
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    from raydetr.config import DataConfig
+    from raydetr.data.collate import collate
+
+    class TodayCollate(NumpyBatchCollateFn):
+        def __init__(self, resolution: int, seed: tuple[int, ...]) -> None:
+            self.resolution, self.seed = resolution, seed
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+            ids = np.asarray(batch["image_id"])
+            rng = np.random.default_rng([*self.seed, int(ids[0]) % 2**32, len(ids)])
+            return collate(batch, train=True, resolution=self.resolution,
+                           data_cfg=DataConfig(multi_scale=False), rng=rng)
+
+    return TodayCollate
+
+
+def today_supply(prepared: Path, resolution: int, batch_size: int, epochs: int) -> list[float]:
+    """images/s of today's path (Ray Data, one worker, no model), per epoch."""
+    import ray.data
+
+    from raydetr.config import Config
+    from raydetr.data.parquet import split_files
+    from raydetr.train.driver import init_ray
 
     init_ray(Config())  # as the driver does for a 1-worker fit
-    quiet_ray_data()
-    ds = read_split(prepared, split)
-    if materialize:
-        ds = ds.materialize()
+    _today_context()
+    # as the driver did for train splits under 1 GiB: read once into the object store
+    ds = ray.data.read_parquet(split_files(prepared, "train")).materialize()
+    collate_cls = _today_collate_class()
     out = []
     for epoch in range(epochs):
-        fn = make_collate(train=split == "train", resolution=resolution, data_cfg=DataConfig(), seed=0,
-                          epoch=epoch)
         t0 = time.perf_counter()
         n = 0
-        for batch in ds.iter_torch_batches(batch_size=batch_size, collate_fn=fn,
-                                           local_shuffle_buffer_size=max(4 * batch_size, 64),
-                                           local_shuffle_seed=epoch, prefetch_batches=2):
+        for batch in ds.iter_torch_batches(
+                batch_size=batch_size, collate_fn=collate_cls(resolution, (0, epoch, 0, 1)),
+                local_shuffle_buffer_size=TODAY_SHUFFLE_WINDOW, local_shuffle_seed=epoch,
+                prefetch_batches=2):
             n += batch["images"].shape[0]
-        dt = time.perf_counter() - t0
-        out.append(dt if seconds else n / dt)
+        out.append(n / (time.perf_counter() - t0))
     return out
 
 
-def local_supply(prepared: Path, resolution: int, batch_size: int, epochs: int,
-                 split: str = "train", seconds: bool = False) -> list[float]:
-    from raydetr.config import DataConfig
-    from raydetr.data.loader import iter_local_batches
+def _today_context() -> None:
+    """Ray Data settings of today's fit: file order kept (ExecutionOptions(preserve_order=True)
+    in the driver's DataConfig), no progress bars."""
+    import ray.data
 
-    out = []
-    for epoch in range(epochs):
-        t0 = time.perf_counter()
-        n = sum(b["images"].shape[0] for b in iter_local_batches(
-            prepared, split, batch_size=batch_size, train=split == "train",
-            resolution=resolution, data_cfg=DataConfig(), epoch=epoch))
-        dt = time.perf_counter() - t0
-        out.append(dt if seconds else n / dt)
-    return out
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.execution_options.preserve_order = True
+
+
+def _positions(prepared: Path) -> dict[int, int]:
+    """image_id -> row position in the split's Parquet files."""
+    import pyarrow.parquet as pq
+
+    from raydetr.data.parquet import split_files
+
+    ids = [i for f in split_files(prepared, "train")
+           for i in pq.read_table(f, columns=["image_id"]).column(0).to_pylist()]
+    return {image_id: pos for pos, image_id in enumerate(ids)}
+
+
+def shuffle_quality(prepared: Path, batch_size: int, world: int = 2) -> dict[str, float]:
+    """Spearman(Parquet position, training position) of epoch 1: rank reader vs today's path."""
+    import ray.data
+    from scipy.stats import spearmanr
+
+    from raydetr.data.loader import train_plan
+    from raydetr.data.parquet import split_files
+
+    pos = _positions(prepared)
+    n = len(pos)
+    plans = [train_plan(n, seed=0, epoch=1, rank=r, world=world, batch_size=batch_size)
+             for r in range(world)]
+    reader_order = [int(row) for step in zip(*plans) for part in step for row in part]
+    _today_context()
+    ds = ray.data.read_parquet(split_files(prepared, "train")).select_columns(["image_id"])
+    today_order = [pos[int(i)] for b in ds.iter_batches(
+        batch_size=batch_size * world, local_shuffle_buffer_size=TODAY_SHUFFLE_WINDOW,
+        local_shuffle_seed=1) for i in b["image_id"]]
+    rho = lambda order: float(spearmanr(order, range(len(order))).statistic)  # noqa: E731
+    return {"images": n, "rank_reader": rho(reader_order), "today_window": rho(today_order)}
 
 
 def step_demand(prepared: Path, resolution: int, batch_size: int, threads: int,
@@ -130,8 +225,10 @@ def step_demand(prepared: Path, resolution: int, batch_size: int, threads: int,
 def main(argv: list[str] | None = None) -> None:
     p = common.base_parser(__doc__)
     p.add_argument("--resolution", type=int, default=None, help="default: the fit's (64)")
-    p.add_argument("--epochs", type=int, default=None, help="loader epochs (default 3, quick 2)")
+    p.add_argument("--epochs", type=int, default=None, help="today's-path epochs (3, quick 2)")
     p.add_argument("--prepare-repeats", type=int, default=None, help="default 2, quick 1")
+    p.add_argument("--order-images", type=int, default=4096,
+                   help="images of the split used for the shuffle-quality figure")
     args = p.parse_args(argv)
     work = common.workdir_of(args)
     sizes = common.fit_sizes(args)
@@ -140,61 +237,85 @@ def main(argv: list[str] | None = None) -> None:
     epochs = args.epochs or (2 if args.quick else 3)
     synthetic = common.synthetic_prepared(work, train_images=sizes["train_images"],
                                           val_images=sizes["val_images"])
+    big = common.synthetic_prepared(work, train_images=args.order_images, val_images=8,
+                                    image_size=32)
     thermal, prep = prepare_bench(work, args.prepare_repeats or (1 if args.quick else 2))
     steps = 3 if args.quick else 6
 
     results: dict[str, Any] = {}
     rows = []
     for name, ds in (("synthetic", synthetic), ("thermal", thermal)):
+        common.shutdown_ray()  # rchar counts socket reads too: no Ray while measuring bytes
+        per_n = bytes_and_speed(ds, res, bs)
         demand = step_demand(ds, res, bs, args.threads, steps)
-        ray_ips = ray_supply(ds, res, bs, epochs)
-        mat_ips = ray_supply(ds, res, bs, epochs, materialize=True)
-        local_ips = local_supply(ds, res, bs, epochs)
-        steady_ray = common.median(ray_ips[1:])
-        results[name] = {"ray_images_per_s": ray_ips, "ray_materialized_images_per_s": mat_ips,
-                         "local_images_per_s": local_ips, "step_images_per_s": demand,
-                         "supply_over_demand": steady_ray / demand}
-        rows.append([name, f"{ray_ips[0]:.1f}", steady_ray, common.median(mat_ips[1:]),
-                     common.median(local_ips[1:]), demand, steady_ray / demand])
-    # Fixed cost of one pass: the (small) val split, as the worker evaluates each epoch.
-    val_n = sizes["val_images"]
-    val_ray = ray_supply(synthetic, res, max(bs, 8), epochs, split="val", seconds=True)
-    val_local = local_supply(synthetic, res, max(bs, 8), epochs, split="val", seconds=True)
-    val_mat = ray_supply(synthetic, res, max(bs, 8), epochs, split="val", seconds=True,
-                         materialize=True)
-    val_pass = {"images": val_n, "ray": val_ray, "ray_materialized": val_mat, "local": val_local}
+        today = today_supply(ds, res, bs, epochs)
+        order = shuffle_quality(ds, bs)
+        today_ips = common.median(today[1:])
+        mine = per_n["1"]["images_per_s_per_worker"]
+        results[name] = {"workers": per_n, "today_images_per_s": today,
+                         "step_images_per_s": demand, "shuffle_spearman": order}
+        rows.append([name, today_ips, mine, per_n["2"]["images_per_s_per_worker"],
+                     per_n["4"]["images_per_s_per_worker"], mine / today_ips, demand,
+                     mine / demand])
+    order_big = shuffle_quality(big, bs)
+    results["order_split"] = order_big
     common.shutdown_ray()
+
     common.print_table(
-        f"Data path at {res} px, batch {bs}, train split, {args.threads} torch thread(s) for the "
-        f"step (loader epochs 2..{epochs} median)",
-        ["dataset", "Ray Data ep1 img/s", "Ray Data img/s", "materialized img/s",
-         "local loader img/s",
-         "train step img/s", "supply/demand"], rows)
+        f"Loader images/s per worker at {res} px, batch {bs}, no model (today: Ray Data, "
+        f"epochs 2..{epochs} median; rank reader: epoch 1, median over ranks); train step at "
+        f"{args.threads} torch thread(s)",
+        ["dataset", "today img/s", "rank reader N=1", "N=2", "N=4", "reader/today",
+         "train step img/s", "reader N=1 / step"], rows)
     common.print_table(
-        f"One pass over the synthetic val split ({val_n} images, batch {max(bs, 8)}, no model): "
-        "per-epoch fixed cost of the loader", ["loader", "pass 1 s", "passes 2.. s (median)"],
-        [["Ray Data read_split + iter_torch_batches", val_ray[0], common.median(val_ray[1:])],
-         ["Ray Data, split materialized once", val_mat[0], common.median(val_mat[1:])],
-         ["iter_local_batches (pyarrow)", val_local[0], common.median(val_local[1:])]])
+        "Bytes read per worker per epoch / split file bytes (largest rank; rchar = what the "
+        "process read, counted = the reader's own count)",
+        ["dataset", "workers", "rchar ratio", "counted ratio", "target <= 1/N + 0.05"],
+        [[name, n, r["workers"][str(n)]["max_rchar_over_split"],
+          r["workers"][str(n)]["max_counted_over_split"], 1 / n + 0.05]
+         for name, r in results.items() if name != "order_split" for n in WORKER_COUNTS])
+    common.print_table(
+        "Shuffle quality: Spearman(Parquet position, epoch-1 training position), 2 workers",
+        ["split", "images", "rank reader (global permutation)",
+         f"today ({TODAY_SHUFFLE_WINDOW}-row window)"],
+        [[name, r["shuffle_spearman"]["images"], r["shuffle_spearman"]["rank_reader"],
+          r["shuffle_spearman"]["today_window"]] for name, r in results.items()
+         if name != "order_split"]
+        + [[f"synthetic-{args.order_images}", order_big["images"], order_big["rank_reader"],
+            order_big["today_window"]]])
     common.print_table("raydetr prepare (prepare_dataset) on thermal-dogs-people",
                        ["images", "format", "seconds (median)", "images/s"],
                        [[prep["images"], prep["source_format"], common.median(prep["seconds"]),
                          prep["images_per_s"]]])
+    headline = results["thermal"]["workers"]
+    print()
+    for n in WORKER_COUNTS:
+        print(f"bytes read per worker / split bytes, {n} workers: "
+              f"{headline[str(n)]['max_rchar_over_split']:.3f}")
+    print(f"(thermal train split; synthetic {res}-px split: " + ", ".join(
+        f"{n} workers {results['synthetic']['workers'][str(n)]['max_rchar_over_split']:.3f}"
+        for n in WORKER_COUNTS) + ")")
+
     summary = [
-        common.summary_row(f"Ray Data supply / train-step demand ({name}, {res} px)",
-                           r["supply_over_demand"], "> 1", r["supply_over_demand"] > 1)
-        for name, r in results.items()
+        common.summary_row(f"bytes read per worker / split bytes, {n} workers (thermal)",
+                           headline[str(n)]["max_rchar_over_split"], f"<= {1 / n + 0.05:.2f}",
+                           headline[str(n)]["max_rchar_over_split"] <= 1 / n + 0.05)
+        for n in WORKER_COUNTS
     ]
     summary += [
-        common.summary_row("Ray Data pass over val split, steady (fixed cost)",
-                           common.median(val_ray[1:]), "info", None, "s"),
+        common.summary_row(f"rank reader / today img/s per worker ({r[0]})", r[5], ">= 1",
+                           r[5] >= 1) for r in rows
+    ]
+    summary += [
+        common.summary_row(f"Spearman Parquet vs training order, {args.order_images} images",
+                           order_big["rank_reader"], "~0 (today "
+                           f"{order_big['today_window']:.2f})", abs(order_big["rank_reader"]) < 0.05),
         common.summary_row("raydetr prepare throughput (thermal, YOLO)", prep["images_per_s"],
                            "info", None, "img/s"),
     ]
     common.write_json("data_path", args, {"resolution": res, "batch_size": bs,
                                           "threads": args.threads, "datasets": results,
-                                          "val_pass_seconds": val_pass, "prepare": prep,
-                                          "summary": summary})
+                                          "prepare": prep, "summary": summary})
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 
 1. In the real fit (``driver.fit``, 1 worker): ``eval_seconds`` / ``train_seconds`` per epoch
    from history.json (epochs 2..N), and the same per image (eval s/image over train s/image).
-   eval_seconds covers: Ray Data val pipeline + decode, one forward per variant, postprocess,
+   eval_seconds covers: the val reader + decode, one forward per variant, postprocess,
    COCOeval per variant on rank 0, and the best-weights bookkeeping.
 2. In this process, on the same val batches: ``predict_records`` with {regular} vs
    {regular, ema}, with decode inside the timing (``iter_local_batches``) and on batches

@@ -4,15 +4,12 @@
     .venv/bin/python bench/ray_overhead.py --quick --threads 2
 
 Ray side: the real path, ``raydetr.train.driver.fit`` (Tune trial -> TorchTrainer, 1 worker,
-Ray Data decode + augment, DDP-wrapped model, EMA, per-epoch eval + checkpoint), MLflow off;
+the rank reader's decode + augment threads (raydetr.data.loader), DDP-wrapped model, EMA, per-epoch eval + checkpoint), MLflow off;
 ``images_per_s`` per epoch from the run's history.json (train_one_epoch's own timer: the
 epoch's data loading + steps, not eval / checkpoint / start-up).
 Plain side: the same model, config, seed, data and batch size in this process:
 ``iter_local_batches`` (pyarrow, decode inline) + ``engine.train_one_epoch`` with the same EMA,
 and a second variant on batches decoded beforehand (pure compute: the upper bound).
-A third run (``--no-materialized`` skips it) is the same TorchTrainer and worker loop with both
-splits ``materialize()``d explicitly on the driver (the fit path now does this itself for
-val and for train splits under 1 GiB, see raydetr/train/driver.py _datasets).
 Both use ``torch.set_num_threads(--threads)``. Epoch 1 is start-up and is left out; the plain
 loop runs before AND after the fit and its mean is the reference, so slow drift of the
 machine's load hits both sides alike. Ratio = Ray images/s / plain images/s (target >= 0.95).
@@ -74,61 +71,11 @@ def plain_trainer(prepared: Path, sizes: dict[str, int], threads: int):
     return run
 
 
-def fit_materialized(work: Path, prepared: Path, sizes: dict[str, int], threads: int
-                     ) -> list[dict[str, Any]]:
-    """The driver's TorchTrainer (same worker loop, scaling, data config), but with both splits
-    ``materialize()``d once on the driver: each epoch's pass then skips file listing and read
-    tasks. A bench-side variant of ``driver._trial_fn`` (no Tune wrapper: Tune's trial actor
-    only waits on the trainer and is not inside train_seconds). Returns the run's history."""
-    import tempfile
-
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from raydetr.config import load_config
-    from raydetr.data.loader import read_split
-    from raydetr.data.parquet import load_info
-    from raydetr.train import driver
-    from raydetr.train.checkpoint import latest_checkpoint, read_state
-
-    cfg = load_config(None, common.fit_overrides(prepared, sizes, threads))
-    info = load_info(prepared)
-    common.shutdown_ray()
-    driver.init_ray(cfg)
-    driver.quiet_ray_data()
-    storage = Path(tempfile.mkdtemp(prefix="materialized-", dir=work))
-    trainer = TorchTrainer(
-        train_loop_per_worker=driver._train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "classes": info["classes"],
-                           "train_images": info["splits"]["train"]["images"],
-                           "pretrain_weights": None, "fault_inject": None},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=1, use_gpu=False,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        datasets={"train": read_split(prepared, "train").materialize(),
-                  "val": read_split(prepared, "val").materialize()},
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=["train"],
-            execution_options=ray.data.ExecutionOptions(preserve_order=True)),
-        run_config=ray.train.RunConfig(
-            name="train", storage_path=str(storage),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
-    )
-    try:
-        trainer.fit()
-    finally:
-        common.shutdown_ray()
-    return list(read_state(latest_checkpoint(storage / "train"))["history"])
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = common.base_parser(__doc__)
     p.add_argument("--plain-epochs", type=int, default=None,
                    help="measured plain epochs per side (before / after the fit); "
                         "default 2, quick 1")
-    p.add_argument("--no-materialized", action="store_true",
-                   help="skip the variant with materialized datasets (fit now materialises by default)")
     args = p.parse_args(argv)
     work = common.workdir_of(args)
     sizes = common.fit_sizes(args)
@@ -145,10 +92,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     fit = common.fit_cached(work, common.fit_overrides(prepared, sizes, args.threads))
     ray_ips = common.steady(fit["history"], "images_per_s")
-    mat_ips: list[float] = []
-    if not args.no_materialized:
-        mat_ips = common.steady(fit_materialized(work, prepared, sizes, args.threads),
-                                "images_per_s")
 
     for _ in range(k):
         plain["inline"].append(run(False)["images_per_s"])
@@ -164,8 +107,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ["path", "images/s (median)", "per epoch", "ratio Ray/this"],
         [["TorchTrainer via driver.fit (epochs 2..N)", ray_med,
           " ".join(f"{x:.2f}" for x in ray_ips), ""],
-         *([["TorchTrainer, datasets materialized (fix)", common.median(mat_ips),
-             " ".join(f"{x:.2f}" for x in mat_ips), ""]] if mat_ips else []),
          ["plain: iter_local_batches + train_one_epoch", ref["inline"],
           " ".join(f"{x:.2f}" for x in plain["inline"]), ratio],
          ["plain: pre-decoded batches (compute only)", ref["predecoded"],
@@ -175,10 +116,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_ray = sizes["train_images"] / ray_med
     print(f"Ray path costs {t_ray - t_plain:+.2f} s per epoch over the plain loop "
           f"({t_ray:.2f} s vs {t_plain:.2f} s for {sizes['train_images']} images)")
-    if mat_ips:
-        ratio_mat = common.median(mat_ips) / ref["inline"]
-        print(f"with materialized datasets: ratio {ratio_mat:.3f} "
-              f"({sizes['train_images'] / common.median(mat_ips) - t_plain:+.2f} s per epoch)")
     print(f"fit wall time {fit['wall_s']:.1f} s for {len(fit['history'])} epochs "
           f"(start-up, eval, checkpoints included); plain epochs run before and after the fit")
     summary = [
@@ -189,15 +126,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         common.summary_row("Ray path extra seconds per epoch", t_ray - t_plain, "info", None,
                            "s"),
     ]
-    if mat_ips:
-        summary.append(common.summary_row(
-            "Ray/plain images/s, explicit materialize variant", ratio_mat,
-            ">= 0.95", ratio_mat >= 0.95))
     common.write_json("ray_overhead", args, {
         "threads": args.threads, "sizes": sizes, "ray_images_per_s": ray_ips,
         "plain_images_per_s": plain, "ratio_vs_inline": ratio, "ratio_vs_predecoded": ratio_pre,
-        "materialized_images_per_s": mat_ips,
-        "ratio_materialized_vs_inline": ratio_mat if mat_ips else None,
         "extra_seconds_per_epoch": t_ray - t_plain,
         "fit_wall_s": fit["wall_s"], "fit_run_dir": fit["run_dir"], "summary": summary,
     })

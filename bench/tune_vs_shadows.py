@@ -12,10 +12,9 @@ MLflow off. Because the EMA never feeds back into training, both must give the s
 Compared per decay: best map_ema over the epochs, map_ema / map50_ema of every epoch, the
 train loss of every epoch, and the EMA weights in the last checkpoint (bit for bit).
 Augmentation is off by default (hflip_prob=0, crop_prob=0, multi_scale=false; --augment turns
-it on): Ray Data runs collate_fn in a thread pool (prefetch_batches=2 -> 2 threads) and
-make_collate's one numpy Generator per epoch is drawn from by both threads in whichever order
-they run, so augmented batches differ from run to run (see the report); without augmentation
-the data path is deterministic and the comparison isolates the EMA.
+it on): the loader seeds every batch's augmentation on its own (raydetr.data.loader), so
+augmented runs are reproducible too, but without augmentation the comparison isolates the EMA
+from anything the data path does.
 Trials run one at a time by default (--concurrent to let Tune choose): on 2 shared cores
 concurrent trials only compete for the same CPUs.
 """
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=None, help="default 3, quick 2")
     p.add_argument("--concurrent", action="store_true", help="Tune's own max_concurrent_trials")
     p.add_argument("--augment", action="store_true",
-                   help="keep flips / crops / multi-scale on (not deterministic under Ray Data)")
+                   help="keep flips / crops / multi-scale on")
     args = p.parse_args(argv)
     import torch
 

@@ -1,7 +1,7 @@
 """The ``raydetr`` command.
 
     raydetr demo                                   built-in dataset, local Ray, local MLflow
-    raydetr prepare SRC OUT [--format coco|yolo|voc] [--shard-size N]
+    raydetr prepare SRC OUT [--format coco|yolo|voc] [--shard-size N] [--row-group-size N]
     raydetr make-synthetic OUT [--train-images N] [--val-images N] [--image-size PX] [--seed S]
     raydetr train [--config FILE] [--resume] [--pretrain-weights F] [--early-stopping] [key=value ...]
     raydetr tune  [--config FILE] [key=value ...]
@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--format", choices=["coco", "yolo", "voc"], default=None)
     p.add_argument("--shard-size", type=int, default=256)
+    p.add_argument("--row-group-size", type=int, default=1,
+                   help="images per Parquet row group (the unit a training rank reads)")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("make-synthetic", help="write a synthetic shapes dataset (COCO layout)")
@@ -133,6 +135,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from raydetr.data.parquet import prepare_dataset
 
         prepare_dataset(Path(args.src), Path(args.out), shard_size=args.shard_size,
+                        row_group_size=args.row_group_size,
                         fmt=args.format, overwrite=args.overwrite)
         return 0
     if cmd == "make-synthetic":

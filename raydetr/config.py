@@ -27,13 +27,22 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     path: str | None = Field(
         None,
-        description="Prepared dataset (output of `raydetr prepare`) or a raw COCO/YOLO/VOC "
-        "dataset, which is prepared into <run.output_dir>/prepared first. None: built-in "
-        "synthetic shapes dataset (the demo).",
+        description="Prepared dataset (output of `raydetr prepare`; a local path or a pyarrow "
+        "filesystem URI such as s3://bucket/prefix) or a raw COCO/YOLO/VOC dataset (local), "
+        "which is prepared into <run.output_dir>/datasets first. None: built-in synthetic "
+        "shapes dataset (the demo). Multi-node: a path every node sees, or a URI.",
     )
     train_split: str = "train"
     val_split: str = "val"
     shard_size: int = Field(256, gt=0, description="Images per Parquet shard.")
+    row_group_size: int = Field(
+        1, gt=0, description="Images per Parquet row group when preparing: the unit a rank "
+        "reads. 1 keeps bytes read per rank at ~split/N under a global shuffle.")
+    materialize_max_bytes: int = Field(
+        256 * 1024 * 1024, ge=0, description="A split whose files total at most this many "
+        "bytes is read whole once per worker and kept in memory; larger splits stream.")
+    loader_threads: int = Field(2, gt=0, description="Threads reading + decoding batches ahead.")
+    prefetch_batches: int = Field(4, gt=0, description="Batches prepared ahead of the step.")
     hflip_prob: float = Field(0.5, ge=0, le=1)
     multi_scale: bool = Field(True, description="Random square size per batch around resolution.")
     scale_range: tuple[float, float] = (0.75, 1.25)
@@ -146,6 +155,9 @@ class ScalingConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(0, ge=-1)
     torch_threads: int | None = Field(None, gt=0, description="torch threads per worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement of the workers: SPREAD puts them on different "
+        "nodes where it can.")
 
 
 class EarlyStoppingConfig(_Strict):

@@ -5,12 +5,17 @@
 
 Layout of OUT:
     dataset.json                      classes, source, per-split counts + shard files, report
-    <split>/part-NNNNN.parquet        one row per image; columns in ``SCHEMA``
+    <split>/part-NNNNN.parquet        one row per image; columns in ``SCHEMA``; row groups of
+                                      ``row_group_size`` images (1 by default: see rank_loader)
+
+A prepared dataset is read from a local path or any pyarrow filesystem URI (``s3://``,
+``gs://``, ``file://``...; ``open_prepared``). ``prepare`` writes locally; upload OUT as is.
 
 Images are stored as their original encoded bytes (no re-encoding, no quality loss); boxes as a
-flat list of xyxy absolute pixels (4N floats), labels as contiguous class indices. Everything is
-written into a temporary folder beside OUT and renamed into place at the end, so an OUT that
-exists with a dataset.json is always complete.
+flat list of xyxy absolute pixels (4N floats), labels as contiguous class indices. Writing
+streams: at most one row group of images is in memory. Everything is written into a temporary
+folder beside OUT and renamed into place at the end, so an OUT that exists with a dataset.json
+is always complete.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -42,38 +48,64 @@ SCHEMA = pa.schema([
 ])
 
 
+def is_uri(path: Path | str) -> bool:
+    """True for ``scheme://...`` locations (read through pyarrow.fs), False for local paths."""
+    return "://" in str(path)
+
+
+def open_prepared(path: Path | str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, root inside it) of a prepared dataset at a local path or a URI."""
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+    try:
+        fs, root = pafs.FileSystem.from_uri(str(path))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+        raise DatasetError(f"{path}: not a usable filesystem URI ({exc}); use a local path or "
+                           "a pyarrow URI such as s3://bucket/prefix or file:///abs/path") from None
+    return fs, root.rstrip("/")
+
+
 def is_prepared(path: Path | str) -> bool:
     """True if ``path`` holds a complete prepared dataset (dataset.json and all its shards)."""
     try:
         info = load_info(path)
-    except DatasetError:
+        fs, root = open_prepared(path)
+        files = [f"{root}/{f}" for s in info["splits"].values() for f in s["files"]]
+        return all(i.type == pafs.FileType.File for i in fs.get_file_info(files))
+    except (DatasetError, OSError):
         return False
-    return all((Path(path) / f).is_file() for s in info["splits"].values() for f in s["files"])
 
 
 def load_info(path: Path | str) -> dict[str, Any]:
     """The dataset.json of a prepared dataset; DatasetError saying what to run otherwise."""
-    f = Path(path) / INFO_FILE
-    if not f.is_file():
+    fs, root = open_prepared(path)
+    where = f"{path}/{INFO_FILE}" if is_uri(path) else str(Path(root) / INFO_FILE)
+    try:
+        missing = fs.get_file_info(f"{root}/{INFO_FILE}").type != pafs.FileType.File
+    except OSError as exc:
+        raise DatasetError(f"{where}: cannot reach it ({exc})") from None
+    if missing:
         raise DatasetError(f"{path} is not a prepared dataset (no {INFO_FILE}); "
                            f"run `raydetr prepare SRC {path}` first")
     try:
-        info = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{f}: unreadable ({exc}); prepare the dataset again") from None
+        with fs.open_input_stream(f"{root}/{INFO_FILE}") as f:
+            info = json.loads(f.read().decode())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{where}: unreadable ({exc}); prepare the dataset again") from None
     if not isinstance(info, dict) or "splits" not in info or "classes" not in info:
-        raise DatasetError(f"{f}: not a raydetr dataset.json (missing 'splits'/'classes')")
+        raise DatasetError(f"{where}: not a raydetr dataset.json (missing 'splits'/'classes')")
     return info
 
 
 def split_files(path: Path | str, split: str) -> list[str]:
-    """Absolute paths of the Parquet shards of ``split``."""
+    """Paths of the Parquet shards of ``split`` inside ``open_prepared(path)``'s filesystem
+    (absolute local paths for a local dataset)."""
     info = load_info(path)
     if split not in info["splits"]:
         raise DatasetError(f"{path}: no split '{split}' (has: {sorted(info['splits'])}); check "
                            "data.train_split / data.val_split")
-    root = Path(path).resolve()
-    return [str(root / f) for f in info["splits"][split]["files"]]
+    _, root = open_prepared(path)
+    return [f"{root}/{f}" for f in info["splits"][split]["files"]]
 
 
 def _table(records: list[Record], metadata: dict[bytes, bytes]) -> pa.Table:
@@ -88,19 +120,32 @@ def _table(records: list[Record], metadata: dict[bytes, bytes]) -> pa.Table:
     }, schema=SCHEMA.with_metadata(metadata))
 
 
-def _write_split(data: SplitData, root: Path, shard_size: int, metadata: dict[bytes, bytes],
-                 bar: tqdm) -> list[str]:
+WRITE_BATCH_IMAGES = 32  # images read into memory per write call (then written as row groups)
+# Encoded images do not compress further: store them as is, compress the rest. Min/max
+# statistics of the image column would copy image bytes into the footer: write none for it.
+_COMPRESSION = {c: ("none" if c == "image" else "snappy") for c in SCHEMA.names}
+_STATISTICS = [c for c in SCHEMA.names if c != "image"]
+
+
+def _write_split(data: SplitData, root: Path, shard_size: int, row_group_size: int,
+                 metadata: dict[bytes, bytes], bar: tqdm) -> tuple[list[str], int]:
+    """Write ``data`` as shards of ``shard_size`` images; returns (relative files, bytes)."""
     (root / data.name).mkdir()
-    files = []
+    files, nbytes = [], 0
+    schema = SCHEMA.with_metadata(metadata)
     for k, start in enumerate(range(0, len(data.records), shard_size)):
-        chunk = data.records[start:start + shard_size]
         rel = f"{data.name}/part-{k:05d}.parquet"
-        # Encoded images do not compress further: store them as is, compress the rest.
-        pq.write_table(_table(chunk, metadata), root / rel, row_group_size=len(chunk),
-                       compression={c: ("none" if c == "image" else "snappy") for c in SCHEMA.names})
+        records = data.records[start:start + shard_size]
+        step = max(row_group_size, WRITE_BATCH_IMAGES)
+        with pq.ParquetWriter(root / rel, schema, compression=_COMPRESSION,
+                              write_statistics=_STATISTICS) as writer:
+            for i in range(0, len(records), step):
+                chunk = records[i:i + step]
+                writer.write_table(_table(chunk, metadata), row_group_size=row_group_size)
+                bar.update(len(chunk))
         files.append(rel)
-        bar.update(len(chunk))
-    return files
+        nbytes += (root / rel).stat().st_size
+    return files, nbytes
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -117,15 +162,19 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def prepare_dataset(src: Path | str, out: Path | str, shard_size: int = 256,
                     fmt: str | None = None, progress: bool = True, *, overwrite: bool = False,
-                    classes: list[str] | None = None) -> dict[str, Any]:
+                    classes: list[str] | None = None, row_group_size: int = 1
+                    ) -> dict[str, Any]:
     """Validate ``src`` (COCO/YOLO/VOC, see dataset.read_dataset) and write it to ``out``.
 
     Returns the dataset.json dict. ``progress``: tqdm bars and a one-line summary per split
     on stdout (nothing else is printed). ``overwrite``: replace an existing prepared OUT.
-    ``classes``: VOC class order. On any error nothing is left at OUT.
+    ``classes``: VOC class order. ``row_group_size``: images per Parquet row group, the unit a
+    training rank reads (rank_loader). On any error nothing is left at OUT.
     """
     if shard_size <= 0:
         raise DatasetError(f"shard_size must be > 0, got {shard_size}")
+    if row_group_size <= 0:
+        raise DatasetError(f"row_group_size must be > 0, got {row_group_size}")
     src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
     if is_prepared(src):
         raise DatasetError(f"{src} is already a prepared dataset; use it directly")
@@ -143,10 +192,12 @@ def prepare_dataset(src: Path | str, out: Path | str, shard_size: int = 256,
         total = sum(len(s.records) for s in splits.values())
         with tqdm(total=total, desc="prepare", unit="img", disable=not progress) as bar:
             for name, data in splits.items():
-                files = _write_split(data, tmp, shard_size, metadata, bar)
+                files, nbytes = _write_split(data, tmp, shard_size, row_group_size, metadata,
+                                             bar)
                 rep = data.report
                 info["splits"][name] = {"images": rep.images, "boxes": rep.boxes,
-                                        "negatives": rep.negatives, "files": files}
+                                        "negatives": rep.negatives, "files": files,
+                                        "bytes": nbytes, "row_group_size": row_group_size}
                 info["report"][name] = rep.to_dict()
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
         _swap_into_place(tmp, out)

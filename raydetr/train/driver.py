@@ -41,13 +41,13 @@ def run_dir_of(cfg: Config) -> Path:
 
 
 # --------------------------------------------------------------------------- data
-def ensure_prepared(cfg: Config) -> Path:
+def ensure_prepared(cfg: Config) -> Path | str:
     """Prepared dataset for the run: as given, prepared from raw once, or the synthetic demo set.
 
     Raw datasets and the synthetic set are prepared under ``<output_dir>/datasets/`` keyed by a
     hash of their source, so repeated runs reuse them.
     """
-    from raydetr.data.parquet import is_prepared, prepare_dataset
+    from raydetr.data.parquet import is_prepared, is_uri, prepare_dataset
 
     datasets = Path(cfg.run.output_dir).resolve() / "datasets"
     if cfg.data.path is None:
@@ -62,8 +62,15 @@ def ensure_prepared(cfg: Config) -> Path:
                 val_images=d.synthetic_val_images, image_size=d.synthetic_image_size,
                 seed=cfg.run.seed,
             )
-            prepare_dataset(raw, out, shard_size=cfg.data.shard_size, overwrite=True)
+            prepare_dataset(raw, out, shard_size=cfg.data.shard_size, overwrite=True,
+                            row_group_size=cfg.data.row_group_size)
         return out
+    if is_uri(cfg.data.path):
+        if not is_prepared(cfg.data.path):
+            raise FitError(f"data.path {cfg.data.path} is not a prepared dataset (no complete "
+                           "dataset.json + shards there): run `raydetr prepare SRC OUT` locally "
+                           "and upload OUT there; raw datasets are prepared from local paths only")
+        return cfg.data.path
     src = Path(cfg.data.path).expanduser().resolve()
     if not src.exists():
         raise FitError(f"data.path {src} does not exist")
@@ -73,11 +80,12 @@ def ensure_prepared(cfg: Config) -> Path:
     out = datasets / f"{src.name}-{digest}"
     if not is_prepared(out):
         log.info("preparing %s into %s", src, out)
-        prepare_dataset(src, out, shard_size=cfg.data.shard_size, overwrite=True)
+        prepare_dataset(src, out, shard_size=cfg.data.shard_size, overwrite=True,
+                        row_group_size=cfg.data.row_group_size)
     return out
 
 
-def dataset_info(prepared: Path, cfg: Config) -> dict[str, Any]:
+def dataset_info(prepared: Path | str, cfg: Config) -> dict[str, Any]:
     from raydetr.data.parquet import load_info
 
     info = load_info(prepared)
@@ -100,12 +108,16 @@ def init_ray(cfg: Config) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
-    # Local: logical CPUs for the workers plus room for Ray Data's read/decode tasks.
+    # Local: logical CPUs for the workers plus one to spare (each worker decodes in its own
+    # loader threads; nothing else needs a CPU).
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # The dashboard (loopback only) serves the State API, which Ray Train's placement-group
     # cleaner needs to notice a killed controller (early stop); without it PGs leak.
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 1), include_dashboard=True,
+    # address="local": start a new Ray even when another cluster runs on this machine (ray.init
+    # without an address would try to join it, and refuse num_cpus).
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 1),
+             include_dashboard=True,
              dashboard_host="127.0.0.1", log_to_driver=True)
 
 
@@ -166,14 +178,12 @@ def _trial_fn(base: Config, prepared: str, classes: list[str], train_images: int
         from ray.tune.integration.ray_train import TuneReportCallback
 
         cfg = with_overrides(base, params, "trial config")
-        quiet_ray_data()
         trial_id = tune.get_context().get_trial_id()
         name = train_name(single, trial_id)
-        exec_opts = ray.data.ExecutionOptions(preserve_order=True)  # reproducible order
         trainer = TorchTrainer(
             train_loop_per_worker=_train_loop,
             train_loop_config={"cfg": cfg, "classes": classes, "train_images": train_images,
-                               "run_key": str(Path(run_dir) / name),
+                               "prepared": prepared, "run_key": str(Path(run_dir) / name),
                                "pretrain_weights": pretrain_weights,
                                "fault_inject": fault_inject, "trial_id": trial_id,
                                "decision_board": decision_board,
@@ -182,12 +192,9 @@ def _trial_fn(base: Config, prepared: str, classes: list[str], train_images: int
                 num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                 resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
                                       **({"GPU": 1} if cfg.scaling.use_gpu else {})},
+                placement_strategy=cfg.scaling.placement_strategy,
             ),
-            datasets=_datasets(prepared, cfg),
-            # Not split by Ray: each worker takes its slice of the same seeded stream (train)
-            # or its image ids (val), so the split is reproducible and val loses no image.
-            dataset_config=ray.train.DataConfig(datasets_to_split=[],
-                                                execution_options=exec_opts),
+            # No Ray Datasets: each worker reads its own rows from the files (data.loader).
             run_config=ray.train.RunConfig(
                 name=name, storage_path=run_dir,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
@@ -203,38 +210,9 @@ def _trial_fn(base: Config, prepared: str, classes: list[str], train_images: int
     return trial
 
 
-MATERIALIZE_TRAIN_MAX_BYTES = 1 << 30
-
-
-def _datasets(prepared: str, cfg: Config) -> dict[str, Any]:
-    """Ray Datasets of the splits. Starting a streaming pass over Parquet costs about a second
-    per epoch per split (bench/ray_overhead.py), so the val split (read every epoch, small) is
-    materialised in the object store once; so is train when its encoded bytes are under 1 GiB.
-    Larger train splits stream. Decoding and augmentation always run per epoch."""
-    from raydetr.data.loader import read_split
-    from raydetr.data.parquet import split_files
-
-    def load(split: str, always: bool):
-        ds = read_split(prepared, split)
-        size = sum(Path(f).stat().st_size for f in split_files(prepared, split))
-        return ds.materialize() if always or size <= MATERIALIZE_TRAIN_MAX_BYTES else ds
-
-    return {"train": load(cfg.data.train_split, False), "val": load(cfg.data.val_split, True)}
-
-
-def quiet_ray_data() -> None:
-    """One log line per epoch is ours; Ray Data's per-dataset progress bars drown it."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-
-
 def _train_loop(loop_config: dict[str, Any]):
     from raydetr.train.worker import train_loop_per_worker
 
-    quiet_ray_data()
     return train_loop_per_worker(loop_config)
 
 

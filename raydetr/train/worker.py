@@ -47,6 +47,7 @@ class WorkerArgs:
     cfg: Config
     classes: list[str]
     train_images: int
+    prepared: str  # the prepared dataset (local path or pyarrow filesystem URI)
     run_key: str  # the Train run's storage path: names the best-weights cache
     pretrain_weights: str | None = None
     fault_inject: str | None = None
@@ -86,22 +87,26 @@ class Recipe:
 
     # ------------------------------------------------------------------ setup
     def setup_data(self) -> None:
-        """Shards and the step arithmetic. Every worker streams the same seeded global batches
-        (batch_size x world) and decodes only its slice: a restarted run equals an
-        uninterrupted one. With several workers the last partial global batch is dropped."""
-        import ray.train
+        """Readers and the step arithmetic. Each worker reads only its rows of a seeded global
+        shuffle (raydetr.data.loader): a restarted run equals an uninterrupted one. With several
+        workers the last partial global batch is dropped (different rows every epoch)."""
+        import ray
+
+        from raydetr.data.loader import SplitReader, steps_per_epoch
 
         cfg, world = self.cfg, self.world
         self.global_batch = cfg.optim.batch_size * world
         n = self.args.train_images
-        batches = n // self.global_batch if world > 1 else math.ceil(n / self.global_batch)
+        batches = steps_per_epoch(n, cfg.optim.batch_size, world)
         if batches == 0:
             raise ValueError(
                 f"{n} training images cannot fill one global batch of {self.global_batch} "
                 f"(optim.batch_size {cfg.optim.batch_size} x {world} workers): lower either")
         self.steps_per_epoch = math.ceil(batches / cfg.optim.grad_accum_steps)
-        self.train_shard = ray.train.get_dataset_shard("train")
-        self.val_shard = ray.train.get_dataset_shard("val")
+        self.train_data = SplitReader(self.args.prepared, cfg.data.train_split, cfg.data)
+        self.val_data = SplitReader(self.args.prepared, cfg.data.val_split, cfg.data)
+        log.info("rank %d of %d on node %s", self.rank, world,
+                  ray.get_runtime_context().get_node_id())
 
     def setup_model(self) -> None:
         from raydetr.model.build import build
@@ -169,27 +174,15 @@ class Recipe:
     # ------------------------------------------------------------------ per epoch
     def train_batches(self, epoch: int):
         """This rank's training batches of ``epoch`` (the one place the loader is chosen)."""
-        from raydetr.data.loader import make_collate
-
         c = self.cfg
-        return self.train_shard.iter_torch_batches(
-            batch_size=self.global_batch, drop_last=self.world > 1,
-            collate_fn=make_collate(train=True, resolution=self.resolution, data_cfg=c.data,
-                                    seed=c.run.seed, epoch=epoch, rank=self.rank,
-                                    world=self.world, shard="slice"),
-            local_shuffle_buffer_size=max(8 * self.global_batch, 256),
-            local_shuffle_seed=c.run.seed * 100003 + epoch, prefetch_batches=2)
+        return self.train_data.train_batches(seed=c.run.seed, epoch=epoch, rank=self.rank,
+                                             world=self.world, batch_size=c.optim.batch_size,
+                                             resolution=self.resolution)
 
     def val_batches(self):
-        from raydetr.data.loader import make_collate
-
-        c = self.cfg
-        batches = self.val_shard.iter_torch_batches(
-            batch_size=max(c.optim.batch_size, 8) * self.world,
-            collate_fn=make_collate(train=False, resolution=self.resolution, data_cfg=c.data,
-                                    seed=0, epoch=0, rank=self.rank, world=self.world,
-                                    shard="image_id"))
-        return (b for b in batches if b is not None)
+        return self.val_data.eval_batches(rank=self.rank, world=self.world,
+                                          batch_size=max(self.cfg.optim.batch_size, 8),
+                                          resolution=self.resolution)
 
     def train_epoch(self, epoch: int, on_step=None) -> dict[str, float]:
         from raydetr.train.engine import train_one_epoch

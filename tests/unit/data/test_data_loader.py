@@ -1,4 +1,4 @@
-"""collate / iter_local_batches / Ray Data: shapes, determinism, multi-scale."""
+"""collate / iter_local_batches: shapes, determinism, multi-scale."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from raydetr.config import DataConfig
-from raydetr.data.loader import iter_local_batches, make_collate, read_split, scale_choices
+from raydetr.data.collate import scale_choices
+from raydetr.data.loader import iter_local_batches
 from raydetr.data.parquet import prepare_dataset
 from raydetr.data.synthetic import make_synthetic
 
@@ -55,39 +56,3 @@ def test_eval_batches_in_order(prepared):
     assert t["boxes"].dtype == torch.float32 and t["labels"].dtype == torch.int64
     assert t["image_id"].shape == () and t["orig_size"].tolist() == [64, 64]
     assert ((t["boxes"] > 0) & (t["boxes"] <= 1)).all()
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.mark.slow
-def test_collate_through_ray_data(prepared, local_ray):
-    cfg = DataConfig()
-    ds = read_split(prepared, "train")
-    assert ds.count() == 12
-    fn = make_collate(train=True, resolution=64, data_cfg=cfg, seed=0, epoch=0)
-    batches = list(ds.iter_torch_batches(batch_size=4, collate_fn=fn))
-    assert sorted(_ids(batches)) == list(range(12))
-    for b in batches:
-        assert b["images"].dtype == torch.float32 and b["images"].shape[:2] == (4, 3)
-        for t in b["targets"]:
-            assert t["boxes"].shape == (len(t["labels"]), 4)
-    eval_fn = make_collate(train=False, resolution=64, data_cfg=cfg, seed=0, epoch=0)
-    ray_eval = list(read_split(prepared, "val").iter_torch_batches(batch_size=4, collate_fn=eval_fn))
-    local = list(iter_local_batches(prepared, "val", batch_size=4, train=False, resolution=64,
-                                    data_cfg=cfg))
-    def by_id(batches):  # Ray may reorder blocks: compare image by image
-        return {int(t["image_id"]): (b["images"][i], t["boxes"], t["labels"])
-                for b in batches for i, t in enumerate(b["targets"])}
-
-    got, want = by_id(ray_eval), by_id(local)
-    assert sorted(got) == sorted(want) == [0, 1, 2, 3]
-    for k, (image, boxes, labels) in want.items():
-        assert torch.equal(got[k][0], image) and torch.equal(got[k][1], boxes)
-        assert torch.equal(got[k][2], labels)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -23,9 +24,12 @@ def test_round_trip(make_coco, tmp_path):
     info = prepare_dataset(src, out, shard_size=2, progress=False)
     assert is_prepared(out) and load_info(out) == info
     assert info["classes"] == ["cat", "ant"] and info["source_format"] == "coco"
-    assert info["splits"]["train"] == {"images": 3, "boxes": 3, "negatives": 1,
-                                       "files": ["train/part-00000.parquet", "train/part-00001.parquet"]}
     files = split_files(out, "train")
+    assert info["splits"]["train"] == {
+        "images": 3, "boxes": 3, "negatives": 1, "row_group_size": 1,
+        "files": ["train/part-00000.parquet", "train/part-00001.parquet"],
+        "bytes": sum(Path(f).stat().st_size for f in files)}
+    assert [pq.read_metadata(f).num_row_groups for f in files] == [2, 1]
     meta = pq.read_schema(files[0]).metadata
     assert json.loads(meta[b"raydetr.classes"]) == ["cat", "ant"]
     assert meta[b"raydetr.source_format"] == b"coco"
@@ -70,7 +74,7 @@ def test_failure_while_writing_leaves_nothing(make_coco, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(parquet.pq, "write_table", boom)
+    monkeypatch.setattr(parquet.pq.ParquetWriter, "write_table", boom)
     out = tmp_path / "prepared"
     with pytest.raises(OSError, match="disk full"):
         prepare_dataset(make_coco("roboflow"), out, progress=False)

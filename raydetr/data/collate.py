@@ -1,0 +1,83 @@
+"""Parquet rows of a prepared dataset -> one model batch (decode, augment, resize).
+
+    Batch = {"images": float32[B, 3, S, S] (ImageNet-normalised),
+             "targets": [{"labels": int64[N], "boxes": float32[N, 4] cxcywh in [0, 1] of the
+                          (augmented) image, "image_id": int64 scalar, "orig_size": int64[2] (h, w)
+                          of the stored image}, ...]}
+
+``loader.SplitReader`` decides which rows form a batch and reads them; this module turns them
+into tensors. Every random draw comes from the Generator the caller passes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from raydetr.config import DataConfig
+from raydetr.data.formats import DatasetError
+from raydetr.data.transforms import decode_image, normalise_boxes, random_geometric, to_model_input
+
+Batch = dict[str, Any]
+COLUMNS = ("image_id", "image", "width", "height", "boxes", "labels")
+
+
+def scale_choices(resolution: int, scale_range: tuple[float, float]) -> list[int]:
+    """Multiples of 32 within [lo * resolution, hi * resolution]; [resolution] if none fit."""
+    lo, hi = scale_range
+    sizes = [s for s in range(32, int(hi * resolution) + 1, 32) if s >= lo * resolution]
+    return sizes or [resolution]
+
+
+def collate(rows: dict[str, np.ndarray], *, train: bool, resolution: int, data_cfg: DataConfig,
+            rng: np.random.Generator) -> Batch:
+    """Decode, augment (train only) and resize a batch of parquet rows (see module docstring).
+
+    ``rows``: column -> array of length B, as ``rows_of`` gives them (``image``
+    an object array of bytes; ``boxes`` / ``labels`` object arrays of 1-D arrays, or 2-D arrays
+    when all rows happen to have the same number of values). Training with
+    ``data_cfg.multi_scale`` resizes the whole batch to one size from ``scale_choices``.
+    """
+    n = len(rows["image_id"])
+    if n == 0:
+        raise ValueError("collate got an empty batch")
+    size = resolution
+    if train and data_cfg.multi_scale:
+        choices = scale_choices(resolution, tuple(data_cfg.scale_range))
+        size = int(choices[rng.integers(len(choices))])
+    images, targets = [], []
+    for i in range(n):
+        image_id = int(rows["image_id"][i])
+        try:
+            image = decode_image(bytes(rows["image"][i]))
+        except DatasetError as exc:
+            raise DatasetError(f"image id {image_id}: {exc}") from None
+        boxes = np.asarray(rows["boxes"][i], np.float32).reshape(-1, 4)
+        labels = np.asarray(rows["labels"][i], np.int64).reshape(-1)
+        orig_hw = image.shape[:2]
+        if train:
+            image, boxes, labels = random_geometric(image, boxes, labels, rng,
+                                                    data_cfg.hflip_prob, data_cfg.crop_prob)
+        h, w = image.shape[:2]
+        images.append(image)
+        targets.append({
+            "labels": torch.from_numpy(labels.copy()),
+            "boxes": torch.from_numpy(normalise_boxes(boxes, w, h)),
+            "image_id": torch.tensor(image_id, dtype=torch.int64),
+            "orig_size": torch.tensor(orig_hw, dtype=torch.int64),
+        })
+    return {"images": to_model_input(images, size), "targets": targets}
+
+
+def rows_of(table: pa.Table) -> dict[str, np.ndarray]:
+    """A pyarrow table of ``COLUMNS`` -> column -> object array, as ``collate`` takes them."""
+    out = {}
+    for c in COLUMNS:
+        values = table.column(c).to_pylist()
+        arr = np.empty(len(values), dtype=object)
+        arr[:] = values
+        out[c] = arr
+    return out
