@@ -187,37 +187,54 @@ def load_snapshot(path: Path) -> dict[str, Tensor]:
 def reconstruct(snaps: Sequence[Snapshot], sigma_rel: float, step: int | None = None
                 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Weights of the power-function EMA with ``sigma_rel`` at ``step`` (None: the last).
+    See :func:`reconstruct_many`."""
+    (weights, info), = reconstruct_many(snaps, [sigma_rel], step)
+    return weights, info
+
+
+def reconstruct_many(snaps: Sequence[Snapshot], sigma_rels: Sequence[float],
+                     step: int | None = None) -> list[tuple[dict[str, Tensor], dict[str, Any]]]:
+    """Weights of several power-function EMAs at ``step`` (None: the last stored step), reading
+    each snapshot once.
 
     Floating-point tensors are combined in float64 and returned as float32; the others
-    (integer buffers) come from the latest snapshot. Returns (state dict, info) where info has
-    the coefficients, the profile residual and the step.
+    (integer buffers) come from the latest snapshot. Each result is (state dict, info); info
+    has the coefficients, the profile residual and the step.
     """
     used, t_target = select_snapshots(snaps, step)
-    gamma_target = sigma_rel_to_gamma(float(sigma_rel))
-    x = solve_coefficients([s.updates for s in used], [s.gamma for s in used], t_target,
-                           gamma_target)
-    acc: dict[str, Tensor] = {}
+    ts, gammas = [s.updates for s in used], [s.gamma for s in used]
+    infos, coefs = [], []
+    for sigma_rel in sigma_rels:
+        gamma_target = sigma_rel_to_gamma(float(sigma_rel))
+        x = solve_coefficients(ts, gammas, t_target, gamma_target)
+        coefs.append(x)
+        infos.append({
+            "sigma_rel": float(sigma_rel), "gamma": gamma_target,
+            "step": max(s.step for s in used), "updates": t_target, "snapshots": len(used),
+            "coefficients": [float(c) for c in x],
+            "profile_residual": reconstruction_residual(ts, gammas, x, t_target, gamma_target),
+        })
+    accs: list[dict[str, Tensor]] = [{} for _ in sigma_rels]
     latest = max(used, key=lambda s: s.updates)
-    for coef, snap in zip(x, used):
+    ints: dict[str, Tensor] = {}
+    for i, snap in enumerate(used):
         for name, t in load_snapshot(snap.path).items():
             if not t.is_floating_point():
+                if snap is latest:
+                    ints[name] = t
                 continue
-            if name in acc:
-                acc[name].add_(t.to(torch.float64), alpha=float(coef))
-            else:
-                acc[name] = t.to(torch.float64) * float(coef)
-    out = {name: t.to(torch.float32) for name, t in acc.items()}
-    for name, t in load_snapshot(latest.path).items():
-        if not t.is_floating_point():
-            out[name] = t
-    info = {
-        "sigma_rel": float(sigma_rel), "gamma": gamma_target,
-        "step": max(s.step for s in used), "updates": t_target, "snapshots": len(used),
-        "coefficients": [float(c) for c in x],
-        "profile_residual": reconstruction_residual(
-            [s.updates for s in used], [s.gamma for s in used], x, t_target, gamma_target),
-    }
-    return out, info
+            t64 = t.to(torch.float64)
+            for acc, x in zip(accs, coefs):
+                if name in acc:
+                    acc[name].add_(t64, alpha=float(x[i]))
+                else:
+                    acc[name] = t64 * float(x[i])
+    out = []
+    for acc, info in zip(accs, infos):
+        weights = {name: t.to(torch.float32) for name, t in acc.items()}
+        weights.update(ints)
+        out.append((weights, info))
+    return out
 
 
 # ----------------------------------------------------------------------------- tracker

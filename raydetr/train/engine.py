@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -58,14 +58,17 @@ def _grouped(batches: Iterable[dict], n: int) -> Iterator[list[dict]]:
 def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[dict],
                     optimizer: torch.optim.Optimizer, lr_scheduler: Any, *, device: torch.device | str,
                     epoch: int, grad_accum_steps: int = 1, clip_max_norm: float = 0.1,
-                    ema: Any = None, amp_dtype: torch.dtype | None = None, log_every: int = 0
+                    ema: Any = None, amp_dtype: torch.dtype | None = None, log_every: int = 0,
+                    on_step: Callable[[nn.Module, int, Tensor | None], None] | None = None
                     ) -> dict[str, float]:
     """One pass over ``batches`` (Batch dicts, see raydetr.data.loader).
 
     Gradients of ``grad_accum_steps`` micro-batches are summed (each loss scaled by 1/n, n =
     size of that accumulation group) before one optimizer step; under DDP the non-final
     micro-steps run in ``model.no_sync()``. After each optimizer step: ``lr_scheduler.step()``
-    then ``ema.update(model)``. Raises NonFiniteLossError (epoch, step, image ids, loss terms)
+    then ``ema.update(model)``, then ``on_step(model, steps_this_epoch, grads_finite)``
+    (e.g. the post-hoc EMA tracker; ``grads_finite`` is the clipping norm's verdict or None).
+    Raises NonFiniteLossError (epoch, step, image ids, loss terms)
     on a NaN / inf loss. Returns train_loss (mean over micro-batches), steps (optimizer steps),
     images, seconds, images_per_s, lr (first group's lr after the epoch).
     """
@@ -112,6 +115,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[di
             # The clipping norm already tells whether the step kept the weights finite; the
             # EMA's own guard (a pass over every weight) runs only when clipping is off.
             ema.update(model, finite=grads_finite)
+        if on_step is not None:
+            on_step(model, steps, grads_finite)
         if log_every and steps % log_every == 0:
             log.info("epoch %d step %d loss %.4f lr %.2e", epoch, steps, total_loss / micro,
                      optimizer.param_groups[0]["lr"])

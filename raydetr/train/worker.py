@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from raydetr.config import Config, build_config
+from raydetr.ema.scaling import scale_for_batch
 from raydetr.train.checkpoint import (
     Bests,
     BestWeightsCache,
@@ -140,11 +141,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     model.to(device)
     criterion.to(device)
 
-    decays = cfg.ema.all_decays
+    decays = cfg.ema.all_decays  # as configured: the names of the shadows in every metric
+    # ema.reference_batch: the configured decays are for that batch; use decay**k, tau/k.
+    ema_scaling = scale_for_batch(decays, cfg.ema.tau, cfg.optim.batch_size
+                                  * cfg.optim.grad_accum_steps * world, cfg.ema.reference_batch)
     ema = None
     if cfg.ema.enabled:
         ema = ModelEma(
-            model, decay=cfg.ema.decay, tau=cfg.ema.tau, decays=cfg.ema.decays,
+            model, tau=ema_scaling.tau, decays=ema_scaling.decays,
             schedule=cfg.ema.schedule, schedule_kwargs=cfg.ema.schedule_kwargs,
             average_buffers=cfg.ema.average_buffers, device=cfg.ema.device,
             nan_guard=cfg.ema.nan_guard,
@@ -160,6 +164,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             f"{train_images} training images cannot fill one global batch of {global_batch} "
             f"(optim.batch_size {cfg.optim.batch_size} x {world} workers): lower either")
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.optim.grad_accum_steps)
+    posthoc = _posthoc_tracker(cfg, model, steps_per_epoch) if rank == 0 else None
     optimizer = build_optimizer(model, cfg.optim)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, steps_per_epoch)
     # The Tune scheduler makes the stop decision; rank 0 mirrors its counter for the log line
@@ -179,6 +184,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             model.load_state_dict(state["model"])
             if ema is not None and state.get("ema") is not None:
                 ema.load_state_dict(state["ema"])
+            if posthoc is not None:
+                if state.get("posthoc") is None:
+                    raise ValueError("ema.posthoc.enabled is set but the checkpoint being "
+                                     "resumed has no post-hoc EMA state: it cannot be added "
+                                     "mid-run; start a new run")
+                posthoc.load_state_dict(state["posthoc"])
             optimizer.load_state_dict(state["optimizer"])
             lr_scheduler.load_state_dict(state["lr_scheduler"])
             start_epoch, step = state["epoch"] + 1, state["step"]
@@ -196,10 +207,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         eff = cfg.optim.batch_size * cfg.optim.grad_accum_steps * world
         log.info(
             "effective batch %d = batch_size %d x grad_accum_steps %d x workers %d; "
-            "%d optimizer steps/epoch; device %s%s; EMA decays %s",
+            "%d optimizer steps/epoch; device %s%s; %s",
             eff, cfg.optim.batch_size, cfg.optim.grad_accum_steps, world, steps_per_epoch,
-            device, " (bf16)" if amp_dtype else "", decays if ema else "off",
+            device, " (bf16)" if amp_dtype else "", ema_scaling.describe() if ema else "EMA off",
         )
+        if posthoc is not None:
+            log.info("post-hoc EMA: sigma_rels %s, snapshots every %d steps into %s",
+                     posthoc.sigma_rels, posthoc.every_steps, posthoc.out_dir)
 
     # Every parameter is in the graph on every step (the model keeps the denoising embedding in
     # it even for batches without boxes), so DDP needs no unused-parameter search.
@@ -231,8 +245,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             ddp_model, criterion, batches, optimizer, lr_scheduler, device=device, epoch=epoch,
             grad_accum_steps=cfg.optim.grad_accum_steps, clip_max_norm=cfg.optim.clip_max_norm,
             ema=ema, amp_dtype=amp_dtype, log_every=cfg.run.log_every_steps,
+            on_step=partial(_posthoc_step, posthoc, step) if posthoc is not None else None,
         )
         step += stats["steps"]
+        if posthoc is not None:
+            posthoc.snapshot(step)  # every epoch ends with one, whatever every_steps is
         _maybe_inject_fault(loop_config.get("fault_inject"), epoch, rank)
 
         # Evaluate: regular + every EMA shadow, one decode per batch.
@@ -283,6 +300,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 state={
                     "model": model.state_dict(),
                     "ema": ema.state_dict() if ema else None,
+                    "posthoc": posthoc.state_dict() if posthoc is not None else None,
                     "optimizer": optimizer.state_dict(),
                     "lr_scheduler": lr_scheduler.state_dict(),
                     "scaler": None,  # bf16 autocast needs no grad scaler
@@ -304,6 +322,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if rank == 0:
         return {"epochs": len(history), "bests": bests.to_dict()}
     return None
+
+
+def _posthoc_tracker(cfg: Config, model: torch.nn.Module, steps_per_epoch: int):
+    """Rank 0's post-hoc EMA tracker (the weights are the same on every rank), writing into
+    ``<this run's Train storage>/posthoc`` next to the epoch checkpoints."""
+    if not cfg.ema.posthoc.enabled:
+        return None
+    import ray.train
+
+    from raydetr.ema.posthoc import PosthocTracker
+
+    storage = ray.train.get_context().get_storage()
+    if getattr(storage.storage_filesystem, "type_name", "local") != "local":
+        raise ValueError("ema.posthoc needs run.output_dir on a local or shared (NFS) file "
+                         f"system; this run stores to {storage.storage_filesystem.type_name}")
+    every = cfg.ema.posthoc.every_steps or max(1, steps_per_epoch // 4)
+    return PosthocTracker(model, cfg.ema.posthoc.sigma_rels, every,
+                          Path(storage.experiment_fs_path) / "posthoc",
+                          bf16=cfg.ema.posthoc.bf16, device=cfg.ema.device)
+
+
+def _posthoc_step(tracker, steps_before_epoch: int, model: torch.nn.Module, steps: int,
+                  finite: torch.Tensor | None) -> None:
+    tracker.after_step(model, steps_before_epoch + steps, finite)
 
 
 def _maybe_inject_fault(spec: str | None, epoch: int, rank: int) -> None:
