@@ -16,7 +16,7 @@ coefficients applied to the snapshots' weights give the reconstructed EMA.
 
     tracker = PosthocTracker(model, sigma_rels=(0.05, 0.10), every_steps=50, out_dir=d)
     ... optimizer.step(); tracker.after_step(model, step)       # step: optimizer steps so far
-    weights = reconstruct(list_snapshots(d), sigma_rel=0.07)     # dict name -> tensor
+    weights, info = reconstruct(list_snapshots(d), sigma_rel=0.07)  # state dict + fit info
 
 Snapshot files: ``<out_dir>/posthoc_t{updates:09d}_sr{sigma_rel}.safetensors`` (deterministic,
 so a retried epoch overwrites its own), metadata: format, step, updates, sigma_rel, gamma.
@@ -24,7 +24,6 @@ so a retried epoch overwrites its own), metadata: format, step, updates, sigma_r
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -333,8 +332,3 @@ class PosthocTracker:
 def snapshot_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in Path(directory).glob(SNAPSHOT_GLOB))
 
-
-def describe(snaps: Sequence[Snapshot]) -> str:
-    steps = sorted({s.step for s in snaps})
-    return json.dumps({"snapshots": len(snaps), "sigma_rels": sorted({s.sigma_rel for s in snaps}),
-                       "steps": _summarise(steps)})

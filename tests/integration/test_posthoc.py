@@ -1,6 +1,7 @@
 """Post-hoc EMA end to end on a real local Ray and a real MLflow server.
 
-One training run (1 CPU worker, killed once after epoch 2 and restarted by FailureConfig)
+One training run (1 CPU worker, 2 epochs, killed once after epoch 2 and restarted from the
+epoch-1 checkpoint by FailureConfig)
 tracks the power EMA at sigma_rel 0.07 directly (ema.schedule=power) and records post-hoc
 snapshots of 0.05 and 0.10; `raydetr posthoc` reconstructs 0.07 from them, which must match the
 directly tracked shadow, evaluates the profiles as Ray tasks, logs nested MLflow runs under the
@@ -57,7 +58,7 @@ def trained(tmp_path_factory, local_ray, mlflow_server):
     out = tmp_path_factory.mktemp("posthoc")
     cfg = tiny(out, "ph", "ema.schedule=power", "ema.schedule_kwargs={sigma_rel: 0.07}",
                "ema.decay=0.99999999", "ema.posthoc.enabled=true",
-               f"ema.posthoc.every_steps={EVERY}", "scaling.max_failures=1",
+               f"ema.posthoc.every_steps={EVERY}", "scaling.max_failures=1", "optim.epochs=2",
                f"mlflow.tracking_uri={mlflow_server.uri}", "mlflow.experiment=posthoc")
     marker = out / "killed-once"
     os.environ["RAYDETR_FAULT_INJECT"] = f"1:0:{marker}"
@@ -80,7 +81,7 @@ def test_snapshots_survive_the_restart(trained):
     assert state["posthoc"]["written"][-1] == steps
     # The run still reported both mAPs every epoch.
     assert all("map" in h and "map_ema" in h for h in state["history"])
-    assert len(state["history"]) == 3
+    assert len(state["history"]) == 2
 
 
 def test_posthoc_command_reconstructs_the_direct_shadow(trained, capsys):
@@ -144,10 +145,10 @@ def test_posthoc_command_reconstructs_the_direct_shadow(trained, capsys):
 def test_tune_posthoc_searches_without_training(trained, capsys):
     result, _ = trained
     rc = main(["tune", "--posthoc", str(result.run_dir), "--sigma-rel-range", "0.03", "0.2",
-               "--num-samples", "3"])
+               "--num-samples", "2"])
     assert rc == 0
     report = json.loads((result.run_dir / "posthoc" / "tune_results.json").read_text())
-    assert len(report["rows"]) == 3
+    assert len(report["rows"]) == 2
     assert all(0.03 <= r["sigma_rel"] <= 0.2 for r in report["rows"])
     assert not (result.run_dir / "trials").exists()  # no trial trained
     assert "post-hoc Tune search" in capsys.readouterr().out
@@ -174,6 +175,7 @@ def test_reference_batch_same_images_with_one_and_two_workers(tmp_path, local_ra
     used = {}
     for workers in (1, 2):
         cfg = tiny(tmp_path, f"w{workers}", f"scaling.num_workers={workers}", "optim.epochs=1",
+                   "data.synthetic_train_images=8",
                    "ema.decay=0.99", "ema.tau=20", "ema.reference_batch=4",
                    "mlflow.enabled=false")
         result = fit(cfg)
