@@ -5,6 +5,8 @@
     raydetr make-synthetic OUT [--train-images N] [--val-images N] [--image-size PX] [--seed S]
     raydetr train [--config FILE] [--resume] [--pretrain-weights F] [--early-stopping] [key=value ...]
     raydetr tune  [--config FILE] [key=value ...]
+    raydetr tune  --posthoc RUN [--sigma-rel-range LO HI] [--num-samples N] [--search-alg random|grid]
+    raydetr posthoc RUN --sigma-rel S [S ...] | --sigma-rel-range LO HI N [--step K] [--register]
     raydetr register RUN_DIR
     raydetr predict --model URI|DIR IMAGES... --out DIR [--threshold T]
     raydetr evaluate --model URI|DIR --data DATASET [--split val] [--mlflow]
@@ -75,6 +77,25 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="hyperparameter search (e.g. over ema.decay) with Ray Tune")
     _train_args(p)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--posthoc", metavar="RUN", help="search the post-hoc EMA width sigma_rel of "
+                   "a finished run instead (no training; see `raydetr posthoc`)")
+    p.add_argument("--sigma-rel-range", nargs=2, type=float, default=[0.02, 0.25],
+                   metavar=("LO", "HI"), help="--posthoc: sigma_rel bounds (log-uniform)")
+    p.add_argument("--num-samples", type=int, default=8, help="--posthoc: trials")
+    p.add_argument("--search-alg", choices=["random", "grid"], default="random",
+                   help="--posthoc: random (Tune's BasicVariantGenerator) or a log-spaced grid")
+    p.add_argument("--step", type=int, help="--posthoc: reconstruct at this stored step")
+
+    p = sub.add_parser("posthoc", help="reconstruct + evaluate post-hoc EMA profiles of a run")
+    p.add_argument("run", help="<run.output_dir>/<run.name> of a run trained with "
+                   "ema.posthoc.enabled=true (or a trial's Train storage dir)")
+    p.add_argument("--sigma-rel", nargs="+", type=float, help="profile widths to evaluate")
+    p.add_argument("--sigma-rel-range", nargs=3, metavar=("LO", "HI", "N"),
+                   help="N widths log-spaced from LO to HI")
+    p.add_argument("--step", type=int, help="optimizer step to reconstruct at (default: last)")
+    p.add_argument("--register", action="store_true",
+                   help="publish the best profile when it beats the run's winner")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
 
     p = sub.add_parser("register", help="register a finished run's winner in MLflow")
     p.add_argument("run_dir")
@@ -114,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # errors meant for users carry their own message
+        from raydetr.posthoc_eval import PosthocError
         from raydetr.train.driver import FitError
 
-        known: tuple[type[BaseException], ...] = (FitError, FileNotFoundError)
+        known: tuple[type[BaseException], ...] = (FitError, FileNotFoundError, PosthocError)
         try:
             from raydetr.data.formats import DatasetError
 
@@ -168,6 +190,20 @@ def _dispatch(args: argparse.Namespace) -> int:
             result = fit(cfg, resume=args.resume, pretrain_weights=args.pretrain_weights)
         _print_fit(result)
         return 0
+    if cmd == "tune" and args.posthoc:
+        from raydetr.tune.posthoc_search import posthoc_search
+
+        if args.overrides or args.config or args.resume:
+            raise ConfigError("tune --posthoc takes no config, overrides or --resume: the run's "
+                              "own config is used")
+        posthoc_search(Path(args.posthoc), tuple(args.sigma_rel_range), args.num_samples,
+                       step=args.step, grid=args.search_alg == "grid")
+        return 0
+    if cmd == "posthoc":
+        from raydetr.posthoc_cmd import command
+
+        return command(args.run, args.sigma_rel, args.sigma_rel_range, args.step,
+                       args.register, args.no_mlflow)
     if cmd == "tune":
         from raydetr.tune.search import search
 

@@ -100,6 +100,30 @@ class OptimConfig(_Strict):
     amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU).")
 
 
+class PosthocConfig(_Strict):
+    """Post-hoc EMA (EDM2): track power-function EMAs, snapshot them, pick sigma_rel later."""
+
+    enabled: bool = Field(False, description="Record post-hoc EMA snapshots (`raydetr posthoc`).")
+    sigma_rels: list[float] = Field(
+        default_factory=lambda: [0.05, 0.10],
+        description="Relative widths of the tracked power-function EMAs (EDM2: 0.05, 0.10).",
+    )
+    every_steps: int | None = Field(
+        None, gt=0, description="Snapshot every N optimizer steps; None: 4 per epoch."
+    )
+    bf16: bool = Field(False, description="Store snapshots in bfloat16 (half the bytes).")
+
+    @field_validator("sigma_rels")
+    @classmethod
+    def _sigma_rels_valid(cls, v: list[float]) -> list[float]:
+        if len(v) < 2 or len(set(v)) != len(v):
+            raise ValueError(f"needs at least 2 distinct values, e.g. [0.05, 0.10]; got {v}")
+        bad = [s for s in v if not 0 < s < 0.28]
+        if bad:
+            raise ValueError(f"every sigma_rel must be in (0, 0.28); got {bad}")
+        return v
+
+
 class EmaConfig(_Strict):
     enabled: bool = True
     decay: list[float] = Field(
@@ -115,6 +139,13 @@ class EmaConfig(_Strict):
     average_buffers: bool = True
     nan_guard: bool = Field(True, description="Skip (and count) updates from non-finite weights.")
     device: str | None = Field(None, description="e.g. 'cpu' to keep the shadow off the GPU.")
+    reference_batch: int | None = Field(
+        None, gt=0,
+        description="Effective batch the decays (and tau) were chosen for; the run uses "
+        "decay**k and tau/k with k = effective batch / reference_batch (Busbridge et al. 2023), "
+        "so the averaging window stays the same number of images. None: no scaling.",
+    )
+    posthoc: PosthocConfig = Field(default_factory=PosthocConfig)
 
     @field_validator("decay", mode="before")
     @classmethod

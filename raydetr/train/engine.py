@@ -59,14 +59,16 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[di
                     optimizer: torch.optim.Optimizer, lr_scheduler: Any, *, device: torch.device | str,
                     epoch: int, grad_accum_steps: int = 1, clip_max_norm: float = 0.1,
                     ema: Any = None, amp_dtype: torch.dtype | None = None, log_every: int = 0,
-                    on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+                    on_step: Callable[[nn.Module, int, Tensor | None], None] | None = None
+                    ) -> dict[str, float]:
     """One pass over ``batches`` (Batch dicts, see raydetr.data.loader).
 
     Gradients of ``grad_accum_steps`` micro-batches are summed (each loss scaled by 1/n, n =
     size of that accumulation group) before one optimizer step; under DDP the non-final
     micro-steps run in ``model.no_sync()``. After each optimizer step: ``lr_scheduler.step()``
-    then ``ema.update(model)``, then ``on_step(steps_this_epoch)`` (e.g. post-hoc EMA
-    snapshots). Raises NonFiniteLossError (epoch, step, image ids, loss terms)
+    then ``ema.update(model)``, then ``on_step(model, steps_this_epoch, grads_finite)``
+    (e.g. the post-hoc EMA tracker; ``grads_finite`` is the clipping norm's verdict or None).
+    Raises NonFiniteLossError (epoch, step, image ids, loss terms)
     on a NaN / inf loss. Returns train_loss (mean over micro-batches), steps (optimizer steps),
     images, seconds, images_per_s, lr (first group's lr after the epoch).
     """
@@ -114,7 +116,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[di
             # EMA's own guard (a pass over every weight) runs only when clipping is off.
             ema.update(model, finite=grads_finite)
         if on_step is not None:
-            on_step(steps)
+            on_step(model, steps, grads_finite)
         if log_every and steps % log_every == 0:
             log.info("epoch %d step %d loss %.4f lr %.2e", epoch, steps, total_loss / micro,
                      optimizer.param_groups[0]["lr"])
@@ -127,12 +129,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[di
 @torch.no_grad()
 def predict_records(models: dict[str, nn.Module], postprocessor: nn.Module, batches: Iterable[dict],
                     device: torch.device | str, amp_dtype: torch.dtype | None = None,
-                    top_k: int = 100, before: Callable[[str], None] | None = None
-                    ) -> dict[str, list[dict]]:
+                    top_k: int = 100) -> dict[str, list[dict]]:
     """Eval records per model variant (see the contract); each batch is moved once and run
-    through every variant. ``before(name)`` runs before each variant's forward: several
-    variants can share one module whose weights it swaps in (one eval model for every EMA
-    shadow). Ground truth comes from the batch targets (cxcywh normalised ->
+    through every variant. Ground truth comes from the batch targets (cxcywh normalised ->
     xyxy absolute pixels of orig_size); predictions are in the same frame.
     """
     device = torch.device(device)
@@ -151,8 +150,6 @@ def predict_records(models: dict[str, nn.Module], postprocessor: nn.Module, batc
             gts.append((int(t["image_id"]), w, h, gt.numpy().astype(np.float32),
                         t["labels"].cpu().numpy().astype(np.int64)))
         for name, model in models.items():
-            if before is not None:
-                before(name)
             with _autocast(device, amp_dtype):
                 outputs = model(images)
             dets = postprocessor(outputs, sizes.to(device), top_k=top_k)

@@ -31,6 +31,7 @@ class TrainState:
     # EMA is resumed with EMA on (the shadow must start from the loaded weights, as RF-DETR
     # rebuilds its EMA after loading).
     ema_factory: Callable[[nn.Module], Any] | None = None
+    posthoc: Any = None  # raydetr.ema.posthoc.PosthocTracker (rank 0, ema.posthoc.enabled)
     epoch: int = -1  # last finished epoch (0-based); -1 before the first
     step: int = 0  # optimizer steps done
     bests: Bests = field(default_factory=Bests)
@@ -45,6 +46,7 @@ class TrainState:
         return {
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "posthoc": self.posthoc.state_dict() if self.posthoc is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": None,  # bf16 autocast needs no grad scaler
@@ -62,6 +64,11 @@ class TrainState:
                 self.ema.load_state_dict(state["ema"])
             elif self.ema_factory is not None:
                 self.ema = self.ema_factory(self.model)
+        if self.posthoc is not None:
+            if state.get("posthoc") is None:
+                raise ValueError("ema.posthoc.enabled is set but the checkpoint being resumed has "
+                                 "no post-hoc EMA state: it cannot be added mid-run; start a new run")
+            self.posthoc.load_state_dict(state["posthoc"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])

@@ -122,11 +122,21 @@ class Recipe:
         self.model.to(self.device)
         self.criterion.to(self.device)
 
+    def ema_scaling(self):
+        """The decays and tau this run uses: as configured, or scaled to the effective batch
+        when ``ema.reference_batch`` is set (raydetr.ema.scaling)."""
+        from raydetr.ema.scaling import scale_for_batch
+
+        c = self.cfg
+        return scale_for_batch(c.ema.decay, c.ema.tau,
+                               c.optim.batch_size * c.optim.grad_accum_steps * self.world,
+                               c.ema.reference_batch)
+
     def make_ema(self, model: torch.nn.Module):
         from raydetr.ema.ema import ModelEma
 
-        e = self.cfg.ema
-        return ModelEma(model, tau=e.tau, decays=e.decay, schedule=e.schedule,
+        e, scaled = self.cfg.ema, self.ema_scaling()
+        return ModelEma(model, tau=scaled.tau, decays=scaled.decays, schedule=e.schedule,
                         schedule_kwargs=e.schedule_kwargs, average_buffers=e.average_buffers,
                         device=e.device, nan_guard=e.nan_guard,
                         total_steps=self.steps_per_epoch * self.cfg.optim.epochs)
@@ -145,7 +155,7 @@ class Recipe:
             self.model, optimizer, build_lr_scheduler(optimizer, self.cfg.optim,
                                                       self.steps_per_epoch),
             ema=self.make_ema(self.model) if self.cfg.ema.enabled else None,
-            ema_factory=self.make_ema)
+            ema_factory=self.make_ema, posthoc=self.make_posthoc())
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as ckpt_dir:
@@ -162,14 +172,37 @@ class Recipe:
 
         self.evaluator = ShadowEvaluator(self.model, self.state.ema)
 
+    def make_posthoc(self):
+        """Rank 0's post-hoc EMA tracker (the weights are the same on every rank), writing into
+        ``<this run's Train storage>/posthoc`` next to the epoch checkpoints; None when off."""
+        if not self.cfg.ema.posthoc.enabled or self.rank != 0:
+            return None
+        import ray.train
+
+        from raydetr.ema.posthoc import PosthocTracker
+
+        ph = self.cfg.ema.posthoc
+        storage = ray.train.get_context().get_storage()
+        if getattr(storage.storage_filesystem, "type_name", "local") != "local":
+            raise ValueError("ema.posthoc needs run.output_dir on a local or shared (NFS) file "
+                             f"system; this run stores to {storage.storage_filesystem.type_name}")
+        every = ph.every_steps or max(1, self.steps_per_epoch // 4)
+        return PosthocTracker(self.model, ph.sigma_rels, every,
+                              Path(storage.experiment_fs_path) / "posthoc", bf16=ph.bf16,
+                              device=self.cfg.ema.device)
+
     def log_header(self) -> None:
         c = self.cfg
         eff = c.optim.batch_size * c.optim.grad_accum_steps * self.world
         log.info("effective batch %d = batch_size %d x grad_accum_steps %d x workers %d; "
-                 "%d optimizer steps/epoch; device %s%s; EMA decays %s",
+                 "%d optimizer steps/epoch; device %s%s; %s",
                  eff, c.optim.batch_size, c.optim.grad_accum_steps, self.world,
                  self.steps_per_epoch, self.device, " (bf16)" if self.amp_dtype else "",
-                 c.ema.decay if self.state.ema else "off")
+                 self.ema_scaling().describe() if self.state.ema else "EMA off")
+        ph = self.state.posthoc
+        if ph is not None:
+            log.info("post-hoc EMA: sigma_rels %s, snapshots every %d steps into %s",
+                     ph.sigma_rels, ph.every_steps, ph.out_dir)
 
     # ------------------------------------------------------------------ per epoch
     def train_batches(self, epoch: int):
@@ -184,13 +217,19 @@ class Recipe:
                                           batch_size=max(self.cfg.optim.batch_size, 8),
                                           resolution=self.resolution)
 
-    def train_epoch(self, epoch: int, on_step=None) -> dict[str, float]:
+    def train_epoch(self, epoch: int) -> dict[str, float]:
         from raydetr.train.engine import train_one_epoch
 
         # Reseed per (seed, epoch, rank): ranks consume randomness at different rates, so this,
         # not one saved state, makes restarts exact.
         seed_everything(self.cfg.run.seed * 1_000_003 + epoch * 1_009 + self.rank)
         s, o = self.state, self.cfg.optim
+        on_step = None
+        if s.posthoc is not None:  # global step = steps before this epoch + steps in it
+            steps_before = s.step
+
+            def on_step(model, steps, finite):
+                s.posthoc.after_step(model, steps_before + steps, finite)
         self.model.train()
         stats = train_one_epoch(
             self.ddp_model, self.criterion, self.train_batches(epoch), s.optimizer,
@@ -198,6 +237,8 @@ class Recipe:
             clip_max_norm=o.clip_max_norm, ema=s.ema, amp_dtype=self.amp_dtype,
             log_every=self.cfg.run.log_every_steps, on_step=on_step)
         s.step += stats["steps"]
+        if s.posthoc is not None:
+            s.posthoc.snapshot(s.step)  # every epoch ends with one, whatever every_steps is
         return stats
 
     def evaluate(self, epoch: int, stats: dict[str, float]) -> EpochResult | None:

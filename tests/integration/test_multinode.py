@@ -113,7 +113,7 @@ def _job_cmd(cluster: TwoNodes, out: Path, name: str, mlflow_uri: str, *extra: s
         "python", "jobs/train.py", "--config", "configs/smoke.yaml",
         f"run.output_dir={out}", f"run.name={name}", "run.seed=3", "optim.epochs=3",
         "scaling.num_workers=2", "scaling.cpus_per_worker=1", "scaling.torch_threads=1",
-        "scaling.placement_strategy=SPREAD", "ema.decays=[0.9,0.99]",
+        "scaling.placement_strategy=SPREAD", "ema.decay=[0.9,0.99]",
         "run.log_every_steps=1", f"mlflow.tracking_uri={mlflow_uri}",
         f"mlflow.model_name={name}-detector", *extra,
     ]
