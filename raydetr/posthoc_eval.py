@@ -147,8 +147,8 @@ def write_profiles(run: PosthocRun, sigma_rels: list[float], step: int | None,
 def evaluate_profile(model_dir: Path, prepared: Path, split: str,
                      device: str | None = None) -> dict[str, Any]:
     """COCO metrics of a profile dir on ``split`` (same path as ``raydetr evaluate``)."""
-    from raydetr.evaluate import run_evaluation
     from raydetr.detector import Detector
+    from raydetr.evaluate import run_evaluation
 
     detector = Detector.from_files(Path(model_dir) / "model.safetensors",
                                    Path(model_dir) / "meta.json", device=device or "cpu")
