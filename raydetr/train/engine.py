@@ -129,9 +129,12 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[di
 @torch.no_grad()
 def predict_records(models: dict[str, nn.Module], postprocessor: nn.Module, batches: Iterable[dict],
                     device: torch.device | str, amp_dtype: torch.dtype | None = None,
-                    top_k: int = 100) -> dict[str, list[dict]]:
+                    top_k: int = 100, before: Callable[[str], None] | None = None
+                    ) -> dict[str, list[dict]]:
     """Eval records per model variant (see the contract); each batch is moved once and run
-    through every variant. Ground truth comes from the batch targets (cxcywh normalised ->
+    through every variant. ``before(name)`` runs before each variant's forward: several
+    variants can share one module whose weights it swaps in (one eval model for every EMA
+    shadow). Ground truth comes from the batch targets (cxcywh normalised ->
     xyxy absolute pixels of orig_size); predictions are in the same frame.
     """
     device = torch.device(device)
@@ -150,6 +153,8 @@ def predict_records(models: dict[str, nn.Module], postprocessor: nn.Module, batc
             gts.append((int(t["image_id"]), w, h, gt.numpy().astype(np.float32),
                         t["labels"].cpu().numpy().astype(np.int64)))
         for name, model in models.items():
+            if before is not None:
+                before(name)
             with _autocast(device, amp_dtype):
                 outputs = model(images)
             dets = postprocessor(outputs, sizes.to(device), top_k=top_k)
