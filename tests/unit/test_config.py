@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from raydetr.config import ConfigError, load_config
+from raydetr.config import ConfigError, build_config, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
@@ -51,3 +51,24 @@ def test_bad_file(tmp_path):
 def test_override_syntax():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["optim.lr"])
+
+
+def test_old_preset_names_fail_naming_the_new_one():
+    for old, new in (("nano", "rtdetr-r18"), ("small", "rtdetr-r34"), ("medium", "rtdetr-r50")):
+        with pytest.raises(ConfigError, match=f"renamed to '{new}'.*rfdetr-{old}"):
+            load_config(None, [f"model.preset={old}"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config(None, ["model.preset=rfdetr-huge"])
+
+
+def test_rfdetr_resolution_rule_and_family_defaults():
+    with pytest.raises(ConfigError, match="multiple of 56"):
+        load_config(None, ["model.preset=rfdetr-base", "model.resolution=576"])
+    assert load_config(None, ["model.preset=rfdetr-base", "model.resolution=560"])
+    cfg = load_config(None, ["model.preset=rfdetr-nano", "optim.lr=3e-4"])
+    # RF-DETR's recipe where the user set nothing; explicit values win
+    assert (cfg.optim.lr, cfg.optim.lr_encoder, cfg.optim.warmup_steps) == (3e-4, 1.5e-4, 0)
+    assert cfg.loss.cls_loss == "ia_bce" and cfg.model.num_denoising == 0
+    # round trip (checkpoints store the config) keeps them
+    assert build_config(cfg.to_dict()) == cfg
+    assert load_config(None, []).loss.cls_loss == "varifocal"

@@ -10,7 +10,7 @@ from raydetr.train.optim import build_lr_scheduler, build_optimizer, lr_factor
 
 
 def test_param_groups_backbone_lr_and_no_decay():
-    model, _, _ = build(ModelConfig(preset="nano"), LossConfig(), 3)
+    model, _, _ = build(ModelConfig(preset="rtdetr-r18"), LossConfig(), 3)
     cfg = OptimConfig(lr=2e-4, lr_encoder=1e-5, weight_decay=0.05)
     opt = build_optimizer(model, cfg)
     by_name = {}
@@ -35,7 +35,7 @@ def test_param_groups_see_through_ddp_prefix():
             super().__init__()
             self.module = m
 
-    model, _, _ = build(ModelConfig(preset="nano"), LossConfig(), 3)
+    model, _, _ = build(ModelConfig(preset="rtdetr-r18"), LossConfig(), 3)
     opt = build_optimizer(Wrapper(model), OptimConfig(lr_encoder=3e-5))
     lrs = {g["group_name"]: g["lr"] for g in opt.param_groups}
     assert lrs["backbone"] == 3e-5 and lrs["head"] == OptimConfig().lr
