@@ -59,7 +59,7 @@ def bench_preset(preset: str, decays: list[float], repeats: int, work: Path) -> 
     classes = ["a", "b", "c"]
     model, criterion, _ = build(cfg.model, cfg.loss, len(classes))
     ema = ModelEma(model, decay=decays[0], decays=cfg.ema.decays)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, cfg.model.preset)
     scheduler = build_lr_scheduler(optimizer, cfg.optim, 10)
     images = torch.randn(2, 3, 64, 64)
     targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]]),

@@ -19,6 +19,7 @@ from raydetr.loss.criterion import SetCriterion
 from raydetr.loss.matcher import HungarianMatcher
 from raydetr.model.backbone import freeze_batchnorm, load_resnet_state_dict
 from raydetr.model.detr import DETR
+from raydetr.model.rfdetr.presets import RFDETR_PRESETS
 from raydetr.postprocess import PostProcessor
 
 # Per preset: every architecture knob. ModelConfig's None fields fall back to these.
@@ -37,19 +38,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# RF-DETR presets: native resolution and decoder queries (RF-DETR's ModelConfig values); the
-# architecture itself is raydetr.model.rfdetr.RFDETR_PRESETS.
-RFDETR_RESOLUTIONS = {"rfdetr-nano": 384, "rfdetr-small": 512, "rfdetr-medium": 576,
-                      "rfdetr-base": 560}
-RFDETR_NUM_QUERIES = 300
-
-
 def resolve_model_config(cfg: ModelConfig) -> dict[str, Any]:
     """Preset values with the config's explicit (non-None) fields on top; every key filled."""
     if preset_family(cfg.preset) == "rfdetr":
+        arch = RFDETR_PRESETS[cfg.preset]
         return dict(preset=cfg.preset, family="rfdetr",
-                    resolution=cfg.resolution or RFDETR_RESOLUTIONS[cfg.preset],
-                    num_queries=cfg.num_queries or RFDETR_NUM_QUERIES,
+                    resolution=cfg.resolution or arch["resolution"],
+                    num_queries=cfg.num_queries or arch["num_queries"],
                     gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.preset not in PRESETS:
         raise ValueError(f"model.preset '{cfg.preset}' unknown; choose one of {sorted(PRESETS)}")
@@ -72,10 +67,10 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
     if r["family"] == "rfdetr":
         from raydetr.model.rfdetr import build_rfdetr
 
-        if r["num_queries"] != RFDETR_NUM_QUERIES:
-            raise ValueError(f"model.num_queries: {model_cfg.preset} has RF-DETR's "
-                             f"{RFDETR_NUM_QUERIES} queries (its checkpoints carry them); "
-                             "leave it unset")
+        native = RFDETR_PRESETS[model_cfg.preset]["num_queries"]
+        if r["num_queries"] != native:
+            raise ValueError(f"model.num_queries: {model_cfg.preset} has RF-DETR's {native} "
+                             "queries (its checkpoints carry them); leave it unset")
         return build_rfdetr(model_cfg.preset, num_classes=num_classes,
                             gradient_checkpointing=r["gradient_checkpointing"])
     model = DETR(

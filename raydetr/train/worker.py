@@ -160,7 +160,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             f"{train_images} training images cannot fill one global batch of {global_batch} "
             f"(optim.batch_size {cfg.optim.batch_size} x {world} workers): lower either")
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.optim.grad_accum_steps)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, cfg.model.preset)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, steps_per_epoch)
     # The Tune scheduler makes the stop decision; rank 0 mirrors its counter for the log line
     # and keeps it in the checkpoint, so a resumed run shows the same counter.
