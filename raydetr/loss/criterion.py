@@ -148,9 +148,9 @@ class SetCriterion(nn.Module):
                 terms[k + suffix] = v
 
         add(outputs, self.matcher(outputs, targets, groups), "", num_boxes)
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+        for i, aux in enumerate(outputs.get("aux_outputs") or []):
             add(aux, self.matcher(aux, targets, groups), f"_aux{i}", num_boxes)
-        if "enc_outputs" in outputs:
+        if outputs.get("enc_outputs"):
             enc = outputs["enc_outputs"]
             add(enc, self.matcher(enc, targets, groups), "_enc", num_boxes)
         if "dn_outputs" in outputs:
