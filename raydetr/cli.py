@@ -122,9 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # errors meant for users carry their own message
-        from raydetr.train.driver import FitError
-
         from raydetr.model.convert import ConvertError
+        from raydetr.train.driver import FitError
 
         known: tuple[type[BaseException], ...] = (FitError, FileNotFoundError, ConvertError)
         try:
