@@ -49,8 +49,7 @@ class LWDETR(nn.Module):
                  hidden_dim: int, sa_nheads: int, ca_nheads: int, dec_n_points: int,
                  dim_feedforward: int, num_queries: int, group_detr: int,
                  vit_width: int, vit_depth: int, vit_heads: int, vit_mlp_ratio: int,
-                 projector_blocks: int, gradient_checkpointing: bool = False,
-                 **_unused: Any) -> None:
+                 projector_blocks: int, gradient_checkpointing: bool = False) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -163,5 +162,6 @@ def build_rfdetr(preset: str, num_classes: int = 91, gradient_checkpointing: boo
     if preset not in RFDETR_PRESETS:
         raise ValueError(f"unknown RF-DETR preset '{preset}'; choose one of "
                          f"{sorted(RFDETR_PRESETS)}")
-    cfg = {k: v for k, v in RFDETR_PRESETS[preset].items() if k != "num_classes"}
+    # num_select is the postprocessor's (top-k detections), not the model's.
+    cfg = {k: v for k, v in RFDETR_PRESETS[preset].items() if k not in ("num_classes", "num_select")}
     return LWDETR(num_classes, gradient_checkpointing=gradient_checkpointing, **cfg)
