@@ -255,3 +255,28 @@ def pretrained_state_dict(path: str | Path, model: nn.Module) -> tuple[dict[str,
         return state, notes
     incoming = obj.get("model", obj) if isinstance(obj, dict) else obj
     return _state_dict(incoming, p, "model"), []
+
+
+def check_pretrain_weights(path: str | Path, preset: str) -> None:
+    """Before Ray starts: ``path`` loads with pickle off and fits ``preset`` (an RF-DETR file's
+    inferred preset, or a model dir's meta.json preset), else a ConvertError saying what to set."""
+    p = Path(path)
+    if p.is_dir():
+        meta_path = p / "meta.json"
+        if not (p / "model.safetensors").is_file() or not meta_path.is_file():
+            raise ConvertError(f"--pretrain-weights {p}: expected model.safetensors + meta.json")
+        theirs = json.loads(meta_path.read_text()).get("model", {}).get("preset")
+        if theirs and theirs != preset:
+            raise ConvertError(f"--pretrain-weights {p} is a {theirs} model; set "
+                               f"model.preset={theirs}")
+        return
+    if p.suffix == ".safetensors":
+        if not p.is_file():
+            raise ConvertError(f"--pretrain-weights: file not found: {p}")
+        return
+    obj = load_torch_file(p)
+    if isinstance(obj, dict) and "model" in obj and "args" in obj:
+        theirs = infer_preset(_state_dict(obj["model"], p, "model"), str(p))
+        if theirs != preset:
+            raise ConvertError(f"--pretrain-weights {p} is an RF-DETR {theirs} checkpoint; set "
+                               f"model.preset={theirs}")

@@ -288,6 +288,10 @@ def fit(cfg: Config, *, resume: bool = False, pretrain_weights: str | None = Non
     """Train one model (one Tune trial) and publish the winner."""
     from raydetr.train.postfit import finalize
 
+    if pretrain_weights:  # a wrong file fails here, with a message, not inside a Ray worker
+        from raydetr.model.convert import check_pretrain_weights
+
+        check_pretrain_weights(pretrain_weights, cfg.model.preset)
     scheduler = None
     if cfg.early_stopping.enabled:
         from raydetr.tune.early_stopping import EarlyStoppingScheduler

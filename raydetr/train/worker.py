@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from raydetr.config import Config, build_config
+from raydetr.config import Config, build_config, preset_family, resolution_multiple
 from raydetr.train.checkpoint import (
     Bests,
     BestWeightsCache,
@@ -47,32 +47,26 @@ def seed_everything(seed: int) -> None:
 
 
 def load_pretrained(model: torch.nn.Module, path: str) -> list[str]:
-    """Start from weights (a winner's model.safetensors or a checkpoint's state.pt).
+    """Start from weights (a winner / converted dir, model.safetensors, a checkpoint's state.pt,
+    or an RF-DETR .pth: see raydetr.model.convert.pretrained_state_dict).
 
-    Tensors whose shape differs (the class head when the class count differs) keep their fresh
-    initialisation, as RF-DETR does with ``pretrain_weights``. Returns the re-initialised keys.
+    Tensors whose shape still differs (the class head of a raydetr model trained on other
+    classes) keep their fresh initialisation. Returns what was done, for the log.
     """
-    from raydetr.train.checkpoint import load_weights
+    from raydetr.model.convert import pretrained_state_dict
 
-    p = Path(path)
-    if p.is_dir():
-        p = p / "model.safetensors"
-    if p.suffix == ".safetensors":
-        incoming = load_weights(p)
-    else:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-        incoming = obj.get("model", obj) if isinstance(obj, dict) else obj
+    incoming, notes = pretrained_state_dict(path, model)
     own = model.state_dict()
     unknown = sorted(set(incoming) - set(own))
     if len(unknown) > len(own) // 2:
         raise ValueError(
             f"--pretrain-weights {path}: {len(unknown)} of its keys are not in this model "
-            f"(e.g. {unknown[:3]}); is it a raydetr model of the same preset?"
+            f"(e.g. {unknown[:3]}); is it a model of the same preset?"
         )
     reinit = [k for k, v in incoming.items() if k in own and own[k].shape != v.shape]
     usable = {k: v for k, v in incoming.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(usable, strict=False)
-    return reinit
+    return notes + (["re-initialised: " + ", ".join(reinit)] if reinit else [])
 
 
 def _gather_records(records: dict[str, list[dict]], rank: int, world: int):
@@ -110,7 +104,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
     import ray.train.torch
 
-    from raydetr.data.loader import make_collate
+    from raydetr.data.loader import make_collate, rfdetr_scales
     from raydetr.ema.ema import ModelEma
     from raydetr.eval.coco import coco_metrics
     from raydetr.model.build import build, resolve_model_config
@@ -129,14 +123,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     device = ray.train.torch.get_device()
     amp_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.optim.amp) else None
     resolution = resolve_model_config(cfg.model)["resolution"]
+    # RF-DETR's multi-scale sizes are its own (steps of patch x windows); None: ours
+    train_scales = (rfdetr_scales(resolution, resolution_multiple(cfg.model.preset))
+                    if preset_family(cfg.model.preset) == "rfdetr" else None)
 
     seed_everything(cfg.run.seed)  # identical init on every rank
     model, criterion, postprocessor = build(cfg.model, cfg.loss, len(classes))
     if loop_config.get("pretrain_weights"):
-        reinit = load_pretrained(model, loop_config["pretrain_weights"])
+        notes = load_pretrained(model, loop_config["pretrain_weights"])
         if rank == 0:
-            log.info("pretrain weights %s loaded; re-initialised: %s",
-                     loop_config["pretrain_weights"], reinit or "nothing")
+            log.info("pretrain weights %s loaded; %s", loop_config["pretrain_weights"],
+                     "; ".join(notes) or "every tensor as is")
     model.to(device)
     criterion.to(device)
 
@@ -221,7 +218,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             drop_last=world > 1,
             collate_fn=make_collate(train=True, resolution=resolution, data_cfg=cfg.data,
                                     seed=cfg.run.seed, epoch=epoch, rank=rank, world=world,
-                                    shard="slice"),
+                                    shard="slice", scales=train_scales),
             local_shuffle_buffer_size=max(8 * global_batch, 256),
             local_shuffle_seed=cfg.run.seed * 100003 + epoch,
             prefetch_batches=2,
