@@ -198,9 +198,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             device, " (bf16)" if amp_dtype else "", decays if ema else "off",
         )
 
-    # Every parameter is in the graph on every step (the model keeps the denoising embedding in
-    # it even for batches without boxes), so DDP needs no unused-parameter search.
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
+    # rtdetr: every parameter is in the graph on every step (the model keeps the denoising
+    # embedding in it even for batches without boxes), so DDP needs no unused-parameter search.
+    # rfdetr: RF-DETR's layout has parameters no step uses (the ViT's mask_token; base's last
+    # block, whose output is discarded), so DDP must look for them.
+    ddp_model = ray.train.torch.prepare_model(
+        model, move_to_device=False,
+        parallel_strategy_kwargs={"find_unused_parameters": preset_family(cfg.model.preset)
+                                  == "rfdetr"})
     eval_models: dict[str, torch.nn.Module] = {"regular": model}
     ema_names = {d: f"ema@{d}" for d in decays}
     if ema is not None:
