@@ -26,8 +26,18 @@ def local_ray():
     import ray
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    # address="local": a cluster of our own, never another test session's running one
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1")
+    # address="local": a cluster of our own, never another test session's running one. Ray
+    # gives its raylet a fixed 30 s to register; on a saturated shared machine that can pass,
+    # so the start is retried (a failed start leaves nothing running after ray.shutdown()).
+    for attempt in range(3):
+        try:
+            ray.init(address="local", num_cpus=4, include_dashboard=True,
+                     dashboard_host="127.0.0.1")
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield
     ray.shutdown()
 
