@@ -130,3 +130,19 @@ def test_pretrained_state_dict_resizes_heads_for_training(coco_pth):
     with pytest.raises(ConvertError, match="does not match"):
         pretrained_state_dict(coco_pth, build_rfdetr("rfdetr-small", num_classes=2))
     assert json.dumps(notes)
+
+
+def test_evaluate_a_converted_model_with_more_logits_by_class_name(tmp_path, capsys):
+    from raydetr.data.parquet import prepare_dataset
+    from raydetr.data.synthetic import CLASSES, make_synthetic
+
+    # an RF-DETR fine-tune whose head (5 logits) names every dataset class, plus one more
+    pth = write_rfdetr_checkpoint(tmp_path / "ft.pth", num_logits=5, ema=False, resolution=64,
+                                  class_names=["kite", *reversed(CLASSES)])
+    convert_checkpoint(pth, tmp_path / "m")
+    src = make_synthetic(tmp_path / "shapes", train_images=2, val_images=2, image_size=64)
+    prepare_dataset(src, tmp_path / "prepared", progress=False)
+    assert main(["evaluate", "--model", str(tmp_path / "m"), "--data",
+                 str(tmp_path / "prepared")]) == 0
+    captured = capsys.readouterr()
+    assert "by name" in captured.err and "mAP" in captured.out
