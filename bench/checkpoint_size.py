@@ -1,7 +1,7 @@
 """Checkpoints: what a full ``epoch_NNNN`` weighs, part by part, vs the stripped winner; write time.
 
-    .venv/bin/python bench/checkpoint_size.py                  # nano preset
-    .venv/bin/python bench/checkpoint_size.py --presets nano small --repeats 3
+    .venv/bin/python bench/checkpoint_size.py                  # rtdetr-r18 preset
+    .venv/bin/python bench/checkpoint_size.py --presets rtdetr-r18 rtdetr-r34 --repeats 3
 
 For each preset this builds the model, its ModelEma (``--decays`` shadows), AdamW after one real
 optimizer step (so its moments exist), fills both best-weights files, and times
@@ -58,7 +58,7 @@ def bench_preset(preset: str, decays: list[float], repeats: int, work: Path) -> 
     classes = ["a", "b", "c"]
     model, criterion, _ = build(cfg.model, cfg.loss, len(classes))
     ema = ModelEma(model, decays=cfg.ema.decay)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, cfg.model.preset)
     scheduler = build_lr_scheduler(optimizer, cfg.optim, 10)
     images = torch.randn(2, 3, 64, 64)
     targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]]),
@@ -113,7 +113,7 @@ def bench_preset(preset: str, decays: list[float], repeats: int, work: Path) -> 
 
 def main(argv: list[str] | None = None) -> None:
     p = common.base_parser(__doc__, fits=False)
-    p.add_argument("--presets", nargs="+", default=["nano"])
+    p.add_argument("--presets", nargs="+", default=["rtdetr-r18"])
     p.add_argument("--decays", nargs="+", type=float, default=[0.993])
     p.add_argument("--repeats", type=int, default=None, help="timed writes (default 3, quick 1)")
     p.add_argument("--threads", type=int, default=1)

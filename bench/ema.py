@@ -1,7 +1,7 @@
-"""Benchmark: time per EMA update for the nano/small/medium presets.
+"""Benchmark: time per EMA update for the rtdetr-r18/r34/r50 presets.
 
     .venv/bin/python bench/ema.py                       # all presets, 1 thread, CPU
-    .venv/bin/python bench/ema.py --presets nano --repeats 20 --train-resolution 256
+    .venv/bin/python bench/ema.py --presets rtdetr-r18 --repeats 20 --train-resolution 256
 
 Compares raydetr's ModelEma (one foreach lerp per shadow) with
   - the per-tensor state_dict() loop of RF-DETR 1.4 / timm ModelEmaV2, written out below
@@ -134,7 +134,7 @@ def bench_preset(preset: str, args, bandwidth: float) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=["nano", "small", "medium"])
+    p.add_argument("--presets", nargs="+", default=["rtdetr-r18", "rtdetr-r34", "rtdetr-r50"])
     p.add_argument("--decays", nargs="+", type=float, default=[0.99, 0.993, 0.999])
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--train-repeats", type=int, default=2)

@@ -35,7 +35,7 @@ ORDER = ["ema", "checkpoint_size", "ray_overhead", "scaling", "eval_cost", "data
 
 def ema_args(quick: bool, presets: list[str]) -> list[str]:
     if quick:
-        return ["--presets", "nano", "--repeats", "3", "--train-repeats", "1"]
+        return ["--presets", "rtdetr-r18", "--repeats", "3", "--train-repeats", "1"]
     return ["--presets", *presets, "--repeats", "10", "--train-repeats", "2"]
 
 
@@ -72,7 +72,7 @@ def main() -> int:
     p.add_argument("--with-tune", action="store_true",
                    help="also run tune_vs_shadows (4 trainings; does not fit the 20 min budget "
                         "on 2 shared cores)")
-    p.add_argument("--ema-presets", nargs="+", default=["nano"],
+    p.add_argument("--ema-presets", nargs="+", default=["rtdetr-r18"],
                    help="presets for bench/ema.py (small/medium take minutes on 2 cores)")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--results", type=Path, default=None, help="JSON folder")

@@ -5,7 +5,7 @@
     det = RayDETR.from_registry("raydetr@champion")      # or "models:/raydetr@champion", a dir
     df = det.predict("dog.jpg", threshold=0.4)           # DataFrame, one row per detection
 
-    RayDETR(size="small").train(dataset_dir="data/thermal", epochs=20, ema_decay=0.999)
+    RayDETR(size="rtdetr-r34").train(dataset_dir="data/thermal", epochs=20, ema_decay=0.999)
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ TRAIN_KEYS = {
 class RayDETR:
     """A detector to train (``train``) or a published one to use (``from_registry``)."""
 
-    def __init__(self, size: str = "nano", *, detector: Any = None, **config: Any) -> None:
+    def __init__(self, size: str = "rtdetr-r18", *, detector: Any = None, **config: Any) -> None:
         self.size = size
         self.config = config
         self.detector = detector  # raydetr.detector.Detector once trained / loaded
@@ -53,7 +53,7 @@ class RayDETR:
         if not uri.startswith(("models:/", "runs:/")) and not Path(uri).exists():
             uri = f"models:/{uri}"
         det = Detector.from_uri(uri, tracking_uri=tracking_uri, device=device)
-        return cls(det.meta["model"].get("preset", "nano"), detector=det)
+        return cls(det.meta["model"].get("preset", "rtdetr-r18"), detector=det)
 
     def _require_detector(self) -> Any:
         if self.detector is None:

@@ -10,6 +10,7 @@
     raydetr register RUN_DIR
     raydetr predict --model URI|DIR IMAGES... --out DIR [--threshold T]
     raydetr evaluate --model URI|DIR --data DATASET [--split val] [--mlflow]
+    raydetr convert-checkpoint SRC.pth OUT_DIR [--preset P] [--variant ema|regular]
 
 ``key=value`` overrides use dotted config keys (see raydetr/config.py), e.g. ``optim.lr=2e-4
 ema.decay=[0.99,0.999] scaling.num_workers=2``.
@@ -112,6 +113,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="prepared dataset or raw COCO/YOLO/VOC folder")
     p.add_argument("--split", default="val")
     p.add_argument("--mlflow", action="store_true", help="log the metrics to MLflow")
+
+    p = sub.add_parser("convert-checkpoint",
+                       help="RF-DETR .pth -> model dir (model.safetensors + meta.json)")
+    p.add_argument("src", help="RF-DETR checkpoint file, e.g. checkpoint_best_total.pth")
+    p.add_argument("out_dir")
+    p.add_argument("--preset", choices=["rfdetr-nano", "rfdetr-small", "rfdetr-medium",
+                                        "rfdetr-base"], help="default: inferred from the keys")
+    p.add_argument("--variant", choices=["ema", "regular"],
+                   help="default: ema when the file has ema_model, else regular")
     return parser
 
 
@@ -135,10 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # errors meant for users carry their own message
+        from raydetr.model.convert import ConvertError
         from raydetr.posthoc_eval import PosthocError
         from raydetr.train.driver import FitError
 
-        known: tuple[type[BaseException], ...] = (FitError, FileNotFoundError, PosthocError)
+        known: tuple[type[BaseException], ...] = (FitError, FileNotFoundError, PosthocError,
+                                                  ConvertError)
         try:
             from raydetr.data.formats import DatasetError
 
@@ -225,6 +237,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from raydetr.evaluate import evaluate_command
 
         return evaluate_command(args.model, args.data, args.split, args.mlflow)
+    if cmd == "convert-checkpoint":
+        from raydetr.model.convert import convert_checkpoint
+
+        meta = convert_checkpoint(args.src, args.out_dir, preset=args.preset, variant=args.variant)
+        print(f"{meta['model']['preset']} ({meta['variant']} weights, {meta['num_classes']} "
+              f"logits, {meta['resolution']} px) -> {args.out_dir}\n"
+              f"  raydetr predict --model {args.out_dir} IMAGES... --out DIR")
+        return 0
     raise AssertionError(cmd)
 
 

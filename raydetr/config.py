@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -52,8 +59,29 @@ class DataConfig(_Strict):
     synthetic_image_size: int = Field(128, gt=15)
 
 
+# Old ResNet preset names -> their new names ("nano" now means RF-DETR's nano to most users).
+RENAMED_PRESETS = {"nano": "rtdetr-r18", "small": "rtdetr-r34", "medium": "rtdetr-r50"}
+RTDETR_PRESETS = ("rtdetr-r18", "rtdetr-r34", "rtdetr-r50")
+RFDETR_PRESETS = ("rfdetr-nano", "rfdetr-small", "rfdetr-medium", "rfdetr-base")
+# Input side must be a multiple of patch size x windows per side (RF-DETR's windowing).
+RFDETR_RESOLUTION_MULTIPLE = {"rfdetr-nano": 32, "rfdetr-small": 32, "rfdetr-medium": 32,
+                              "rfdetr-base": 56}
+
+
+def preset_family(preset: str) -> Literal["rtdetr", "rfdetr"]:
+    return "rfdetr" if preset.startswith("rfdetr-") else "rtdetr"
+
+
+def resolution_multiple(preset: str) -> int:
+    return RFDETR_RESOLUTION_MULTIPLE.get(preset, 32)
+
+
 class ModelConfig(_Strict):
-    preset: Literal["nano", "small", "medium"] = "nano"
+    preset: str = Field(
+        "rtdetr-r18",
+        description="rtdetr-r18|r34|r50: ResNet + hybrid encoder (from scratch on CPU); "
+        "rfdetr-nano|small|medium|base: RF-DETR's architecture (fine-tune from its checkpoints).",
+    )
     resolution: int | None = Field(None, description="Square input size; None: preset default.")
     num_queries: int | None = Field(None, gt=0, description="None: preset default.")
     backbone: Literal["resnet18", "resnet34", "resnet50"] | None = None
@@ -63,16 +91,31 @@ class ModelConfig(_Strict):
     gradient_checkpointing: bool = False
     num_denoising: int = Field(50, ge=0, description="Denoising queries (0 disables).")
 
-    @field_validator("resolution")
+    @field_validator("preset")
     @classmethod
-    def _resolution_multiple_of_32(cls, v: int | None) -> int | None:
-        if v is not None and (v < 64 or v % 32):
-            raise ValueError("must be a multiple of 32 and >= 64, e.g. 384, 512, 640")
+    def _known_preset(cls, v: str) -> str:
+        if v in RENAMED_PRESETS:
+            raise ValueError(f"preset '{v}' was renamed to '{RENAMED_PRESETS[v]}' (the ResNet "
+                             "hybrid model); for RF-DETR's model use 'rfdetr-" + v + "'")
+        if v not in RTDETR_PRESETS + RFDETR_PRESETS:
+            raise ValueError(f"unknown preset; choose one of {list(RTDETR_PRESETS + RFDETR_PRESETS)}")
         return v
+
+    @model_validator(mode="after")
+    def _resolution_fits_family(self) -> ModelConfig:
+        v, m = self.resolution, resolution_multiple(self.preset)
+        if v is not None and (v < 2 * m or v % m):
+            raise ValueError(f"model.resolution {v} must be a multiple of {m} and >= {2 * m} for "
+                             f"preset {self.preset}, e.g. {12 * m}")
+        if preset_family(self.preset) == "rfdetr" and (self.backbone or self.backbone_weights):
+            raise ValueError(f"model.backbone / model.backbone_weights apply to the ResNet presets only; "
+                             f"{self.preset} starts from --pretrain-weights (an RF-DETR .pth)")
+        return self
 
 
 class LossConfig(_Strict):
-    cls_loss: Literal["varifocal", "focal"] = "varifocal"
+    cls_loss: Literal["varifocal", "focal", "ia_bce"] = Field(
+        "varifocal", description="rfdetr presets default to ia_bce (RF-DETR's IoU-aware BCE).")
     weight_cls: float = 1.0
     weight_bbox: float = 5.0
     weight_giou: float = 2.0
@@ -98,6 +141,10 @@ class OptimConfig(_Strict):
     lr_min_ratio: float = Field(0.05, ge=0, le=1)
     clip_max_norm: float = Field(0.1, ge=0, description="0 disables clipping.")
     amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU).")
+    # RF-DETR family only (its get_param_dicts): ViT block lr x layer_decay^(depth - id) and
+    # x component_decay^2; the decoder's lr x component_decay.
+    lr_vit_layer_decay: float = Field(0.8, gt=0, le=1)
+    lr_component_decay: float = Field(0.7, gt=0, le=1)
 
 
 class PosthocConfig(_Strict):
@@ -229,6 +276,17 @@ class TuneConfig(_Strict):
     metric: Literal["map", "map_ema", "best"] = "best"
 
 
+# RF-DETR's TrainConfig / ModelConfig defaults (fine-tuning from COCO weights): AdamW lr 1e-4,
+# encoder 1.5e-4, no warm-up, step schedule with its lr_drop at epoch 100 (constant before).
+RFDETR_DEFAULTS: dict[str, dict[str, Any]] = {
+    "optim": {"lr": 1e-4, "lr_encoder": 1.5e-4, "weight_decay": 1e-4, "warmup_steps": 0,
+              "schedule": "step", "lr_drop_epochs": [100], "clip_max_norm": 0.1},
+    "loss": {"cls_loss": "ia_bce", "weight_cls": 1.0, "weight_bbox": 5.0, "weight_giou": 2.0,
+             "cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.0},
+    "model": {"num_denoising": 0},
+}
+
+
 class Config(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -240,6 +298,19 @@ class Config(_Strict):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @model_validator(mode="after")
+    def _family_defaults(self) -> Config:
+        """RF-DETR presets fine-tune a pretrained checkpoint: RF-DETR's recipe replaces the
+        from-scratch defaults of every key the user did not set (explicit values win)."""
+        if preset_family(self.model.preset) != "rfdetr":
+            return self
+        for section, values in RFDETR_DEFAULTS.items():
+            sub = getattr(self, section)
+            for key, value in values.items():
+                if key not in sub.model_fields_set:
+                    setattr(sub, key, value)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

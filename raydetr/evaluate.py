@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from raydetr.registry.errors import RegistryError
@@ -58,12 +59,23 @@ def run_evaluation(detector: Any, prepared: Path, split: str) -> dict[str, Any]:
     if split not in info["splits"]:
         raise EvaluateError(f"{prepared}: no split '{split}' (has: {sorted(info['splits'])})")
     classes = list(info["classes"])
+    model_index = {name: i for i, name in enumerate(detector.classes)}
+    # model logit -> dataset class index (-1: not a dataset class), when the model has more
+    # logits than the dataset has classes but names them all, e.g. a converted RF-DETR COCO
+    # model (91 logits indexed by COCO category id) on a COCO dataset (80 classes)
+    remap: np.ndarray | None = None
     if len(classes) != len(detector.classes):
-        raise EvaluateError(
-            f"the dataset has {len(classes)} classes {classes} but the model was trained on "
-            f"{len(detector.classes)} {detector.classes}: class ids would not line up"
-        )
-    if classes != detector.classes:
+        if not all(c in model_index for c in classes):
+            raise EvaluateError(
+                f"the dataset has {len(classes)} classes {classes} but the model was trained on "
+                f"{len(detector.classes)} {detector.classes}: class ids would not line up"
+            )
+        remap = np.full(len(detector.classes), -1, dtype=np.int64)
+        remap[[model_index[c] for c in classes]] = np.arange(len(classes))
+        print(f"the model has {len(detector.classes)} classes; evaluating the dataset's "
+              f"{len(classes)} by name (detections of other classes are not scored)",
+              file=sys.stderr)
+    elif classes != detector.classes:
         print(f"warning: class names differ (dataset {classes}, model {detector.classes}); "
               "evaluating by class index", file=sys.stderr)
     n_images = int(info["splits"][split]["images"])
@@ -75,6 +87,11 @@ def run_evaluation(detector: Any, prepared: Path, split: str) -> dict[str, Any]:
     with torch.no_grad():
         records = predict_records({"model": detector.model}, detector.postprocessor, bar,
                                   detector.device)["model"]
+    if remap is not None:
+        for rec in records:
+            labels = remap[rec["labels"]]
+            keep = labels >= 0
+            rec.update(labels=labels[keep], scores=rec["scores"][keep], boxes=rec["boxes"][keep])
     metrics = coco_metrics(records, classes)
     metrics["images"] = len(records)
     return metrics

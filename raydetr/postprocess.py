@@ -24,7 +24,11 @@ class PostProcessor(nn.Module):
     @torch.no_grad()
     def forward(self, outputs: dict, orig_sizes: Tensor, top_k: int = 100) -> list[dict[str, Tensor]]:
         logits = outputs["pred_logits"].float()
-        boxes = box_cxcywh_to_xyxy(outputs["pred_boxes"].float())  # [B,Q,4] normalised
+        boxes_cxcywh = outputs["pred_boxes"].float()
+        # RF-DETR's boxes have no sigmoid: below ~288 px its queries beyond the two-stage
+        # selection keep raw reference points, whose width can be < 0. Such a box is empty.
+        boxes_cxcywh = torch.cat([boxes_cxcywh[..., :2], boxes_cxcywh[..., 2:].clamp(min=0)], -1)
+        boxes = box_cxcywh_to_xyxy(boxes_cxcywh)  # [B,Q,4] normalised
         b, q, c = logits.shape
         if len(orig_sizes) != b:
             raise ValueError(f"orig_sizes has {len(orig_sizes)} rows for a batch of {b} images")

@@ -32,21 +32,30 @@ def scale_choices(resolution: int, scale_range: tuple[float, float]) -> list[int
     return sizes or [resolution]
 
 
+def rfdetr_scales(resolution: int, step: int) -> tuple[int, ...]:
+    """RF-DETR's multi-scale training sizes: (resolution // step + k) * step for k = -5..5,
+    ``step`` = patch size x windows (32 for nano/small/medium, 56 for base); sizes below one
+    step (possible under ~6 steps of resolution) are left out. Nano at 384: 224..544."""
+    base = resolution // step
+    return tuple((base + k) * step for k in range(-5, 6) if base + k >= 1)
+
+
 def collate(rows: dict[str, np.ndarray], *, train: bool, resolution: int, data_cfg: DataConfig,
-            rng: np.random.Generator) -> Batch:
+            rng: np.random.Generator, scales: tuple[int, ...] | None = None) -> Batch:
     """Decode, augment (train only) and resize a batch of parquet rows (see module docstring).
 
     ``rows``: column -> array of length B, as ``rows_of`` gives them (``image``
     an object array of bytes; ``boxes`` / ``labels`` object arrays of 1-D arrays, or 2-D arrays
     when all rows happen to have the same number of values). Training with
-    ``data_cfg.multi_scale`` resizes the whole batch to one size from ``scale_choices``.
+    ``data_cfg.multi_scale`` resizes the whole batch to one size from ``scales`` (the model
+    family's rule, e.g. ``rfdetr_scales``) or, when None, ``scale_choices``.
     """
     n = len(rows["image_id"])
     if n == 0:
         raise ValueError("collate got an empty batch")
     size = resolution
     if train and data_cfg.multi_scale:
-        choices = scale_choices(resolution, tuple(data_cfg.scale_range))
+        choices = scales or scale_choices(resolution, tuple(data_cfg.scale_range))
         size = int(choices[rng.integers(len(choices))])
     images, targets = [], []
     for i in range(n):

@@ -186,24 +186,27 @@ class SplitReader:
 
     # ------------------------------------------------------------------ batches
     def batches(self, plan: list[np.ndarray], *, train: bool, resolution: int, seed: int = 0,
-                epoch: int = 0, rank: int = 0) -> Iterator[Batch]:
-        """Decoded batches of ``plan`` in order, prepared ahead by the loader threads."""
+                epoch: int = 0, rank: int = 0, scales: tuple[int, ...] | None = None
+                ) -> Iterator[Batch]:
+        """Decoded batches of ``plan`` in order, prepared ahead by the loader threads;
+        ``scales``: the multi-scale sizes of the model family (see ``collate``)."""
         def make(i: int) -> Batch:
             rows = rows_of(self.read_rows(plan[i]))
             rng = np.random.default_rng([seed, epoch, rank, i, _AUGMENT_STREAM])
             return collate(rows, train=train, resolution=resolution, data_cfg=self.data_cfg,
-                           rng=rng)
+                           rng=rng, scales=scales)
 
         return prefetch(make, len(plan), threads=self.data_cfg.loader_threads,
                         depth=self.data_cfg.prefetch_batches)
 
     def train_batches(self, *, seed: int, epoch: int, rank: int, world: int, batch_size: int,
-                      resolution: int) -> Iterator[Batch]:
+                      resolution: int, scales: tuple[int, ...] | None = None
+                      ) -> Iterator[Batch]:
         """This rank's augmented training batches of ``epoch`` (``train_plan``)."""
         plan = train_plan(self.num_rows, seed=seed, epoch=epoch, rank=rank, world=world,
                           batch_size=batch_size)
         return self.batches(plan, train=True, resolution=resolution, seed=seed, epoch=epoch,
-                            rank=rank)
+                            rank=rank, scales=scales)
 
     def eval_batches(self, *, rank: int, world: int, batch_size: int,
                      resolution: int) -> Iterator[Batch]:

@@ -1,6 +1,8 @@
-"""SetCriterion: Hungarian-matched classification + L1 + GIoU losses (RT-DETR recipe).
+"""SetCriterion: Hungarian-matched classification + L1 + GIoU losses (RT-DETR and RF-DETR recipes).
 
-Classification: varifocal (target = IoU of the matched box, default) or sigmoid focal.
+Classification: varifocal (target = IoU of the matched box, default), sigmoid focal, or
+RF-DETR's IA-BCE (``ia_bce``). ``group_detr`` > 1 (RF-DETR in training): each block of
+Q / group_detr queries is matched on its own and the box count is multiplied by group_detr.
 Terms: final decoder layer, every auxiliary layer (suffix ``_aux{i}``), the encoder's top-k
 proposals (``_enc``) and denoising queries (``_dn``, ``_dn_aux{i}``; their matching is known).
 Every term is normalised by the number of target boxes, averaged over DDP workers.
@@ -20,9 +22,10 @@ from raydetr.ops.boxes import box_cxcywh_to_xyxy, elementwise_box_iou, generaliz
 Indices = list[tuple[Tensor, Tensor]]
 
 
-def num_boxes_across_workers(targets: list[dict[str, Tensor]], device: torch.device) -> float:
-    """Boxes per worker, averaged over the DDP group (>= 1); plain count without DDP."""
-    n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+def num_boxes_across_workers(targets: list[dict[str, Tensor]], device: torch.device,
+                             groups: int = 1) -> float:
+    """Boxes x groups per worker, averaged over the DDP group (>= 1); plain count without DDP."""
+    n = torch.tensor([float(groups * sum(len(t["labels"]) for t in targets))], device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(n)
         n = n / dist.get_world_size()
@@ -36,9 +39,10 @@ class SetCriterion(nn.Module):
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, loss_cfg: LossConfig,
-                 vfl_alpha: float = 0.75) -> None:
+                 vfl_alpha: float = 0.75, group_detr: int = 1) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.group_detr = group_detr
         self.matcher = matcher
         self.cls_loss = loss_cfg.cls_loss
         self.focal_alpha, self.focal_gamma = loss_cfg.focal_alpha, loss_cfg.focal_gamma
@@ -66,6 +70,8 @@ class SetCriterion(nn.Module):
             pred = logits.sigmoid().detach()
             weight = self.vfl_alpha * pred.pow(self.focal_gamma) * (1 - onehot) + target
             loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none")
+        elif self.cls_loss == "ia_bce":
+            loss = self._ia_bce(logits, boxes, targets, indices, batch_idx, src_idx, tgt_labels)
         else:
             prob = logits.sigmoid()
             ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
@@ -74,6 +80,27 @@ class SetCriterion(nn.Module):
             if self.focal_alpha >= 0:
                 loss = loss * (self.focal_alpha * onehot + (1 - self.focal_alpha) * (1 - onehot))
         return loss.mean(1).sum() * q / num_boxes
+
+    def _ia_bce(self, logits: Tensor, boxes: Tensor, targets: list[dict], indices: Indices,
+                batch_idx: Tensor, src_idx: Tensor, tgt_labels: Tensor) -> Tensor:
+        """RF-DETR's IoU-aware BCE, per (query, class) entry, un-normalised.
+
+        Matched entry: positive weight t = max(p^alpha * IoU^(1-alpha), 0.01) (detached),
+        negative weight 1 - t. Every other entry: positive 0, negative p^gamma, which RF-DETR
+        leaves attached to the graph (so do we: its gradient is part of the recipe).
+        """
+        prob = logits.sigmoid()
+        neg = prob.pow(self.focal_gamma)
+        pos = torch.zeros_like(logits)
+        tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)])
+        iou = elementwise_box_iou(box_cxcywh_to_xyxy(boxes[batch_idx, src_idx].detach().float()),
+                                  box_cxcywh_to_xyxy(tgt_boxes.float()))
+        t = (prob[batch_idx, src_idx, tgt_labels].pow(self.focal_alpha)
+             * iou.pow(1 - self.focal_alpha)).clamp(min=0.01).detach()
+        pos = pos.index_put((batch_idx, src_idx, tgt_labels), t)
+        neg = neg.index_put((batch_idx, src_idx, tgt_labels), 1 - t)
+        # -pos*log(p) - neg*log(1-p), with log(1-p) = logsigmoid(x) - x for stability
+        return neg * logits - F.logsigmoid(logits) * (pos + neg)
 
     def _boxes(self, boxes: Tensor, targets: list[dict], indices: Indices, num_boxes: float
                ) -> tuple[Tensor, Tensor]:
@@ -110,7 +137,9 @@ class SetCriterion(nn.Module):
         device = outputs["pred_logits"].device
         targets = [{"labels": t["labels"].to(device), "boxes": t["boxes"].to(device)}
                    for t in targets]
-        num_boxes = num_boxes_across_workers(targets, device)
+        # group DETR: every group is matched to every target, so there are G x as many matches
+        groups = self.group_detr if self.training else 1
+        num_boxes = num_boxes_across_workers(targets, device, groups)
         terms: dict[str, Tensor] = {}
 
         def add(out: dict, indices: Indices, suffix: str, norm: float) -> None:
@@ -118,12 +147,12 @@ class SetCriterion(nn.Module):
             for k, v in self._terms(out, targets, indices, norm).items():
                 terms[k + suffix] = v
 
-        add(outputs, self.matcher(outputs, targets), "", num_boxes)
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            add(aux, self.matcher(aux, targets), f"_aux{i}", num_boxes)
-        if "enc_outputs" in outputs:
+        add(outputs, self.matcher(outputs, targets, groups), "", num_boxes)
+        for i, aux in enumerate(outputs.get("aux_outputs") or []):
+            add(aux, self.matcher(aux, targets, groups), f"_aux{i}", num_boxes)
+        if outputs.get("enc_outputs"):
             enc = outputs["enc_outputs"]
-            add(enc, self.matcher(enc, targets), "_enc", num_boxes)
+            add(enc, self.matcher(enc, targets, groups), "_enc", num_boxes)
         if "dn_outputs" in outputs:
             meta = outputs["dn_meta"]
             dn_idx = self._dn_indices(meta, targets)

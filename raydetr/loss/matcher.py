@@ -2,11 +2,15 @@
 
 The cost of the whole batch is computed at once ([B*Q, sum N]) and split per image, as in
 DETR: cost = cost_class * focal class cost + cost_bbox * L1(cxcywh) - cost_giou * GIoU.
+With ``groups`` > 1 (group DETR, the RF-DETR family in training) the Q queries are G blocks of
+Q/G and each block is matched to all targets independently; indices are in the full Q range.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
@@ -33,13 +37,15 @@ class HungarianMatcher(nn.Module):
     def cost_matrix(self, outputs: dict, targets: list[dict[str, Tensor]]) -> Tensor:
         """[B, Q, sum N] cost of the whole batch (float32, on the outputs' device)."""
         b, q, _ = outputs["pred_logits"].shape
-        prob = outputs["pred_logits"].flatten(0, 1).float().sigmoid()  # [B*Q, C]
+        logits = outputs["pred_logits"].flatten(0, 1).float()  # [B*Q, C]
+        prob = logits.sigmoid()
         boxes = outputs["pred_boxes"].flatten(0, 1).float()  # [B*Q, 4]
         tgt_ids = torch.cat([t["labels"] for t in targets]).long()
         tgt_boxes = torch.cat([t["boxes"] for t in targets]).float().to(boxes.device)
-        p = prob[:, tgt_ids]
-        neg = (1 - self.alpha) * p.pow(self.gamma) * -(1 - p + 1e-8).log()
-        pos = self.alpha * (1 - p).pow(self.gamma) * -(p + 1e-8).log()
+        p, x = prob[:, tgt_ids], logits[:, tgt_ids]
+        # log(1 - p) = logsigmoid(-x): finite for saturated logits, unlike log(1 - p + eps)
+        neg = (1 - self.alpha) * p.pow(self.gamma) * -F.logsigmoid(-x)
+        pos = self.alpha * (1 - p).pow(self.gamma) * -F.logsigmoid(x)
         cost_class = pos - neg
         cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
@@ -47,11 +53,16 @@ class HungarianMatcher(nn.Module):
         return cost.view(b, q, -1)
 
     @torch.no_grad()
-    def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    def forward(self, outputs: dict, targets: list[dict[str, Tensor]], groups: int = 1
+                ) -> list[tuple[Tensor, Tensor]]:
         sizes = [len(t["labels"]) for t in targets]
         empty = torch.empty(0, dtype=torch.int64)
         if sum(sizes) == 0:
             return [(empty, empty) for _ in sizes]
+        q = outputs["pred_logits"].shape[1]
+        if groups < 1 or q % groups:
+            raise ValueError(f"{q} queries cannot be split into {groups} equal groups")
+        per_group = q // groups
         cost = self.cost_matrix(outputs, targets).cpu()
         cost = torch.nan_to_num(cost, nan=1e6, posinf=1e6, neginf=-1e6)
         indices = []
@@ -59,7 +70,11 @@ class HungarianMatcher(nn.Module):
             if sizes[i] == 0:
                 indices.append((empty, empty))
                 continue
-            rows, cols = linear_sum_assignment(c[i].numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.int64),
-                            torch.as_tensor(cols, dtype=torch.int64)))
+            rows_all, cols_all = [], []
+            for g, block in enumerate(c[i].split(per_group, 0)):
+                rows, cols = linear_sum_assignment(block.numpy())
+                rows_all.append(rows + g * per_group)
+                cols_all.append(cols)
+            indices.append((torch.as_tensor(np.concatenate(rows_all), dtype=torch.int64),
+                            torch.as_tensor(np.concatenate(cols_all), dtype=torch.int64)))
         return indices

@@ -236,7 +236,7 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
         from raydetr.train.pretrained import PretrainedError, resolve_pretrained
 
         try:
-            _, source = resolve_pretrained(pretrain_weights)
+            _, source = resolve_pretrained(pretrain_weights, cfg.model.preset)
         except PretrainedError as exc:
             raise FitError(str(exc)) from None
         log.info("pretrain weights: %s", source)

@@ -1,5 +1,9 @@
-"""AdamW with backbone / rest learning rates and no weight decay on norms, biases, embeddings;
-warmup then cosine (to ``lr_min_ratio``) or step schedule, stepped once per optimizer step.
+"""AdamW parameter groups per model family; warmup then cosine (to ``lr_min_ratio``) or step
+schedule, stepped once per optimizer step.
+
+rtdetr-*: backbone / rest learning rates, no weight decay on norms, biases, embeddings.
+rfdetr-*: RF-DETR's groups (its util/get_param_dicts.py): ViT layer-wise and component lr decay,
+decoder lr x component decay, weight decay everywhere except the ViT's norms/biases/embeddings.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from raydetr.config import OptimConfig
+from raydetr.config import OptimConfig, preset_family
 
 _NORM_TYPES = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.Embedding)
 
@@ -53,9 +57,65 @@ def param_groups(model: nn.Module, optim_cfg: OptimConfig) -> list[dict]:
     return [groups[k] for k in sorted(groups)]
 
 
-def build_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` (each group keeps ``names`` and ``group_name``)."""
-    groups = param_groups(model, optim_cfg)
+_VIT_PREFIX = "backbone.0.encoder."
+# RF-DETR's ViT weight-decay exclusions: a parameter whose name contains any of these.
+_VIT_NO_DECAY = ("gamma", "pos_embed", "rel_pos", "bias", "norm", "embeddings")
+
+
+def rfdetr_vit_layer_id(name: str, depth: int) -> int:
+    """RF-DETR's layer id of a ViT parameter: 0 for the embeddings, k+1 for ``.layer.k.``,
+    ``depth + 1`` for the rest (the final layernorm, whose lr is not decayed)."""
+    if "embeddings" in name:
+        return 0
+    marker = ".layer."
+    if marker in name and ".residual." not in name:
+        return int(name[name.index(marker) + len(marker):].split(".")[0]) + 1
+    return depth + 1
+
+
+def rfdetr_param_settings(name: str, optim_cfg: OptimConfig, depth: int) -> tuple[str, float, float]:
+    """(group name, lr, weight decay) of one RF-DETR parameter (name without DDP prefixes).
+
+    ``depth``: last tapped ViT stage + 1 (13 for nano/small/medium, 12 for base).
+    """
+    wd = optim_cfg.weight_decay
+    if name.startswith(_VIT_PREFIX):
+        layer = rfdetr_vit_layer_id(name, depth)
+        lr = (optim_cfg.lr_encoder * optim_cfg.lr_vit_layer_decay ** (depth + 1 - layer)
+              * optim_cfg.lr_component_decay ** 2)
+        no_decay = any(k in name for k in _VIT_NO_DECAY)
+        return f"vit_layer{layer}" + ("_no_decay" if no_decay else ""), lr, 0.0 if no_decay else wd
+    if "transformer.decoder" in name:
+        return "decoder", optim_cfg.lr * optim_cfg.lr_component_decay, wd
+    return "head", optim_cfg.lr, wd
+
+
+def rfdetr_param_groups(model: nn.Module, optim_cfg: OptimConfig, preset: str) -> list[dict]:
+    """RF-DETR's per-parameter (lr, weight decay), grouped by equal settings (fewer groups for
+    the fused AdamW; the per-parameter values are RF-DETR's)."""
+    from raydetr.model.rfdetr.presets import RFDETR_PRESETS
+
+    depth = int(RFDETR_PRESETS[preset]["out_feature_indexes"][-1]) + 1
+    groups: dict[str, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        clean = name.removeprefix("module.").removeprefix("_orig_mod.")
+        group_name, lr, wd = rfdetr_param_settings(clean, optim_cfg, depth)
+        g = groups.setdefault(group_name, {"params": [], "names": [], "lr": lr,
+                                           "weight_decay": wd, "group_name": group_name})
+        g["params"].append(p)
+        g["names"].append(clean)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, preset: str = "rtdetr-r18"
+                    ) -> torch.optim.AdamW:
+    """AdamW over the family's parameter groups (each keeps ``names`` and ``group_name``)."""
+    if preset_family(preset) == "rfdetr":
+        groups = rfdetr_param_groups(model, optim_cfg, preset)
+    else:
+        groups = param_groups(model, optim_cfg)
     if not groups:
         raise ValueError("model has no trainable parameters")
     # fused: one kernel per parameter group; ~4x faster than the default step on CPU

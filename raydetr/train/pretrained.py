@@ -3,10 +3,13 @@
     state_dict, description = resolve_pretrained("runs/demo")   # run dir -> its winner
     reinit = load_pretrained(model, "runs/demo/train/epoch_0003")
 
-Accepted paths: a run dir (its ``winner/``, else its latest checkpoint), a winner dir
-(``model.safetensors``), an ``epoch_NNNN`` checkpoint dir or its ``state.pt``, a
-``.safetensors`` file. From a checkpoint the winner of the bests it holds is taken, so the EMA
-weights are used when they won (SuperGradients' ``models.get`` prefers ``ema_net`` the same way).
+Accepted paths: a run dir (its ``winner/``, else its latest checkpoint), a winner or converted
+dir (``model.safetensors``), an ``epoch_NNNN`` checkpoint dir or its ``state.pt``, a
+``.safetensors`` file, or an RF-DETR checkpoint file (``.pth``, read with pickle off; its EMA
+weights when it has them). From a checkpoint the winner of the bests it holds is taken, so the
+EMA weights are used when they won (SuperGradients' ``models.get`` prefers ``ema_net`` the same
+way). RF-DETR-family class heads of another class count are resized with RF-DETR's tiling rule;
+other shape mismatches keep their fresh initialisation.
 """
 
 from __future__ import annotations
@@ -45,8 +48,24 @@ def _from_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], str]:
     return dict(state["model"]), f"{ckpt}: last regular weights (no bests recorded)"
 
 
-def resolve_pretrained(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """The state dict ``path`` names and a one-line description of what was taken."""
+def _from_rfdetr_file(p: Path, preset: str | None) -> tuple[dict[str, torch.Tensor], str]:
+    from raydetr.model.convert import ConvertError, infer_preset, read_rfdetr_checkpoint
+
+    try:
+        variant, state = read_rfdetr_checkpoint(p).select(None)
+        theirs = infer_preset(state, str(p))
+    except ConvertError as exc:
+        raise PretrainedError(f"--pretrain-weights {exc}") from None
+    if preset is not None and theirs != preset:
+        raise PretrainedError(f"--pretrain-weights {p} is an RF-DETR {theirs} checkpoint; set "
+                              f"model.preset={theirs}")
+    return state, f"{p}: RF-DETR {theirs} checkpoint ({variant} weights)"
+
+
+def resolve_pretrained(path: str | Path, preset: str | None = None
+                       ) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict ``path`` names and a one-line description of what was taken. With
+    ``preset``, an RF-DETR file of another preset is an error naming the one to set."""
     p = Path(path).expanduser()
     if not p.exists():
         raise PretrainedError(f"--pretrain-weights {p}: no such file or directory")
@@ -55,9 +74,11 @@ def resolve_pretrained(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
             return _from_checkpoint(p.parent)
         if p.suffix == ".safetensors":
             return load_weights(p), str(p)
+        if p.suffix in (".pth", ".pt"):
+            return _from_rfdetr_file(p, preset)
         raise PretrainedError(
-            f"--pretrain-weights {p}: expected a .safetensors file, a state.pt, or a run / "
-            "winner / epoch_NNNN directory")
+            f"--pretrain-weights {p}: expected an RF-DETR .pth, a .safetensors file, a state.pt, "
+            "or a run / winner / epoch_NNNN directory")
     if (p / WEIGHTS_FILE).is_file():  # a winner dir
         return load_weights(p / WEIGHTS_FILE), f"{p / WEIGHTS_FILE} (stripped winner)"
     if (p / STATE_FILE).is_file():  # an epoch_NNNN checkpoint dir
@@ -76,11 +97,19 @@ def resolve_pretrained(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def load_pretrained(model: nn.Module, path: str | Path) -> tuple[list[str], str]:
-    """Load what fits. Tensors whose shape differs (the class head when the class count
-    differs) keep their fresh initialisation, as RF-DETR does with ``pretrain_weights``.
-    Returns (re-initialised keys, description of the source)."""
+    """Load what fits. An RF-DETR-family model tiles class heads of another class count
+    (RF-DETR's rule, see raydetr.model.convert.tile_class_head); other tensors whose shape
+    differs keep their fresh initialisation. Returns (re-initialised keys, description)."""
     incoming, description = resolve_pretrained(path)
     own = model.state_dict()
+    if hasattr(model, "reinitialize_detection_head"):  # the RF-DETR family
+        from raydetr.model.convert import CLASS_KEY, tile_class_head
+
+        rows = incoming.get(CLASS_KEY)
+        if rows is not None and CLASS_KEY in own and rows.shape[0] != own[CLASS_KEY].shape[0]:
+            incoming = tile_class_head(incoming, int(own[CLASS_KEY].shape[0]))
+            description += (f"; class heads resized {rows.shape[0]} -> "
+                            f"{own[CLASS_KEY].shape[0]} rows by RF-DETR's tiling rule")
     unknown = sorted(set(incoming) - set(own))
     if len(unknown) > len(own) // 2:
         raise PretrainedError(

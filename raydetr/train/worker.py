@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raydetr.config import Config
+from raydetr.config import Config, preset_family, resolution_multiple
 from raydetr.train.checkpoint import (
     BestWeightsCache,
     best_cache_dir,
@@ -67,6 +67,7 @@ class Recipe:
         import ray.train
         import ray.train.torch
 
+        from raydetr.data.collate import rfdetr_scales
         from raydetr.model.build import resolve_model_config
 
         self.args, self.cfg = args, args.cfg
@@ -78,6 +79,9 @@ class Recipe:
         self.amp_dtype = (torch.bfloat16 if self.device.type == "cuda" and self.cfg.optim.amp
                           else None)
         self.resolution = resolve_model_config(self.cfg.model)["resolution"]
+        # RF-DETR's multi-scale sizes are its own (steps of patch x windows); None: ours
+        self.train_scales = (rfdetr_scales(self.resolution, resolution_multiple(self.cfg.model.preset))
+                             if preset_family(self.cfg.model.preset) == "rfdetr" else None)
         self.cache = None
         if self.rank == 0:
             # A fixed folder per run: an earlier attempt's leftovers are not this run's bests
@@ -150,7 +154,7 @@ class Recipe:
 
         if self.args.schedule_fn is not None:  # import-path schedule: this process may lack it
             register_schedule(self.cfg.ema.schedule)(self.args.schedule_fn)
-        optimizer = build_optimizer(self.model, self.cfg.optim)
+        optimizer = build_optimizer(self.model, self.cfg.optim, self.cfg.model.preset)
         self.state = TrainState(
             self.model, optimizer, build_lr_scheduler(optimizer, self.cfg.optim,
                                                       self.steps_per_epoch),
@@ -166,8 +170,14 @@ class Recipe:
                 log.info("resumed from %s: continuing at epoch %d (EMA updates so far: %s)",
                          checkpoint.path, self.state.next_epoch + 1,
                          self.state.ema.updates if self.state.ema else "-")
-        # Every parameter is in the graph on every step, so DDP needs no unused-parameter search.
-        self.ddp_model = ray.train.torch.prepare_model(self.model, move_to_device=False)
+        # rtdetr: every parameter is in the graph on every step (the denoising embedding stays in
+        # it even for batches without boxes), so DDP needs no unused-parameter search. rfdetr:
+        # RF-DETR's layout has parameters no step uses (the ViT's mask_token; base's last block,
+        # whose output is discarded), so DDP must look for them.
+        self.ddp_model = ray.train.torch.prepare_model(
+            self.model, move_to_device=False,
+            parallel_strategy_kwargs={
+                "find_unused_parameters": preset_family(self.cfg.model.preset) == "rfdetr"})
         from raydetr.train.evaluation import ShadowEvaluator
 
         self.evaluator = ShadowEvaluator(self.model, self.state.ema)
@@ -210,7 +220,7 @@ class Recipe:
         c = self.cfg
         return self.train_data.train_batches(seed=c.run.seed, epoch=epoch, rank=self.rank,
                                              world=self.world, batch_size=c.optim.batch_size,
-                                             resolution=self.resolution)
+                                             resolution=self.resolution, scales=self.train_scales)
 
     def val_batches(self):
         return self.val_data.eval_batches(rank=self.rank, world=self.world,

@@ -3,7 +3,7 @@
 publish -> mlflow.pyfunc.load_model("models:/<name>@champion") with pickle disabled ->
 predict (paths, bytes, arrays) -> `raydetr predict` -> `raydetr evaluate --mlflow` ->
 `raydetr register RUN_DIR` -> `mlflow models serve` + HTTP POST /invocations.
-The model is a random-init nano detector at 64 px: these tests check formats, not accuracy.
+The model is a random-init rtdetr-r18 detector at 64 px: these tests check formats, not accuracy.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _write_winner(out: Path) -> Path:
     from raydetr.config import LossConfig, ModelConfig
     from raydetr.model.build import build
 
-    cfg = ModelConfig(preset="nano", resolution=64, num_queries=20, num_denoising=0)
+    cfg = ModelConfig(preset="rtdetr-r18", resolution=64, num_queries=20, num_denoising=0)
     torch.manual_seed(0)
     model, _, _ = build(cfg, LossConfig(), len(CLASSES))
     out.mkdir(parents=True)

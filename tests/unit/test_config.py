@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from raydetr.config import ConfigError, load_config
+from raydetr.config import ConfigError, build_config, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
@@ -109,3 +109,31 @@ def test_search_over_overridden_key_is_an_error():
                              "tune.search_space={ema.tau: {grid: [10, 20]}}"])
     with pytest.raises(ConfigError, match=r"ema.tau \(ema.schedule_kwargs.tau overrides it\)"):
         _check_keys(cfg)
+def test_old_preset_names_fail_naming_the_new_one():
+    for old, new in (("nano", "rtdetr-r18"), ("small", "rtdetr-r34"), ("medium", "rtdetr-r50")):
+        with pytest.raises(ConfigError, match=f"renamed to '{new}'.*rfdetr-{old}"):
+            load_config(None, [f"model.preset={old}"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config(None, ["model.preset=rfdetr-huge"])
+
+
+def test_rfdetr_resolution_rule_and_family_defaults():
+    with pytest.raises(ConfigError, match="multiple of 56"):
+        load_config(None, ["model.preset=rfdetr-base", "model.resolution=576"])
+    assert load_config(None, ["model.preset=rfdetr-base", "model.resolution=560"])
+    cfg = load_config(None, ["model.preset=rfdetr-nano", "optim.lr=3e-4"])
+    # RF-DETR's recipe where the user set nothing; explicit values win
+    assert (cfg.optim.lr, cfg.optim.lr_encoder, cfg.optim.warmup_steps) == (3e-4, 1.5e-4, 0)
+    assert cfg.loss.cls_loss == "ia_bce" and cfg.model.num_denoising == 0
+    # round trip (checkpoints store the config) keeps them
+    assert build_config(cfg.to_dict()) == cfg
+    assert load_config(None, []).loss.cls_loss == "varifocal"
+
+
+def test_config_resolution_rule_is_the_models_patch_times_windows():
+    from raydetr.config import RFDETR_PRESETS as NAMES
+    from raydetr.config import resolution_multiple
+    from raydetr.model.rfdetr.presets import RFDETR_PRESETS, resolution_step
+
+    assert set(NAMES) == set(RFDETR_PRESETS)
+    assert all(resolution_multiple(p) == resolution_step(p) for p in RFDETR_PRESETS)

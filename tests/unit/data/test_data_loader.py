@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raydetr.config import DataConfig
-from raydetr.data.collate import scale_choices
+from raydetr.data.collate import rfdetr_scales, scale_choices
 from raydetr.data.loader import iter_local_batches
 from raydetr.data.parquet import prepare_dataset
 from raydetr.data.synthetic import make_synthetic
@@ -27,6 +27,31 @@ def _ids(batches):
 def test_scale_choices():
     assert scale_choices(384, (0.75, 1.25)) == [288, 320, 352, 384, 416, 448, 480]
     assert scale_choices(40, (0.9, 1.1)) == [40]
+
+
+def test_rfdetr_scales_follow_its_rule():
+    assert rfdetr_scales(384, 32) == tuple(range(224, 545, 32))  # nano: 224..544
+    assert rfdetr_scales(560, 56) == tuple(range(280, 841, 56))  # base: 280..840
+    assert rfdetr_scales(96, 32) == (32, 64, 96, 128, 160, 192, 224, 256)  # no size < 1 step
+
+
+def test_collate_uses_the_familys_scales(prepared):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from raydetr.data.collate import COLUMNS, collate
+    from raydetr.data.parquet import split_files
+
+    table = pq.read_table(split_files(prepared, "train")[0], columns=list(COLUMNS))
+    rows = {c: np.array(table.column(c).to_pylist()[:4] + [None], dtype=object)[:4]
+            for c in COLUMNS}
+    cfg = DataConfig(multi_scale=True)
+    sizes = {collate(rows, train=True, resolution=96, data_cfg=cfg, scales=(32, 96, 160),
+                     rng=np.random.default_rng(s))["images"].shape[-1] for s in range(12)}
+    assert sizes == {32, 96, 160}
+    val = collate(rows, train=False, resolution=96, data_cfg=cfg, scales=(32,),
+                  rng=np.random.default_rng(0))
+    assert val["images"].shape[-2:] == (96, 96)  # validation: square resize to the resolution
 
 
 def test_local_batches_deterministic_and_shuffled(prepared):

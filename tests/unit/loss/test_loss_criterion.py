@@ -17,7 +17,7 @@ def _batch(seed=0):
 @pytest.mark.parametrize("cls_loss", ["varifocal", "focal"])
 def test_loss_finite_with_empty_targets(cls_loss):
     torch.manual_seed(0)
-    model, criterion, _ = build(ModelConfig(preset="nano", resolution=64, num_queries=20),
+    model, criterion, _ = build(ModelConfig(preset="rtdetr-r18", resolution=64, num_queries=20),
                                 LossConfig(cls_loss=cls_loss), num_classes=3)
     images, _ = _batch()
     empty = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}] * 2
@@ -29,7 +29,7 @@ def test_loss_finite_with_empty_targets(cls_loss):
 
 def test_gradients_reach_every_parameter_group_and_terms_present():
     torch.manual_seed(0)
-    model, criterion, _ = build(ModelConfig(preset="nano", resolution=64, num_queries=20),
+    model, criterion, _ = build(ModelConfig(preset="rtdetr-r18", resolution=64, num_queries=20),
                                 LossConfig(), num_classes=3)
     images, targets = _batch()
     out = model(images, targets)
@@ -51,7 +51,7 @@ def test_gradients_reach_every_parameter_group_and_terms_present():
 def test_weighted_total_matches_weight_dict():
     torch.manual_seed(0)
     cfg = LossConfig(weight_cls=1.0, weight_bbox=5.0, weight_giou=2.0)
-    model, criterion, _ = build(ModelConfig(preset="nano", resolution=64, num_queries=20,
+    model, criterion, _ = build(ModelConfig(preset="rtdetr-r18", resolution=64, num_queries=20,
                                             num_denoising=0), cfg, num_classes=3)
     images, targets = _batch()
     losses = criterion(model(images, targets), targets)

@@ -24,14 +24,14 @@ def test_presets_resolve_and_build(preset):
 
 
 def test_config_overrides_preset():
-    r = resolve_model_config(ModelConfig(preset="small", resolution=320, num_queries=7,
+    r = resolve_model_config(ModelConfig(preset="rtdetr-r34", resolution=320, num_queries=7,
                                          backbone="resnet18"))
     assert (r["resolution"], r["num_queries"], r["backbone"]) == (320, 7, "resnet18")
 
 
 def test_nano_forward_shapes_train_and_eval():
     torch.manual_seed(0)
-    model, _, _ = build(ModelConfig(preset="nano", num_queries=30), LossConfig(), num_classes=4)
+    model, _, _ = build(ModelConfig(preset="rtdetr-r18", num_queries=30), LossConfig(), num_classes=4)
     images = torch.randn(2, 3, 96, 128)  # non-square works too
     model.train()
     out = model(images, _targets())
@@ -65,14 +65,14 @@ def test_load_backbone_weights_round_trip_and_errors(tmp_path):
     state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
     path = tmp_path / "resnet18.pth"
     torch.save(state, path)
-    model, _, _ = build(ModelConfig(preset="nano", backbone_weights=str(path)), LossConfig(), 2)
+    model, _, _ = build(ModelConfig(preset="rtdetr-r18", backbone_weights=str(path)), LossConfig(), 2)
     assert torch.equal(model.backbone.layer3[0].conv1.weight, src.layer3[0].conv1.weight)
     assert type(model.backbone.bn1).__name__ == "FrozenBatchNorm2d"
     assert not any(n.startswith("backbone.bn1") for n, _ in model.named_parameters())
 
     bad = tmp_path / "resnet50.pth"
     torch.save(ResNet("resnet50").state_dict(), bad)
-    other, _, _ = build(ModelConfig(preset="nano"), LossConfig(), 2)
+    other, _, _ = build(ModelConfig(preset="rtdetr-r18"), LossConfig(), 2)
     with pytest.raises(ValueError, match="resnet50.pth.*missing keys"):
         load_backbone_weights(other, bad)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
@@ -83,7 +83,7 @@ def test_gradient_checkpointing_same_loss_and_grads():
     results = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        model, criterion, _ = build(ModelConfig(preset="nano", num_queries=20,
+        model, criterion, _ = build(ModelConfig(preset="rtdetr-r18", num_queries=20,
                                                 gradient_checkpointing=ckpt), LossConfig(), 2)
         torch.manual_seed(1)
         images = torch.randn(2, 3, 64, 64)

@@ -1,4 +1,4 @@
-"""A tiny published winner (random nano weights at 64 px) for registry/predict tests."""
+"""A tiny published winner (random rtdetr-r18 weights at 64 px) for registry/predict tests."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def write_winner(out: Path, classes: list[str] = CLASSES, seed: int = 0) -> Path
     from raydetr.config import LossConfig, ModelConfig
     from raydetr.model.build import build
 
-    cfg = ModelConfig(preset="nano", resolution=64, num_queries=20, num_denoising=0)
+    cfg = ModelConfig(preset="rtdetr-r18", resolution=64, num_queries=20, num_denoising=0)
     torch.manual_seed(seed)
     model, _, _ = build(cfg, LossConfig(), len(classes))
     out.mkdir(parents=True, exist_ok=True)

@@ -74,10 +74,10 @@ def test_python_api_train_config_mapping():
     from raydetr.api import RayDETR
     from raydetr.config import ConfigError
 
-    cfg = RayDETR(size="small").build_config(dataset_dir="data/x", epochs=3, ema_decay=0.999,
+    cfg = RayDETR(size="rtdetr-r34").build_config(dataset_dir="data/x", epochs=3, ema_decay=0.999,
                                              early_stopping=True, num_workers=2, batch_size=8,
                                              lr=1e-4, output_dir="out", resolution=320)
-    assert (cfg.model.preset, cfg.data.path, cfg.optim.epochs, cfg.ema.decay) == ("small", "data/x", 3, [0.999])
+    assert (cfg.model.preset, cfg.data.path, cfg.optim.epochs, cfg.ema.decay) == ("rtdetr-r34", "data/x", 3, [0.999])
     assert cfg.early_stopping.enabled and cfg.scaling.num_workers == 2 and cfg.optim.batch_size == 8
     assert (cfg.optim.lr, cfg.run.output_dir, cfg.model.resolution) == (1e-4, "out", 320)
     with pytest.raises(ConfigError, match="unknown train\\(\\) argument 'epoch'"):

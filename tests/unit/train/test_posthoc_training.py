@@ -33,7 +33,7 @@ def test_reconstructed_0p07_matches_direct_power_ema(tmp_path):
     items = make_images(8, size=128, seed=0, num_classes=2)
     classes = ["rectangle", "ellipse"]
     cfg = OptimConfig(lr=1e-3, lr_encoder=1e-3, warmup_steps=10, epochs=EPOCHS, batch_size=4)
-    model, criterion, post = build(ModelConfig(preset="nano", resolution=128), LossConfig(), 2)
+    model, criterion, post = build(ModelConfig(preset="rtdetr-r18", resolution=128), LossConfig(), 2)
     opt = build_optimizer(model, cfg)
     sched = build_lr_scheduler(opt, cfg, steps_per_epoch=2)
     direct = ModelEma(model, decay=1 - 1e-15, schedule="power", schedule_kwargs={"sigma_rel": 0.07})
@@ -59,9 +59,9 @@ def test_reconstructed_0p07_matches_direct_power_ema(tmp_path):
     # to what training changed, not only to the weights' size.
     moved = {k: target[k] - initial[k] for k in target if target[k].is_floating_point()}
     err_vs_moved = _relative_error({k: weights[k] - initial[k] for k in moved}, moved)
-    rebuilt = build(ModelConfig(preset="nano", resolution=128), LossConfig(), 2)[0]
+    rebuilt = build(ModelConfig(preset="rtdetr-r18", resolution=128), LossConfig(), 2)[0]
     rebuilt.load_state_dict(weights)
-    direct_model = build(ModelConfig(preset="nano", resolution=128), LossConfig(), 2)[0]
+    direct_model = build(ModelConfig(preset="rtdetr-r18", resolution=128), LossConfig(), 2)[0]
     direct.load_into(direct_model)
     metrics = evaluate({"posthoc": rebuilt, "direct": direct_model}, post, batches(items, 8),
                        classes, "cpu")

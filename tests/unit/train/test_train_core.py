@@ -25,7 +25,7 @@ from raydetr.tune.rule import EarlyStopping, replay
 
 def _tiny():
     torch.manual_seed(0)
-    cfg = ModelConfig(preset="nano", resolution=64, num_queries=10, num_denoising=0)
+    cfg = ModelConfig(preset="rtdetr-r18", resolution=64, num_queries=10, num_denoising=0)
     return build(cfg, LossConfig(), 2)
 
 

@@ -26,7 +26,7 @@ class TinyDetector(nn.Module):
 
 
 def _criterion():
-    _, criterion, _ = build(ModelConfig(preset="nano", num_denoising=0), LossConfig(), 2)
+    _, criterion, _ = build(ModelConfig(preset="rtdetr-r18", num_denoising=0), LossConfig(), 2)
     return criterion
 
 
@@ -96,7 +96,7 @@ def test_non_finite_loss_raises_with_context():
 def test_predict_records_frames_and_variants():
     items = _data(3)
     model = TinyDetector().eval()
-    _, _, post = build(ModelConfig(preset="nano"), LossConfig(), 2)
+    _, _, post = build(ModelConfig(preset="rtdetr-r18"), LossConfig(), 2)
     recs = predict_records({"regular": model, "ema": model}, post, batches(items, 2, size=32),
                            "cpu")
     assert set(recs) == {"regular", "ema"} and len(recs["ema"]) == 3

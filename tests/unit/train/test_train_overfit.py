@@ -1,4 +1,4 @@
-"""The nano detector must memorise a handful of images: a cheap end-to-end learning check
+"""The rtdetr-r18 detector must memorise a handful of images: a cheap end-to-end learning check
 (model + matcher + criterion + optimizer + engine + postprocessor + COCO evaluation)."""
 
 import time
@@ -20,7 +20,7 @@ def test_nano_overfits_eight_images():
     classes = ["rectangle", "ellipse"]
     max_epochs = 40
     cfg = OptimConfig(lr=1e-3, lr_encoder=1e-3, warmup_steps=10, epochs=max_epochs, batch_size=4)
-    model, criterion, post = build(ModelConfig(preset="nano", resolution=128), LossConfig(), 2)
+    model, criterion, post = build(ModelConfig(preset="rtdetr-r18", resolution=128), LossConfig(), 2)
     opt = build_optimizer(model, cfg)
     sched = build_lr_scheduler(opt, cfg, steps_per_epoch=2)
     start = time.process_time()

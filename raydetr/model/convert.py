@@ -1,0 +1,224 @@
+"""RF-DETR checkpoint files -> raydetr: winner-format model dirs and fine-tuning start points.
+
+    raydetr convert-checkpoint checkpoint_best_total.pth out/ [--preset rfdetr-nano] [--variant ema]
+    meta = convert_checkpoint("rf-detr-base-coco.pth", "models/rfdetr-base-coco")
+    (train --pretrain-weights rf-detr-nano.pth: raydetr.train.pretrained reads it with this module)
+
+An RF-DETR file is ``{'model': state_dict, 'args': argparse.Namespace, ...}`` (+ ``ema_model``
+when its trainer kept an EMA). It is read with ``torch.load(weights_only=True)`` and only
+``argparse.Namespace`` allow-listed: nothing else is ever unpickled. The preset is inferred from
+the keys and shapes (patch size, position-embedding grid, decoder depth), the key set must equal
+the model's exactly, and the class head's logit index is the class id: for RF-DETR's COCO models
+that is the COCO category id (index i -> COCO name of id i, placeholders for unused ids).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from raydetr.data.coco_categories import coco_class_list, unused_name
+from raydetr.model.rfdetr.presets import RFDETR_PRESETS
+
+_PATCH_KEY = "backbone.0.encoder.encoder.embeddings.patch_embeddings.projection.weight"
+_POS_KEY = "backbone.0.encoder.encoder.embeddings.position_embeddings"
+CLASS_KEY = "class_embed.bias"
+_DEC_LAYER = re.compile(r"^transformer\.decoder\.layers\.(\d+)\.")
+# The class heads RF-DETR's reinitialize_detection_head resizes (final + 13 two-stage heads).
+_CLASS_HEAD = re.compile(r"^(class_embed|transformer\.enc_out_class_embed\.\d+)\.(weight|bias)$")
+
+Variant = Literal["ema", "regular"]
+
+
+class ConvertError(ValueError):
+    """A checkpoint that cannot be converted; the message names the file and what to do."""
+
+
+@dataclass
+class RFDETRCheckpoint:
+    """What raydetr reads from an RF-DETR checkpoint file."""
+
+    path: Path
+    weights: dict[str, Tensor]  # checkpoint['model']
+    ema_weights: dict[str, Tensor] | None  # checkpoint['ema_model'], when present
+    args: dict[str, Any] = field(default_factory=dict)  # vars(checkpoint['args'])
+
+    def select(self, variant: Variant | None) -> tuple[Variant, dict[str, Tensor]]:
+        """EMA weights by default when the file has them (as SuperGradients prefers ema_net)."""
+        if variant is None:
+            variant = "ema" if self.ema_weights is not None else "regular"
+        if variant == "ema":
+            if self.ema_weights is None:
+                raise ConvertError(f"{self.path}: has no 'ema_model' entry; use --variant regular "
+                                   "(in checkpoint_best_ema.pth, 'model' already holds the EMA)")
+            return "ema", self.ema_weights
+        return "regular", self.weights
+
+
+def load_torch_file(path: str | Path) -> Any:
+    """``torch.load`` with pickle disabled except for ``argparse.Namespace``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConvertError(f"checkpoint file not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = found.group(1) if found else "a pickled object"
+        raise ConvertError(
+            f"{path}: refused to load: it holds {what}, and only tensors, plain containers and "
+            "argparse.Namespace are read (no arbitrary unpickling). Re-save the file with "
+            "torch.save({'model': state_dict, 'args': args}) from a trusted environment."
+        ) from None
+    except Exception as exc:  # zip/format errors: the message is torch's, the file is ours
+        raise ConvertError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0]})") from None
+
+
+def _state_dict(obj: Any, path: Path, entry: str) -> dict[str, Tensor]:
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ConvertError(f"{path}: '{entry}' is not a state_dict (name -> tensor)")
+    # DDP-wrapped saves prefix every key with 'module.'
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def read_rfdetr_checkpoint(path: str | Path) -> RFDETRCheckpoint:
+    path = Path(path)
+    obj = load_torch_file(path)
+    if not isinstance(obj, dict) or "model" not in obj:
+        keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise ConvertError(f"{path}: not an RF-DETR checkpoint (expected a dict with 'model' and "
+                           f"'args'; found {keys})")
+    weights = _state_dict(obj["model"], path, "model")
+    ema = _state_dict(obj["ema_model"], path, "ema_model") if obj.get("ema_model") else None
+    args = obj.get("args")
+    args_dict = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    return RFDETRCheckpoint(path=path, weights=weights, ema_weights=ema, args=args_dict)
+
+
+def infer_preset(state: dict[str, Tensor], where: str = "checkpoint") -> str:
+    """The RF-DETR preset whose patch size, position grid and decoder depth the keys show."""
+    if _PATCH_KEY not in state or _POS_KEY not in state:
+        raise ConvertError(f"{where}: no RF-DETR backbone keys ({_PATCH_KEY}); not an RF-DETR "
+                           "detection checkpoint")
+    patch = int(state[_PATCH_KEY].shape[-1])
+    grid = math.isqrt(int(state[_POS_KEY].shape[1]) - 1)
+    layers = {int(m.group(1)) for k in state if (m := _DEC_LAYER.match(k))}
+    depth = max(layers) + 1 if layers else 0
+    for name, arch in RFDETR_PRESETS.items():
+        if (arch["patch_size"], arch["positional_encoding_size"], arch["dec_layers"]) == (
+                patch, grid, depth):
+            return name
+    raise ConvertError(f"{where}: patch size {patch}, position grid {grid}x{grid}, {depth} "
+                       f"decoder layers match no preset of {sorted(RFDETR_PRESETS)}")
+
+
+def check_keys(state: dict[str, Tensor], model: nn.Module, where: str) -> None:
+    """Zero missing, zero unexpected keys and equal shapes, or a ConvertError listing them."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ConvertError(
+            f"{where}: does not match the model: {len(missing)} missing {missing[:4]}, "
+            f"{len(unexpected)} unexpected {unexpected[:4]}, {len(shapes)} shape mismatches "
+            f"{shapes[:3]}; pass the right --preset or check the file")
+
+
+def tile_class_head(state: dict[str, Tensor], num_classes: int) -> dict[str, Tensor]:
+    """RF-DETR's class-head resize on a state dict: rows repeat ceil(n/old) times, truncated to
+    n (91 -> 3 keeps rows 0..2; 91 -> 100 gives rows 0..90 then 0..8). Other keys unchanged."""
+    out = dict(state)
+    for key, value in state.items():
+        if _CLASS_HEAD.match(key) and value.shape[0] != num_classes:
+            reps = math.ceil(num_classes / value.shape[0])
+            tiled = value.repeat(reps, *([1] * (value.ndim - 1)))
+            out[key] = tiled[:num_classes].clone()
+    return out
+
+
+def class_names_for(ckpt: RFDETRCheckpoint, num_logits: int) -> list[str]:
+    """One name per logit. A fine-tune's ``args.class_names`` map as RF-DETR's ``class_names``
+    does (logit i+1 -> names[i], logit 0 is its dataset's super-category), or from logit 0 when
+    the head has exactly one row per name (its YOLO datasets); without names: COCO ids."""
+    names = ckpt.args.get("class_names")
+    if not names:
+        return coco_class_list(num_logits)
+    names = [str(n) for n in names]
+    if len(names) == num_logits:
+        return names
+    if len(names) + 1 <= num_logits:
+        padded = [unused_name(i) for i in range(num_logits)]
+        padded[1:len(names) + 1] = names
+        return padded
+    raise ConvertError(f"{ckpt.path}: args.class_names has {len(names)} names but the class head "
+                       f"has {num_logits} logits; the file is inconsistent")
+
+
+def _resolution(ckpt: RFDETRCheckpoint, preset: str) -> int:
+    from raydetr.config import resolution_multiple
+
+    res = ckpt.args.get("resolution")
+    step = resolution_multiple(preset)
+    if isinstance(res, int) and res >= 2 * step and res % step == 0:
+        return res  # the fine-tune's own training resolution
+    return int(RFDETR_PRESETS[preset]["resolution"])
+
+
+def convert_checkpoint(src: str | Path, out_dir: str | Path, *, preset: str | None = None,
+                       variant: Variant | None = None) -> dict[str, Any]:
+    """Write ``out_dir/{model.safetensors, meta.json}`` (the winner format); returns meta."""
+    import raydetr
+    from raydetr.config import ModelConfig
+    from raydetr.model.rfdetr import build_rfdetr
+    from raydetr.train.checkpoint import save_weights
+
+    ckpt = read_rfdetr_checkpoint(src)
+    variant, state = ckpt.select(variant)
+    inferred = infer_preset(state, str(ckpt.path))
+    if preset is not None and preset != inferred:
+        raise ConvertError(f"{ckpt.path}: --preset {preset} given but the keys and shapes are "
+                           f"those of {inferred}")
+    num_logits = int(state[CLASS_KEY].shape[0])
+    check_keys(state, build_rfdetr(inferred, num_classes=num_logits), str(ckpt.path))
+    classes = class_names_for(ckpt, num_logits)
+    resolution = _resolution(ckpt, inferred)
+    model_cfg = ModelConfig(preset=inferred, resolution=resolution, num_denoising=0)
+    meta = {
+        "classes": classes, "num_classes": num_logits,
+        "model": model_cfg.model_dump(mode="json"), "resolution": resolution,
+        "variant": variant, "ema_decay": None,
+        "metrics": {k: None for k in ("map", "map50", "map75", "mar")},
+        "best_map": None, "best_map_ema": None, "epoch": -1, "epochs_run": 0,  # no raydetr epochs
+        "dataset": f"converted from RF-DETR checkpoint {ckpt.path.name}",
+        "raydetr_version": raydetr.__version__,
+        "converted_from": {"file": str(ckpt.path), "entry": "ema_model" if variant == "ema"
+                           and ckpt.ema_weights is not None else "model",
+                           "has_ema": ckpt.ema_weights is not None,
+                           "class_names_from": "args.class_names" if ckpt.args.get("class_names")
+                           else "COCO category ids"},
+    }
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")  # a half-written dir never looks complete
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(state, tmp / "model.safetensors")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return meta
