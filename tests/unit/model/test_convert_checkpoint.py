@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import json
 import math
 from pathlib import Path
 
@@ -14,14 +13,15 @@ from rfdetr_support import rfdetr_state_dict, write_rfdetr_checkpoint
 
 from raydetr.cli import main
 from raydetr.data.coco_categories import COCO_CATEGORIES
+from raydetr.detector import Detector
 from raydetr.model.convert import (
     ConvertError,
     convert_checkpoint,
     infer_preset,
-    pretrained_state_dict,
+    read_rfdetr_checkpoint,
     tile_class_head,
 )
-from raydetr.predict import Detector
+from raydetr.train.pretrained import PretrainedError, load_pretrained, resolve_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -120,16 +120,18 @@ def test_class_head_resize_matches_rfdetrs_tiling_rule():
     assert math.ceil(100 / 91) == 2
 
 
-def test_pretrained_state_dict_resizes_heads_for_training(coco_pth):
+def test_pretrain_weights_from_an_rfdetr_file_tile_the_class_heads(coco_pth):
     from raydetr.model.rfdetr import build_rfdetr
 
     model = build_rfdetr("rfdetr-nano", num_classes=2)
-    state, notes = pretrained_state_dict(coco_pth, model)
-    assert any("91 -> 2" in n for n in notes) and "ema" in notes[0]
-    model.load_state_dict(state)  # strict: every key, every shape
-    with pytest.raises(ConvertError, match="does not match"):
-        pretrained_state_dict(coco_pth, build_rfdetr("rfdetr-small", num_classes=2))
-    assert json.dumps(notes)
+    reinit, description = load_pretrained(model, coco_pth)
+    assert reinit == [] and "RF-DETR rfdetr-nano checkpoint (ema weights)" in description
+    assert "resized 91 -> 2 rows by RF-DETR's tiling rule" in description
+    ema = read_rfdetr_checkpoint(coco_pth).ema_weights
+    assert torch.equal(model.state_dict()["class_embed.weight"], ema["class_embed.weight"][:2])
+    assert torch.equal(model.state_dict()["query_feat.weight"], ema["query_feat.weight"])
+    with pytest.raises(PretrainedError, match="set model.preset=rfdetr-nano"):
+        resolve_pretrained(coco_pth, "rfdetr-small")
 
 
 def test_evaluate_a_converted_model_with_more_logits_by_class_name(tmp_path, capsys):
