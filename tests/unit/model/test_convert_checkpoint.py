@@ -148,3 +148,12 @@ def test_evaluate_a_converted_model_with_more_logits_by_class_name(tmp_path, cap
                  str(tmp_path / "prepared")]) == 0
     captured = capsys.readouterr()
     assert "by name" in captured.err and "triangle" in captured.out
+
+
+def test_train_refuses_a_checkpoint_of_another_preset_before_ray_starts(coco_pth, tmp_path,
+                                                                         capsys):
+    code = main(["train", "--pretrain-weights", str(coco_pth), "model.preset=rfdetr-small",
+                 f"run.output_dir={tmp_path}", "mlflow.enabled=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "set model.preset=rfdetr-nano" in err and "Traceback" not in err
+    assert not (tmp_path / "raydetr").exists()  # nothing started, nothing written
