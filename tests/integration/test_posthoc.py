@@ -136,6 +136,9 @@ def test_posthoc_command_reconstructs_the_direct_shadow(trained, capsys):
     # --register: published only when the best profile beats the run's winner.
     best, winner_map = report["best"], report["winner_map"]
     mv = client.get_model_version_by_alias("raydetr", "champion")
+    with capsys.disabled():
+        print(f"\n{printed}\nbest post-hoc mAP {best['map']:.4f} vs winner {winner_map:.4f}; "
+              f"champion is version {mv.version} ({mv.tags.get('variant')})")
     if best["map"] > winner_map:
         assert mv.tags["variant"] == "posthoc_ema" and "registered:" in printed
     else:
