@@ -89,7 +89,7 @@ def two_nodes(tmp_path_factory):
         except subprocess.TimeoutExpired:
             stop_group(proc)
         err.close()
-X
+        for d in (temp_dir, Path(f"{temp_dir}w")):  # both nodes' Ray temp dirs
             shutil.rmtree(d, ignore_errors=True)
 
 
