@@ -17,6 +17,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -88,6 +89,8 @@ def two_nodes(tmp_path_factory):
         except subprocess.TimeoutExpired:
             stop_group(proc)
         err.close()
+        for d in (temp_dir, Path(f"{temp_dir}w")):  # both nodes' Ray temp dirs
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _wait_job_agent(url: str, env: dict[str, str], logs: Path, timeout_s: float = 120) -> None:

@@ -36,7 +36,10 @@ def main() -> None:
     # Its own temp dir, as a separate machine would have: nodes sharing one would share
     # runtime_resources/, and the worker node's agent deletes the job's working_dir package
     # (the job driver's cwd on the head) once its Train workers are done with it.
-    worker = cluster.add_node(num_cpus=1, memory=worker_memory, temp_dir=f"{temp_dir}w")
+    # With its own temp dir it needs its own log monitor, or its workers' logs never reach
+    # the job's log (Cluster starts one per machine by default).
+    worker = cluster.add_node(num_cpus=1, memory=worker_memory, temp_dir=f"{temp_dir}w",
+                              include_log_monitor=True)
     print(json.dumps({"dashboard_url": f"http://127.0.0.1:{dash_port}",
                       "gcs_address": cluster.gcs_address,
                       "worker_node_id": worker.node_id}), flush=True)
