@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,24 @@ from raydetr.registry.tracking import (
     default_tracking_uri,
     mlflow_session,
 )
+
+log = logging.getLogger("raydetr.registry")
+
+
+@contextlib.contextmanager
+def _one_line_download() -> Iterator[None]:
+    """MLflow draws a tqdm bar per artifact file (a model from code has dozens of files); its
+    only switch is an environment variable, so it is turned off for this download alone."""
+    var = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(var)
+    os.environ[var] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = before
 
 
 def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
@@ -73,9 +94,15 @@ def download_model(uri: str, dst: str | Path, *, tracking_uri: str | None = None
         if uri.startswith("models:/"):
             version = resolve_model_version(client, uri)
             artifact_uri = f"models:/{version.name}/{version.version}"
+        what = f"{uri} (version {version.version})" if version is not None else uri
         try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst),
-                                                        tracking_uri=tracking, registry_uri=tracking)
+            with _one_line_download():
+                local = mlflow.artifacts.download_artifacts(
+                    artifact_uri=artifact_uri, dst_path=str(dst), tracking_uri=tracking,
+                    registry_uri=tracking)
         except MlflowException as exc:
             raise ModelLoadError(f"cannot download {uri} from {tracking}: {exc.message}") from None
+    files = [f for f in Path(local).rglob("*") if f.is_file()]
+    log.info("downloaded %s from %s: %d files, %.1f MB", what, tracking, len(files),
+             sum(f.stat().st_size for f in files) / 1e6)
     return Path(local), version

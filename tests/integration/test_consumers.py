@@ -142,9 +142,14 @@ def test_pyfunc_load_without_pickle_and_predict(registry_env, images):
             == DETECTION_COLUMNS).all()
 
 
-def test_predict_command_from_registry(registry_env, images, tmp_path, capsys):
+def test_predict_command_from_registry(registry_env, images, tmp_path, capsys, caplog):
     out = tmp_path / "out"
-    assert predict_command(f"models:/{NAME}@champion", [str(images[0].parent)], out, 0.0) == 0
+    with caplog.at_level("INFO", logger="raydetr.registry"):
+        assert predict_command(f"models:/{NAME}@champion", [str(images[0].parent)], out, 0.0) == 0
+    # one line for the download, not MLflow's bar per artifact file
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("downloaded ")]
+    assert len(lines) == 1 and f"models:/{NAME}@champion (version 1)" in lines[0], lines
+    assert "Downloading artifacts" not in capsys.readouterr().err
     summary = json.loads((out / "detections.json").read_text())
     assert summary["model"] == f"models:/{NAME}@champion"
     assert [r["output"] for r in summary["images"]] == ["img0.jpg", "img1.jpg", "img2.jpg"]

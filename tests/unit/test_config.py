@@ -11,6 +11,8 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+
+
 def test_shipped_config_loads(path):
     cfg = load_config(path)
     assert path.read_text().lstrip().startswith("#"), "each config's header says how to launch it"
@@ -55,6 +57,8 @@ def test_override_syntax():
 
 
 # Defect 2 (issue 11): every EMA schedule problem fails at load_config, naming the key.
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["ema.schedule=nope"], r"ema.schedule.*unknown EMA schedule 'nope'"),
     (["ema.schedule=rfdetr", "ema.schedule_kwargs={taux: 3}"],
@@ -62,6 +66,8 @@ def test_override_syntax():
     (["ema.schedule=timm", "ema.schedule_kwargs={gamma: -1}"], r"ema.schedule.*gamma must be > 0"),
     (["ema.schedule=rdt_missing_mod:fn"], r"ema.schedule.*cannot import module 'rdt_missing_mod'"),
 ])
+
+
 def test_ema_schedule_checked_at_load(overrides, message):
     from raydetr.config import ConfigError
 
@@ -80,6 +86,8 @@ def test_exp_schedule_gets_total_steps_from_the_run():
 
 
 # Defect 3: one source of truth for the decays; a search over an overridden key is an error.
+
+
 def test_decay_scalar_is_shorthand_and_decays_is_gone():
     from raydetr.config import ConfigError
 
@@ -109,6 +117,8 @@ def test_search_over_overridden_key_is_an_error():
                              "tune.search_space={ema.tau: {grid: [10, 20]}}"])
     with pytest.raises(ConfigError, match=r"ema.tau \(ema.schedule_kwargs.tau overrides it\)"):
         _check_keys(cfg)
+
+
 def test_old_preset_names_fail_naming_the_new_one():
     for old, new in (("nano", "rtdetr-r18"), ("small", "rtdetr-r34"), ("medium", "rtdetr-r50")):
         with pytest.raises(ConfigError, match=f"renamed to '{new}'.*rfdetr-{old}"):
@@ -137,3 +147,13 @@ def test_config_resolution_rule_is_the_models_patch_times_windows():
 
     assert set(NAMES) == set(RFDETR_PRESETS)
     assert all(resolution_multiple(p) == resolution_step(p) for p in RFDETR_PRESETS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+
+
+def test_shipped_configs_need_nothing_outside_the_clone(path):
+    """A user's clone has no ../shared: no shipped config may point outside the repository."""
+    data_path = load_config(path).data.path
+    assert data_path is None or not (data_path.startswith("..") or data_path.startswith("/")), (
+        f"{path.name}: data.path {data_path} is outside the repository")
