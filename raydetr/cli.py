@@ -41,6 +41,8 @@ DEMO_OVERRIDES = [
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (configs/*.yaml); defaults: raydetr/config.py")
+    p.add_argument("--verbose", action="store_true", help="also show Ray's, Tune's, MLflow's "
+                   "and COCOeval's own output (run.verbose=true)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
 
@@ -50,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train on the built-in dataset with local Ray and MLflow")
     p.add_argument("--output-dir", default="runs")
+    p.add_argument("--verbose", action="store_true", help="also show Ray's, Tune's, MLflow's "
+                   "and COCOeval's own output")
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
     p = sub.add_parser("prepare", help="validate a COCO/YOLO/VOC dataset, write Parquet shards")
@@ -137,8 +141,12 @@ def _print_fit(result) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("raydetr").setLevel(logging.INFO)  # our lines; others' only --verbose
     args = _parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        args.overrides = [*args.overrides, "run.verbose=true"]
+        logging.getLogger().setLevel(logging.INFO)
     try:
         return _dispatch(args)
     except ConfigError as exc:

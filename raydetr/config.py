@@ -262,6 +262,9 @@ class RunConfig(_Strict):
     seed: int = 0
     keep_checkpoints: int = Field(1, gt=0, description="Latest checkpoints kept by Ray.")
     log_every_steps: int = Field(0, ge=0, description="0: one line per epoch only.")
+    verbose: bool = Field(False, description="Also show Ray's, Tune's, MLflow's and COCOeval's "
+                          "own output (`--verbose`); by default a fit prints a header, one line "
+                          "per epoch and the winner.")
 
 
 class TuneConfig(_Strict):

@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,25 +13,10 @@ from raydetr.registry.tracking import (
     check_reachable,
     default_tracking_uri,
     mlflow_session,
+    one_line_downloads,
 )
 
 log = logging.getLogger("raydetr.registry")
-
-
-@contextlib.contextmanager
-def _one_line_download() -> Iterator[None]:
-    """MLflow draws a tqdm bar per artifact file (a model from code has dozens of files); its
-    only switch is an environment variable, so it is turned off for this download alone."""
-    var = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    before = os.environ.get(var)
-    os.environ[var] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(var, None)
-        else:
-            os.environ[var] = before
 
 
 def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
@@ -96,7 +79,7 @@ def download_model(uri: str, dst: str | Path, *, tracking_uri: str | None = None
             artifact_uri = f"models:/{version.name}/{version.version}"
         what = f"{uri} (version {version.version})" if version is not None else uri
         try:
-            with _one_line_download():
+            with one_line_downloads():
                 local = mlflow.artifacts.download_artifacts(
                     artifact_uri=artifact_uri, dst_path=str(dst), tracking_uri=tracking,
                     registry_uri=tracking)

@@ -37,6 +37,7 @@ from raydetr.registry.tracking import (
     check_reachable,
     ensure_experiment,
     mlflow_session,
+    one_line_downloads,
     resolve_tracking_uri,
 )
 
@@ -44,9 +45,14 @@ from raydetr.registry.tracking import (
 def publish(winner_dir: str | Path, *, history: list[dict], params: dict[str, Any],
             mlflow_cfg: MlflowConfig, output_dir: str | Path, run_name: str,
             tags: dict[str, Any] | None, dataset: str, parent_run_id: str | None = None,
-            nested: bool = False, register: bool = True) -> dict[str, Any]:
+            nested: bool = False, register: bool = True, run_id: str | None = None
+            ) -> dict[str, Any]:
     """Log + register the winner. Returns dict(run_id, model_uri, version, alias, model_name,
     tracking_uri); ``model_uri`` is ``models:/<name>@<alias>``.
+
+    ``run_id``: the fit's live run (raydetr.registry.live), which already has the params and
+    every epoch's metrics; the plot, meta.json and the model are added to it and it ends
+    FINISHED. None: a new run with everything (``raydetr register`` after an outage).
 
     ``register=False`` (a search's other trials): the run gets params, metrics, the plot and
     meta.json, but no model is logged or registered (``version``/``model_uri`` are None).
@@ -70,15 +76,21 @@ def publish(winner_dir: str | Path, *, history: list[dict], params: dict[str, An
         exp_id = ensure_experiment(client, mlflow_cfg.experiment, uri, output_dir)
         run_tags = {str(k): str(v) for k, v in (tags or {}).items()}
         run_tags.update({"raydetr.dataset": dataset, "raydetr.variant": str(meta.get("variant"))})
-        with mlflow.start_run(experiment_id=exp_id, run_name=run_name, nested=nested,
-                              parent_run_id=parent_run_id, tags=run_tags) as run:
+        live = run_id is not None
+        start = (dict(run_id=run_id) if live else
+                 dict(experiment_id=exp_id, run_name=run_name, nested=nested,
+                      parent_run_id=parent_run_id, tags=run_tags))
+        with one_line_downloads(), mlflow.start_run(**start) as run:
             run_id = run.info.run_id
-            plist = [Param(str(k), str(v)[:6000]) for k, v in params.items()]
-            for i in range(0, len(plist), 100):
-                client.log_batch(run_id, params=plist[i:i + 100])
-            mlist = [Metric(k, v, 0, s) for k, v, s in history_metrics(history)]
-            for i in range(0, len(mlist), 1000):
-                client.log_batch(run_id, metrics=mlist[i:i + 1000])
+            if live:
+                mlflow.set_tags(run_tags)
+            else:
+                plist = [Param(str(k), str(v)[:6000]) for k, v in params.items()]
+                for i in range(0, len(plist), 100):
+                    client.log_batch(run_id, params=plist[i:i + 100])
+                mlist = [Metric(k, v, 0, s) for k, v, s in history_metrics(history)]
+                for i in range(0, len(mlist), 1000):
+                    client.log_batch(run_id, metrics=mlist[i:i + 1000])
             mlflow.log_artifact(str(plot_map_curves(history, Path(tmp) / "map_curves.png")))
             mlflow.log_artifact(str(meta_path))
             mlflow.log_dict(history, "history.json")

@@ -107,3 +107,20 @@ def ensure_experiment(client: Any, name: str, uri: str, output_dir: str | Path) 
         if exp is None:
             raise
         return exp.experiment_id
+
+
+@contextlib.contextmanager
+def one_line_downloads() -> Iterator[None]:
+    """MLflow draws a tqdm bar per artifact file it downloads (a model from code has dozens of
+    files, and logging a model downloads its input example); its only switch is an environment
+    variable, so it is turned off for the block alone. Callers print one line themselves."""
+    var = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(var)
+    os.environ[var] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = before

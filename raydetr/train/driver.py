@@ -13,7 +13,9 @@ Layout of a run (``<run.output_dir>/<run.name>/``)::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import math
@@ -100,25 +102,33 @@ def dataset_info(prepared: Path | str, cfg: Config) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- ray
 def init_ray(cfg: Config) -> None:
-    """Connect to $RAY_ADDRESS (``ray job submit`` sets it) or start a local Ray."""
+    """Connect to $RAY_ADDRESS (``ray job submit`` sets it) or start a local Ray that listens on
+    loopback only. Workers' output reaches this console only with ``run.verbose``."""
     import ray
 
     if ray.is_initialized():
         return
+    quiet = dict(log_to_driver=cfg.run.verbose,
+                 logging_level=logging.INFO if cfg.run.verbose else logging.WARNING)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(**quiet)
         return
+    # Loopback only: Ray's local-only mode binds every server (GCS, raylet, workers, dashboard
+    # agent) to 127.0.0.1. Ray reads the switch when it is first imported (ray_constants) and
+    # its child processes read it from the environment, so both are set.
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
     # Local: logical CPUs for the workers plus one to spare (each worker decodes in its own
     # loader threads; nothing else needs a CPU).
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # The dashboard (loopback only) serves the State API, which Ray Train's placement-group
     # cleaner needs to notice a killed controller (early stop); without it PGs leak.
     # address="local": start a new Ray even when another cluster runs on this machine (ray.init
     # without an address would try to join it, and refuse num_cpus).
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 1),
-             include_dashboard=True,
-             dashboard_host="127.0.0.1", log_to_driver=True)
+             include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
 
 
 def check_placeable(cfg: Config, trials: int = 1) -> None:
@@ -218,9 +228,15 @@ def _train_loop(loop_config: dict[str, Any]):
 
 def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, scheduler=None,
                num_samples: int = 1, max_concurrent_trials: int | None = None,
-               resume: bool = False, pretrain_weights: str | None = None):
-    """Run a Tuner whose trials are TorchTrainer runs; returns (ResultGrid, run_dir, info)."""
+               resume: bool = False, pretrain_weights: str | None = None,
+               live: Any = None):
+    """Run a Tuner whose trials are TorchTrainer runs; returns (ResultGrid, run_dir, info).
+    ``live``: the fit's raydetr.registry.live.LiveRuns (per-epoch MLflow logging), if any."""
     from ray import tune
+
+    from raydetr.train.progress import EpochLines, configure_console, header
+
+    configure_console(cfg.run.verbose)
 
     run_dir = run_dir_of(cfg)
     single = not param_space
@@ -244,6 +260,9 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
     info = dataset_info(prepared, cfg)
     init_ray(cfg)
     check_placeable(cfg)
+    for line in header(cfg, {"prepared": prepared, **info}, run_dir,
+                       live.tracking_uri if live is not None else None):
+        log.info(line)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     board = None
@@ -265,7 +284,9 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
         max_concurrent_trials=max_concurrent_trials or (max_concurrent(cfg) if param_space else 1),
         trial_dirname_creator=lambda t: t.trial_id,
     )
-    run_config = tune.RunConfig(name="tune", storage_path=str(run_dir), verbose=0)
+    callbacks = [EpochLines(cfg, search=not single), *([live] if live is not None else [])]
+    run_config = tune.RunConfig(name="tune", storage_path=str(run_dir), verbose=0,
+                                callbacks=callbacks)
     if resume and tune.Tuner.can_restore(str(tune_dir)):
         tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_errored=True,
                                    resume_unfinished=True)
@@ -273,7 +294,11 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
         tuner = tune.Tuner(trainable, param_space=param_space or {}, tune_config=tune_config,
                            run_config=run_config)
     try:
-        grid = tuner.fit()
+        # Tune prints its experiment table and result paths on stdout whatever its verbosity;
+        # our lines go through logging (stderr), so only Tune's prints are held back.
+        with contextlib.nullcontext() if cfg.run.verbose else contextlib.redirect_stdout(
+                io.StringIO()):
+            grid = tuner.fit()
     finally:
         _cleanup(run_dir, board)
     return grid, run_dir, {"prepared": prepared, **info}
@@ -317,17 +342,40 @@ def fit(cfg: Config, *, resume: bool = False, pretrain_weights: str | None = Non
             cfg.early_stopping, cfg.ema.enabled,
             state_path=run_dir_of(cfg) / "early_stopping.json",
             decision_board=board_name(run_dir_of(cfg)))
-    grid, run_dir, info = run_trials(cfg, scheduler=scheduler, resume=resume,
-                                     pretrain_weights=pretrain_weights)
-    result = grid[0]
-    train_dir = run_dir / "train"
-    stopped_early = bool(
-        scheduler is not None and scheduler.state(Path(result.path).name).get("stopped"))
-    if result.error is not None and not stopped_early:
-        has_ckpt = any(train_dir.glob("epoch_*"))
-        raise FitError(
-            f"training failed: {result.error}\n"
-            + (f"Checkpoints are in {train_dir}; `raydetr train --resume` continues the run."
-               if has_ckpt else "No epoch finished, nothing was saved.")
-        )
-    return finalize(cfg, run_dir, train_dir, info, stopped_early=stopped_early)
+    live = live_runs(cfg, search=False)
+    try:
+        grid, run_dir, info = run_trials(cfg, scheduler=scheduler, resume=resume,
+                                         pretrain_weights=pretrain_weights, live=live)
+        result = grid[0]
+        train_dir = run_dir / "train"
+        stopped_early = bool(
+            scheduler is not None and scheduler.state(Path(result.path).name).get("stopped"))
+        if result.error is not None and not stopped_early:
+            has_ckpt = any(train_dir.glob("epoch_*"))
+            raise FitError(
+                f"training failed: {result.error}\n"
+                + (f"Checkpoints are in {train_dir}; `raydetr train --resume` continues the run."
+                   if has_ckpt else "No epoch finished, nothing was saved.")
+            )
+        fitted = finalize(cfg, run_dir, train_dir, info, stopped_early=stopped_early,
+                          live_run_id=live.run_id() if live is not None else None)
+    except KeyboardInterrupt:
+        if live is not None:
+            live.end("KILLED")
+        raise
+    except BaseException:
+        if live is not None:
+            live.end("FAILED")
+        raise
+    if live is not None:
+        live.end("FINISHED")
+    return fitted
+
+
+def live_runs(cfg: Config, *, search: bool):
+    """The per-epoch MLflow logger of a fit or search (None when MLflow is off)."""
+    if not cfg.mlflow.enabled:
+        return None
+    from raydetr.registry.live import LiveRuns
+
+    return LiveRuns(cfg, run_dir_of(cfg), search=search)

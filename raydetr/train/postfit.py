@@ -92,7 +92,7 @@ def strip_winner(checkpoint_dir: Path, winner_dir: Path, *, dataset: str,
 
 def finalize(cfg: Config, run_dir: Path, train_dir: Path, info: dict[str, Any], *,
              stopped_early: bool = False, publish: bool = True, parent_run_id: str | None = None,
-             register: bool = True):
+             register: bool = True, live_run_id: str | None = None):
     """Strip the winner of a Train run, write config/history/fit.json (so ``raydetr register
     RUN_DIR`` works on every run dir this writes), and publish it to MLflow."""
     ckpt = latest_checkpoint(train_dir)
@@ -105,7 +105,7 @@ def finalize(cfg: Config, run_dir: Path, train_dir: Path, info: dict[str, Any], 
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     ratio = meta["checkpoint_bytes"] / max(meta["winner_bytes"], 1)
     log.info(
-        "winner: %s weights from epoch %d (mAP %.4f); regular best %.4f, EMA best %s. "
+        "post-fit: winner %s weights from epoch %d (mAP %.4f); regular best %.4f, EMA best %s. "
         "Stripped checkpoint %.1f MB -> %.1f MB (%.1fx smaller): %s",
         meta["variant"], meta["epoch"] + 1, meta["metrics"]["map"] or 0.0, meta["best_map"],
         f"{meta['best_map_ema']:.4f}" if meta["best_map_ema"] is not None else "-",
@@ -115,7 +115,7 @@ def finalize(cfg: Config, run_dir: Path, train_dir: Path, info: dict[str, Any], 
     if publish and cfg.mlflow.enabled:
         registered = publish_winner(cfg, run_dir, winner_dir, history, meta,
                                     parent_run_id=parent_run_id, stopped_early=stopped_early,
-                                    register=register)
+                                    register=register, run_id=live_run_id)
     fit_info = {"winner": meta, "registered": registered, "stopped_early": stopped_early,
                 "checkpoint": str(ckpt)}
     (run_dir / "fit.json").write_text(json.dumps(fit_info, indent=2, default=str))
@@ -125,8 +125,10 @@ def finalize(cfg: Config, run_dir: Path, train_dir: Path, info: dict[str, Any], 
 
 def publish_winner(cfg: Config, run_dir: Path, winner_dir: Path, history: list[dict[str, Any]],
                    meta: dict[str, Any], *, parent_run_id: str | None = None,
-                   stopped_early: bool = False, register: bool = True) -> dict[str, Any] | None:
-    """Log + register; if MLflow is unreachable the fit still succeeds and says how to retry."""
+                   stopped_early: bool = False, register: bool = True,
+                   run_id: str | None = None) -> dict[str, Any] | None:
+    """Log + register (into the fit's live MLflow run ``run_id`` when there is one); if MLflow is
+    unreachable the fit still succeeds and says how to retry."""
     from raydetr.registry.publish import publish
 
     tags = {"variant": meta["variant"], "map": f"{meta['metrics']['map'] or 0:.4f}",
@@ -137,7 +139,7 @@ def publish_winner(cfg: Config, run_dir: Path, winner_dir: Path, history: list[d
             winner_dir, history=history, params=cfg.flat(), mlflow_cfg=cfg.mlflow,
             output_dir=Path(cfg.run.output_dir).resolve(), run_name=cfg.run.name, tags=tags,
             dataset=meta["dataset"], parent_run_id=parent_run_id,
-            nested=parent_run_id is not None, register=register,
+            nested=parent_run_id is not None, register=register, run_id=run_id,
         )
     except Exception as exc:  # noqa: BLE001 - the fit's result must survive a registry outage
         log.error(

@@ -125,18 +125,25 @@ class EpochResult:
         return m
 
     def format_line(self, epochs: int, patience: int | None = None) -> str:
-        """The one log line of an epoch (epochs counted from 1 for people)."""
-        b = self.bests
-        parts = [
-            f"epoch {self.epoch + 1}/{epochs}",
-            f"loss {self.train.get('train_loss', math.nan):.4f}",
-            f"mAP {self.regular['map']:.4f} (best {b.regular.map:.4f} @{b.regular.epoch + 1})",
-        ]
-        if self.ema:
-            parts.append(f"mAP_ema {self.map_ema:.4f} (best {b.ema.map:.4f} @{b.ema.epoch + 1})")
-        if patience is not None and self.early_stopping_counter is not None:
-            parts.append(f"early-stop {self.early_stopping_counter}/{patience}")
-        parts.append(f"{self.train.get('images_per_s', math.nan):.1f} img/s")
-        parts.append(f"lr {self.train.get('lr', math.nan):.2e}")
-        parts.append(f"winner {self.winner}")
-        return "  ".join(parts)
+        """The one log line of an epoch (see ``format_report_line``)."""
+        return format_report_line(self.to_report(), epochs, patience)
+
+
+def format_report_line(m: dict[str, Any], epochs: int, patience: int | None = None) -> str:
+    """The one log line of an epoch, from its flat report (``EpochResult.to_report()``, as Tune
+    receives it): both mAPs with their bests, the early-stopping counter, speed, lr, winner.
+    Epochs are counted from 1 for people."""
+    parts = [
+        f"epoch {int(m['epoch']) + 1}/{epochs}",
+        f"loss {m.get('train_loss', math.nan):.4f}",
+        f"mAP {m['map']:.4f} (best {m['best_map']:.4f} @{int(m['best_map_epoch']) + 1})",
+    ]
+    if "map_ema" in m:
+        parts.append(f"mAP_ema {m['map_ema']:.4f} (best {m['best_map_ema']:.4f} "
+                     f"@{int(m['best_map_ema_epoch']) + 1})")
+    if patience is not None and "early_stopping_counter" in m:
+        parts.append(f"early-stop {int(m['early_stopping_counter'])}/{patience}")
+    parts.append(f"{m.get('images_per_s', math.nan):.1f} img/s")
+    parts.append(f"lr {m.get('lr', math.nan):.2e}")
+    parts.append(f"winner {'ema' if m.get('winner_is_ema') else 'regular'}")
+    return "  ".join(parts)

@@ -153,7 +153,6 @@ def format_table(rows: list[dict[str, Any]], keys: list[str]) -> str:
 
 
 def search(cfg: Config, *, resume: bool = False) -> SearchResult:
-    from raydetr.train.checkpoint import latest_checkpoint, read_bests, read_state
     from raydetr.train.driver import run_trials
     from raydetr.train.postfit import finalize
 
@@ -165,10 +164,28 @@ def search(cfg: Config, *, resume: bool = False) -> SearchResult:
         grid = cfg.tune.search_space["ema.decay"]
         decays = ",".join(str(d) for d in next(iter(grid.values())))
         log.warning(SHADOWS_HINT.format(decays=decays))
+    from raydetr.train.driver import live_runs
+
+    live = live_runs(cfg, search=True)
+    try:
+        result = _search(cfg, keys, resume, live, run_trials, finalize)
+    except BaseException as exc:
+        if live is not None:
+            live.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    if live is not None:
+        live.end("FINISHED")
+    return result
+
+
+def _search(cfg: Config, keys: list[str], resume: bool, live, run_trials, finalize
+            ) -> SearchResult:
+    from raydetr.train.checkpoint import latest_checkpoint, read_bests, read_state
+
     grid_result, run_dir, info = run_trials(
         cfg, param_space=build_param_space(cfg.tune.search_space), scheduler=_scheduler(cfg),
         num_samples=cfg.tune.num_samples, max_concurrent_trials=cfg.tune.max_concurrent_trials,
-        resume=resume,
+        resume=resume, live=live,
     )
     rows: list[dict[str, Any]] = []
     for result in grid_result:
@@ -193,7 +210,7 @@ def search(cfg: Config, *, resume: bool = False) -> SearchResult:
     table = format_table(rows, keys)
     print(f"\nsearch results ({len(rows)} trials; best: {best['trial_id']})\n{table}\n")
     (run_dir / "search_results.txt").write_text(table + "\n")
-    registered = _publish_search(cfg, run_dir, rows, best, table, info, finalize)
+    registered = _publish_search(cfg, run_dir, rows, best, table, info, finalize, live)
     return SearchResult(run_dir=run_dir, rows=rows, best=best, registered=registered)
 
 
@@ -201,13 +218,15 @@ def _trial_cfg(cfg: Config, params: dict[str, Any]) -> Config:
     return with_overrides(cfg, params, "trial config")
 
 
-def _publish_search(cfg, run_dir, rows, best, table, info, finalize) -> dict[str, Any] | None:
-    """Strip every trial's winner; MLflow parent run + nested run per trial; register the best."""
+def _publish_search(cfg, run_dir, rows, best, table, info, finalize, live
+                    ) -> dict[str, Any] | None:
+    """Strip every trial's winner; results into the MLflow parent run, each trial's winner into
+    its nested run (both live since the search started); register the best."""
     registered = None
     parent_id = None
     if cfg.mlflow.enabled:
         try:
-            parent_id = _start_parent(cfg, run_dir, rows, table)
+            parent_id = _log_parent(cfg, live.run_id("parent") if live else None, rows, table)
         except Exception as exc:  # noqa: BLE001 - registry outage must not lose the search
             log.error("MLflow unavailable (%s); winners stay on disk under %s/results", exc, run_dir)
     for row in rows:
@@ -217,13 +236,16 @@ def _publish_search(cfg, run_dir, rows, best, table, info, finalize) -> dict[str
         res = finalize(
             _trial_cfg(cfg, row["params"]), out, row["train_dir"], info,
             publish=parent_id is not None, parent_run_id=parent_id, register=is_best,
+            live_run_id=live.run_id(row["trial_id"]) if live else None,
         )
         if is_best:
             registered = res.registered
     return registered
 
 
-def _start_parent(cfg: Config, run_dir: Path, rows, table: str) -> str:
+def _log_parent(cfg: Config, parent_id: str | None, rows, table: str) -> str:
+    """The results table and trials into the search's parent run (created live when the search
+    started; created here when live logging could not reach MLflow then)."""
     import mlflow
 
     from raydetr.registry.tracking import (
@@ -238,13 +260,13 @@ def _start_parent(cfg: Config, run_dir: Path, rows, table: str) -> str:
     check_reachable(uri)
     with mlflow_session(uri):
         client = mlflow.MlflowClient(tracking_uri=uri)
-        exp_id = ensure_experiment(client, cfg.mlflow.experiment, uri, output_dir)
-        run = client.create_run(exp_id, run_name=f"{cfg.run.name}-search",
-                                tags={"raydetr.kind": "search"})
-        client.log_text(run.info.run_id, table, "search_results.txt")
-        client.log_dict(run.info.run_id, {"search_space": cfg.tune.search_space,
-                                          "trials": [{k: v for k, v in r.items()
-                                                      if k not in ("history", "train_dir")}
-                                                     for r in rows]}, "search_results.json")
-        client.set_terminated(run.info.run_id)
-    return run.info.run_id
+        if parent_id is None:
+            exp_id = ensure_experiment(client, cfg.mlflow.experiment, uri, output_dir)
+            parent_id = client.create_run(exp_id, run_name=f"{cfg.run.name}-search",
+                                          tags={"raydetr.kind": "search"}).info.run_id
+        client.log_text(parent_id, table, "search_results.txt")
+        client.log_dict(parent_id, {"search_space": cfg.tune.search_space,
+                                    "trials": [{k: v for k, v in r.items()
+                                                if k not in ("history", "train_dir")}
+                                               for r in rows]}, "search_results.json")
+    return parent_id

@@ -1,0 +1,70 @@
+"""What a person sees during `raydetr train`, and where a local Ray listens (issue 12).
+
+One short fit in a subprocess: its default output is a header, exactly one line per epoch, then
+the winner (no COCOeval tables, no Ray chatter); while it trains, every listening socket of its
+process tree (Ray's GCS, raylet, dashboard, workers) is on loopback. One known exception is
+torch's, not Ray's: the torch.distributed rendezvous store (TCPStore) that Ray Train opens on the
+rank-0 Train worker binds the wildcard address, and torch offers no bind-address setting; it is
+listed separately, not hidden. A second, one-epoch fit with ``--verbose`` brings the COCOeval
+tables back.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from listening import is_loopback, listening_sockets
+
+pytestmark = pytest.mark.slow
+
+RAYDETR = Path(sys.executable).parent / "raydetr"
+TINY = ["model.resolution=64", "data.synthetic_train_images=16", "data.synthetic_val_images=8",
+        "data.synthetic_image_size=64", "data.multi_scale=false", "mlflow.enabled=false"]
+
+
+def _train(tmp_path: Path, name: str, *args: str, sample_sockets: bool = False):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    proc = subprocess.Popen(
+        [str(RAYDETR), "train", *args, *TINY, f"run.name={name}", f"run.output_dir={tmp_path}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        start_new_session=True)
+    seen: list[tuple[int, str, str, int]] = []
+    while sample_sockets and proc.poll() is None:
+        seen.extend(listening_sockets(proc.pid))
+        time.sleep(2.0)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out
+    return out.splitlines(), seen
+
+
+def test_default_log_is_one_line_per_epoch_and_ray_stays_on_loopback(tmp_path):
+    lines, sockets = _train(tmp_path, "quiet", "optim.epochs=2", sample_sockets=True)
+    # every server of the local Ray (GCS, raylet, dashboard, workers) listened on loopback
+    assert {name for _, name, _, _ in sockets} >= {"gcs_server", "raylet"}, sockets
+    outside = {(name, addr) for _, name, addr, _ in sockets if not is_loopback(addr)}
+    torch_store = {(n, a) for n, a in outside if n.startswith("ray::RayTrainWo") and a == "::"}
+    assert not outside - torch_store, f"listening outside 127.0.0.0/8: {outside - torch_store}"
+    assert len({port for _, n, a, port in sockets if (n, a) in torch_store}) <= 1, sockets
+
+    header_end = next(i for i, line in enumerate(lines) if line.startswith("MLflow "))
+    assert lines[header_end - 5].startswith("dataset ")  # the header block
+    winner = next(i for i, line in enumerate(lines) if line.startswith(("post-fit", "winner")))
+    between = lines[header_end + 1:winner]
+    assert [line.split("  ")[0] for line in between] == ["epoch 1/2", "epoch 2/2"], lines
+    assert all("mAP_ema" in line and "ETA" in line for line in between)
+    text = "\n".join(lines)
+    for chatter in ("Average Precision", "Reporting training result", "Checkpoint successfully",
+                    "Configuration for experiment", "RayTrainWorker", "Traceback"):
+        assert chatter not in text, chatter
+
+
+def test_verbose_brings_back_cocoeval_and_ray_output(tmp_path):
+    lines, _ = _train(tmp_path, "loud", "--verbose", "optim.epochs=1")
+    text = "\n".join(lines)
+    assert "Average Precision" in text and "RayTrainWorker" in text
