@@ -111,7 +111,7 @@ def test_publish_logs_run_metrics_plot_and_version(published):
     assert info["model_uri"] == f"models:/{NAME}@champion" and info["version"] == 1
     client = MlflowClient(tracking_uri=published["uri"], registry_uri=published["uri"])
     run = client.get_run(info["run_id"])
-    assert run.data.params["ema.decay"] == "0.993" and run.data.tags["test"] == "consumers"
+    assert run.data.params["ema.decay"] == "[0.993]" and run.data.tags["test"] == "consumers"
     for key in ("map", "map_ema", "map_ema_at_0.999", "train_loss"):
         assert [m.step for m in client.get_metric_history(info["run_id"], key)] == [0, 1, 2]
     files = {a.path for a in client.list_artifacts(info["run_id"])}
