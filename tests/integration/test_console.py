@@ -68,3 +68,47 @@ def test_verbose_brings_back_cocoeval_and_ray_output(tmp_path):
     lines, _ = _train(tmp_path, "loud", "--verbose", "optim.epochs=1")
     text = "\n".join(lines)
     assert "Average Precision" in text and "RayTrainWorker" in text
+
+
+def test_mlflow_is_live_and_one_run_survives_a_worker_restart(tmp_path, mlflow_server):
+    """A 3-epoch fit whose rank 0 dies after training epoch 2 (FailureConfig restarts it):
+    MLflow shows the run RUNNING with epoch metrics while it trains, and afterwards exactly one
+    run holds every epoch once, FINISHED, with the registered model."""
+    import json
+
+    from mlflow import MlflowClient
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_USAGE_STATS_ENABLED="0",
+               RAYDETR_FAULT_INJECT=f"1:0:{tmp_path / 'killed-once'}")
+    args = [*TINY[:-1], "optim.epochs=3", "scaling.max_failures=1", "run.name=live",
+            f"run.output_dir={tmp_path}", f"mlflow.tracking_uri={mlflow_server.uri}",
+            "mlflow.model_name=live-model"]
+    proc = subprocess.Popen([str(RAYDETR), "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    seen_live = None
+    while proc.poll() is None and seen_live is None:
+        runs = client.search_runs(client.get_experiment_by_name("raydetr").experiment_id
+                                  if client.get_experiment_by_name("raydetr") else "0")
+        for run in runs:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "map")]
+            if run.info.status == "RUNNING" and steps:
+                seen_live = (run.info.run_id, steps)
+        time.sleep(2.0)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out
+    assert (tmp_path / "killed-once").exists(), "the worker was not killed"
+    assert seen_live is not None, "no metric was visible while the fit was running"
+
+    exp = client.get_experiment_by_name("raydetr")
+    runs = client.search_runs(exp.experiment_id, filter_string="attributes.run_name = 'live'")
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    run = runs[0]
+    assert run.info.run_id == seen_live[0] and run.info.status == "FINISHED"
+    history = json.loads((tmp_path / "live" / "history.json").read_text())
+    for key in ("map", "map_ema", "train_loss", "lr"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == [int(h["epoch"]) for h in history] and len(steps) == 3, (key, steps)
+    version = client.get_model_version_by_alias("live-model", "champion")
+    assert version.run_id == run.info.run_id
