@@ -71,14 +71,14 @@ def bench_preset(preset: str, decays: list[float], repeats: int, work: Path) -> 
     cache = BestWeightsCache(work / f"cache-{preset}")
     bests = Bests()
     t0 = time.perf_counter()
-    update_bests(bests, cache, epoch=0, map_regular=0.1, map_ema=0.2, ema_decay=decays[0],
+    update_bests(bests, cache, epoch=1, map_regular=0.1, map_ema=0.2, ema_decay=decays[0],
                  regular_weights=model.state_dict, ema_weights=lambda: ema.shadow_state_dict(0))
     best_write_s = time.perf_counter() - t0
-    history = [{"epoch": 0, "map": 0.1, "map_ema": 0.2, "map50": 0.0, "map75": 0.0, "mar": 0.0,
+    history = [{"epoch": 1, "map": 0.1, "map_ema": 0.2, "map50": 0.0, "map75": 0.0, "mar": 0.0,
                 "map50_ema": 0.0, "map75_ema": 0.0, "mar_ema": 0.0}]
     state = {"model": model.state_dict(), "ema": ema.state_dict(),
              "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
-             "scaler": None, "epoch": 0, "step": 1, "early_stopping": {"counter": 0},
+             "scaler": None, "epoch": 1, "step": 1, "early_stopping": {"counter": 0},
              "rng": rng_state(), "history": history, "classes": classes,
              "config": cfg.to_dict()}
     parts = {k: _nbytes(state[k]) for k in ("model", "ema", "optimizer")}

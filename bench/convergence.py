@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      resolution=resolution, data_cfg=data_cfg, seed=args.seed,
                                      epoch=epoch)
         stats = train_one_epoch(model, criterion, budget.wrap(batches), optimizer, scheduler,
-                                device="cpu", epoch=epoch, clip_max_norm=optim_cfg.clip_max_norm,
+                                device="cpu", epoch=epoch + 1, clip_max_norm=optim_cfg.clip_max_norm,
                                 ema=ema)
         variants = {"regular": model}
         if ema is not None:

@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _print_fit(result) -> None:
     meta = result.meta
-    print(f"\nwinner: {meta['variant']} weights, epoch {meta['epoch'] + 1}, "
+    print(f"\nwinner: {meta['variant']} weights, epoch {meta['epoch']}, "
           f"mAP {meta['metrics']['map'] or 0:.4f} -> {result.winner_dir}")
     if result.registered:
         r = result.registered

@@ -105,7 +105,7 @@ def format_table(rows: list[dict[str, Any]], best: dict[str, Any], winner: dict 
     if winner:
         m = (winner.get("metrics") or {}).get("map")
         lines.append(f"run winner: {winner.get('variant')} weights, epoch "
-                     f"{int(winner.get('epoch', -1)) + 1}, mAP "
+                     f"{int(winner.get('epoch', -1))}, mAP "
                      f"{m:.4f}" if m is not None else "run winner: mAP unknown")
     return "\n".join(lines)
 
@@ -185,7 +185,8 @@ def _register_best(run: PosthocRun, best: dict[str, Any], winner_map: float | No
     shutil.copytree(src, dst)
     meta = json.loads((dst / "meta.json").read_text())
     meta.update(metrics={k: best[k] for k in METRIC_KEYS},
-                epoch=max(len(run.history) - 1, 0), epochs_run=len(run.history))
+                epoch=int(run.history[-1]["epoch"]) if run.history else -1,
+                epochs_run=len(run.history))
     (dst / "meta.json").write_text(json.dumps(meta, indent=2))
     reg = publish_winner(run.cfg, run.run_dir, dst, run.history, meta, register=True)
     if reg is None:

@@ -14,10 +14,10 @@ def metric_key(name: str) -> str:
 
 
 def history_metrics(history: list[dict]) -> list[tuple[str, float, int]]:
-    """(key, value, step=epoch) for every numeric, finite value of every history row."""
+    """(key, value, step=epoch number, from 1) for every numeric, finite value of every row."""
     out = []
     for i, row in enumerate(history):
-        step = int(row.get("epoch", i))
+        step = int(row.get("epoch", i + 1))
         for key, value in row.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
@@ -38,7 +38,7 @@ def plot_map_curves(history: list[dict], path: str | Path) -> Path:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     for key in keys:
-        pts = [(row.get("epoch", i), row[key]) for i, row in enumerate(history)
+        pts = [(row.get("epoch", i + 1), row[key]) for i, row in enumerate(history)
                if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])]
         if pts:
             xs, ys = zip(*pts)

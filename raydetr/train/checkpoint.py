@@ -4,7 +4,7 @@ Ray keeps the latest checkpoint plus the top K by one fixed score, and no single
 the best-regular and the best-EMA weights for every metric sequence. So every ``epoch_NNNN``
 folder is self-sufficient::
 
-    epoch_0007/
+    epoch_0007/                 the 7th epoch (numbered from 1)
       state.pt                  resume state (torch.load(weights_only=True)-safe)
       best_regular.safetensors  best-so-far regular weights (unwrapped model keys)
       best_ema.safetensors      best-so-far EMA weights (best over every EMA decay)

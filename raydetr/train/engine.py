@@ -68,9 +68,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[di
     micro-steps run in ``model.no_sync()``. After each optimizer step: ``lr_scheduler.step()``
     then ``ema.update(model)``, then ``on_step(model, steps_this_epoch, grads_finite)``
     (e.g. the post-hoc EMA tracker; ``grads_finite`` is the clipping norm's verdict or None).
-    Raises NonFiniteLossError (epoch, step, image ids, loss terms)
-    on a NaN / inf loss. Returns train_loss (mean over micro-batches), steps (optimizer steps),
-    images, seconds, images_per_s, lr (first group's lr after the epoch).
+    ``epoch`` is the epoch's number (from 1), for messages only. Raises NonFiniteLossError
+    (epoch, step, image ids, loss terms) on a NaN / inf loss. Returns train_loss (mean over
+    micro-batches), steps (optimizer steps), images, seconds, images_per_s, lr (first group's
+    lr after the epoch).
     """
     device = torch.device(device)
     model.train()

@@ -107,7 +107,7 @@ def finalize(cfg: Config, run_dir: Path, train_dir: Path, info: dict[str, Any], 
     log.info(
         "post-fit: winner %s weights from epoch %d (mAP %.4f); regular best %.4f, EMA best %s. "
         "Stripped checkpoint %.1f MB -> %.1f MB (%.1fx smaller): %s",
-        meta["variant"], meta["epoch"] + 1, meta["metrics"]["map"] or 0.0, meta["best_map"],
+        meta["variant"], meta["epoch"], meta["metrics"]["map"] or 0.0, meta["best_map"],
         f"{meta['best_map_ema']:.4f}" if meta["best_map_ema"] is not None else "-",
         meta["checkpoint_bytes"] / 1e6, meta["winner_bytes"] / 1e6, ratio, winner_dir,
     )

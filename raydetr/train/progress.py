@@ -90,7 +90,7 @@ class EpochLines(Callback):
         first = self.first_epoch.setdefault(trial.trial_id, (epoch, self.started))
         done = epoch - first[0] + 1
         per_epoch = (now - first[1]) / max(done, 1)
-        eta = per_epoch * (self.epochs - epoch - 1)
+        eta = per_epoch * (self.epochs - epoch)  # epochs are numbered from 1
         line = format_report_line(result, self.epochs, self.patience)
         prefix = f"[{trial.trial_id}] " if self.search else ""
         log.info("%s%s  %s elapsed  ETA %s", prefix, line, _duration(now - self.started),

@@ -4,6 +4,10 @@ Everything downstream of an epoch reads :class:`EpochResult`: the Tune metric (i
 ``to_report()`` dict), the early-stopping rule (``monitored``), the bests written into the
 checkpoint, the log line, post-fit (the history rows) and MLflow.
 
+Epochs are numbered from 1 everywhere a person reads one (``EpochResult.epoch``, ``Best.epoch``,
+the report's ``epoch`` / ``best_map_epoch``, history rows, MLflow steps, ``epoch_NNNN`` folders,
+meta.json). The training loop counts a 0-based index; :func:`epoch_number` is the one conversion.
+
     winner(best_map=0.41, best_map_ema=0.43)   # -> "ema"  (RF-DETR: strictly higher wins)
 """
 
@@ -15,6 +19,11 @@ from typing import Any, Literal
 
 Variant = Literal["regular", "ema"]
 METRIC_KEYS = ("map", "map50", "map75", "mar")
+
+
+def epoch_number(index: int) -> int:
+    """The epoch number people read (1 = the first epoch) of the loop's 0-based ``index``."""
+    return index + 1
 
 
 def winner(best_map: float, best_map_ema: float | None) -> Variant:
@@ -38,7 +47,7 @@ def score_of(map_regular: float, map_ema: float | None, metric: str = "best") ->
 
 @dataclass
 class Best:
-    """Best-so-far mAP of one variant. ``epoch`` -1 means no evaluation yet."""
+    """Best-so-far mAP of one variant. ``epoch`` counts from 1; -1 means no evaluation yet."""
 
     map: float = -1.0
     epoch: int = -1
@@ -73,7 +82,7 @@ class EpochResult:
     """What one epoch produced (rank 0). ``ema`` maps each shadow's decay to its COCO metrics;
     the ``*_ema`` report keys are those of the best shadow this epoch."""
 
-    epoch: int  # 0-based
+    epoch: int  # from 1: see epoch_number
     step: int  # optimizer steps done after this epoch
     regular: dict[str, float]
     ema: dict[float, dict[str, float]]
@@ -132,15 +141,15 @@ class EpochResult:
 def format_report_line(m: dict[str, Any], epochs: int, patience: int | None = None) -> str:
     """The one log line of an epoch, from its flat report (``EpochResult.to_report()``, as Tune
     receives it): both mAPs with their bests, the early-stopping counter, speed, lr, winner.
-    Epochs are counted from 1 for people."""
+    Its epochs are already numbered from 1 (``epoch_number``)."""
     parts = [
-        f"epoch {int(m['epoch']) + 1}/{epochs}",
+        f"epoch {int(m['epoch'])}/{epochs}",
         f"loss {m.get('train_loss', math.nan):.4f}",
-        f"mAP {m['map']:.4f} (best {m['best_map']:.4f} @{int(m['best_map_epoch']) + 1})",
+        f"mAP {m['map']:.4f} (best {m['best_map']:.4f} @{int(m['best_map_epoch'])})",
     ]
     if "map_ema" in m:
         parts.append(f"mAP_ema {m['map_ema']:.4f} (best {m['best_map_ema']:.4f} "
-                     f"@{int(m['best_map_ema_epoch']) + 1})")
+                     f"@{int(m['best_map_ema_epoch'])})")
     if patience is not None and "early_stopping_counter" in m:
         parts.append(f"early-stop {int(m['early_stopping_counter'])}/{patience}")
     parts.append(f"{m.get('images_per_s', math.nan):.1f} img/s")

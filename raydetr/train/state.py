@@ -32,13 +32,14 @@ class TrainState:
     # rebuilds its EMA after loading).
     ema_factory: Callable[[nn.Module], Any] | None = None
     posthoc: Any = None  # raydetr.ema.posthoc.PosthocTracker (rank 0, ema.posthoc.enabled)
-    epoch: int = -1  # last finished epoch (0-based); -1 before the first
+    epoch: int = 0  # number (from 1) of the last finished epoch = epochs finished; 0 before
     step: int = 0  # optimizer steps done
     bests: Bests = field(default_factory=Bests)
     history: list[dict[str, Any]] = field(default_factory=list)  # EpochResult.to_report() rows
 
     @property
     def next_epoch(self) -> int:
+        """Number (from 1) of the epoch to run next."""
         return self.epoch + 1
 
     def state_dict(self) -> dict[str, Any]:

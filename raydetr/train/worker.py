@@ -34,7 +34,7 @@ from raydetr.train.checkpoint import (
     update_bests,
     write_checkpoint,
 )
-from raydetr.train.record import METRIC_KEYS, EpochResult, score_of
+from raydetr.train.record import METRIC_KEYS, EpochResult, epoch_number, score_of
 from raydetr.train.state import TrainState
 
 log = logging.getLogger("raydetr.train")
@@ -168,7 +168,7 @@ class Recipe:
                     self.cache.seed_from(Path(ckpt_dir))
             if self.rank == 0:
                 log.info("resumed from %s: continuing at epoch %d (EMA updates so far: %s)",
-                         checkpoint.path, self.state.next_epoch + 1,
+                         checkpoint.path, self.state.next_epoch,
                          self.state.ema.updates if self.state.ema else "-")
         # rtdetr: every parameter is in the graph on every step (the denoising embedding stays in
         # it even for batches without boxes), so DDP needs no unused-parameter search. rfdetr:
@@ -227,12 +227,13 @@ class Recipe:
                                           batch_size=max(self.cfg.optim.batch_size, 8),
                                           resolution=self.resolution)
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
+    def train_epoch(self, index: int) -> dict[str, float]:
+        """Train the epoch of 0-based ``index`` (it seeds the shuffle and the RNGs)."""
         from raydetr.train.engine import train_one_epoch
 
         # Reseed per (seed, epoch, rank): ranks consume randomness at different rates, so this,
         # not one saved state, makes restarts exact.
-        seed_everything(self.cfg.run.seed * 1_000_003 + epoch * 1_009 + self.rank)
+        seed_everything(self.cfg.run.seed * 1_000_003 + index * 1_009 + self.rank)
         s, o = self.state, self.cfg.optim
         on_step = None
         if s.posthoc is not None:  # global step = steps before this epoch + steps in it
@@ -242,8 +243,9 @@ class Recipe:
                 s.posthoc.after_step(model, steps_before + steps, finite)
         self.model.train()
         stats = train_one_epoch(
-            self.ddp_model, self.criterion, self.train_batches(epoch), s.optimizer,
-            s.lr_scheduler, device=self.device, epoch=epoch, grad_accum_steps=o.grad_accum_steps,
+            self.ddp_model, self.criterion, self.train_batches(index), s.optimizer,
+            s.lr_scheduler, device=self.device, epoch=epoch_number(index),
+            grad_accum_steps=o.grad_accum_steps,
             clip_max_norm=o.clip_max_norm, ema=s.ema, amp_dtype=self.amp_dtype,
             log_every=self.cfg.run.log_every_steps, on_step=on_step)
         s.step += stats["steps"]
@@ -252,7 +254,7 @@ class Recipe:
         return stats
 
     def evaluate(self, epoch: int, stats: dict[str, float]) -> EpochResult | None:
-        """Every variant on the val split; rank 0 returns the epoch's record."""
+        """Every variant on the val split; rank 0 returns the record of epoch number ``epoch``."""
         from raydetr.eval.coco import coco_metrics
         from raydetr.train.evaluation import gather_records, variant_name
         from raydetr.tune.rule import monitored_value, replay
@@ -309,7 +311,7 @@ class Recipe:
         from raydetr.tune.decisions import wait_decision
 
         if wait_decision(self.args.decision_board, self.args.trial_id, epoch) == "STOP":
-            log.info("early stop after epoch %d: waiting for Tune to end the trial", epoch + 1)
+            log.info("early stop after epoch %d: waiting for Tune to end the trial", epoch)
             while True:  # Tune kills this trial; training must not go on meanwhile
                 time.sleep(1.0)
 
@@ -323,8 +325,9 @@ class Recipe:
             self.log_header()
         epochs = self.cfg.optim.epochs
         patience = self.cfg.early_stopping.patience if self.cfg.early_stopping.enabled else None
-        for epoch in range(self.state.next_epoch, epochs):
-            stats = self.train_epoch(epoch)
+        for index in range(self.state.epoch, epochs):  # state.epoch: epochs finished
+            epoch = epoch_number(index)  # every record, name and message below uses this number
+            stats = self.train_epoch(index)
             _maybe_inject_fault(self.args.fault_inject, epoch, self.rank)
             result = self.evaluate(epoch, stats)
             metrics: dict[str, Any] = {}
@@ -336,7 +339,7 @@ class Recipe:
             ray.train.report(metrics, checkpoint=self.save_checkpoint(result) if result else None,
                              checkpoint_dir_name=f"epoch_{epoch:04d}",
                              delete_local_checkpoint_after_upload=True)
-            if epoch + 1 < epochs:
+            if epoch < epochs:
                 self.wait_for_decision(epoch)
         if self.rank == 0:
             return {"epochs": len(self.state.history), "bests": self.state.bests.to_dict()}
@@ -358,12 +361,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
 def _maybe_inject_fault(spec: str | None, epoch: int, rank: int) -> None:
     """Test hook (``RAYDETR_FAULT_INJECT=epoch:rank:marker_file`` in the driver's environment):
-    that rank dies with ``os._exit`` after training that epoch, once (the marker file remembers),
-    to exercise FailureConfig restarts and ``--resume``."""
+    that rank dies with ``os._exit`` after training epoch number ``epoch`` (from 1), once (the
+    marker file remembers), to exercise FailureConfig restarts and ``--resume``."""
     if not spec:
         return
     at_epoch, at_rank, marker = spec.split(":", 2)
     if epoch == int(at_epoch) and rank == int(at_rank) and not Path(marker).exists():
         Path(marker).write_text(f"killed rank {rank} after training epoch {epoch}\n")
-        log.warning("fault injection: rank %d exits during epoch %d", rank, epoch + 1)
+        log.warning("fault injection: rank %d exits during epoch %d", rank, epoch)
         os._exit(1)

@@ -173,7 +173,7 @@ class EarlyStoppingScheduler(FIFOScheduler):
         self._ensure_loaded()
         trial_id = trial.trial_id
         state = self._trials.setdefault(trial_id, _TrialState())
-        epoch = _epoch_of(result, default=len(state.history))
+        epoch = _epoch_of(result, default=len(state.history) + 1)  # numbered from 1
         if state.history and epoch <= state.history[-1][0]:
             logger.info(
                 "Epoch %d reported again for trial %s (retried from a checkpoint): "

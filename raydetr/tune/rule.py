@@ -69,7 +69,7 @@ class EarlyStopping:
         improved = value > self.best + self.min_delta
         if improved:
             self.best = float(value)
-            self.best_epoch = epoch if epoch is not None else self.seen - 1
+            self.best_epoch = epoch if epoch is not None else self.seen  # from 1
             self.counter = 0
         else:
             self.counter += 1

@@ -3,7 +3,8 @@
 A real Ray TorchTrainer run drives the production checkpoint code (update_bests,
 write_checkpoint, CheckpointConfig(num_to_keep=1)) with a scripted mAP sequence. The model's
 weights encode the epoch (regular = epoch, EMA = 100 + epoch), so the files left in storage
-say exactly which epoch they came from.
+say exactly which epoch they came from. Epochs are numbered from 1, as the worker numbers them
+(``epoch_0001`` holds the first epoch).
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def test_any_sequence_keeps_both_bests(tmp_path, seed):
     emas = [round(rng.random(), 2) for _ in range(n)]
     bests, cache = Bests(), BestWeightsCache(tmp_path / "cache")
     storage = tmp_path / "storage"
-    for e in range(n):
-        ckpt = _epoch(bests, cache, e, maps[e], emas[e], storage / f"epoch_{e:04d}")
+    for e in range(1, n + 1):
+        ckpt = _epoch(bests, cache, e, maps[e - 1], emas[e - 1], storage / f"epoch_{e:04d}")
         for old in checkpoint_dirs(storage):  # num_to_keep=1
             if old != ckpt:
                 import shutil
@@ -61,23 +62,23 @@ def test_any_sequence_keeps_both_bests(tmp_path, seed):
                 shutil.rmtree(old)
     assert len(checkpoint_dirs(storage)) == 1
     last = latest_checkpoint(storage)
-    best_reg = max(range(n), key=lambda e: (maps[e], -e))
-    best_ema = max(range(n), key=lambda e: (emas[e], -e))
+    best_reg = max(range(1, n + 1), key=lambda e: (maps[e - 1], -e))
+    best_ema = max(range(1, n + 1), key=lambda e: (emas[e - 1], -e))
     assert load_weights(last / "best_regular.safetensors")["w"][0, 0] == best_reg
     assert load_weights(last / "best_ema.safetensors")["w"][0, 0] == 100 + best_ema
-    assert read_state(last)["epoch"] == n - 1
+    assert last.name == f"epoch_{n:04d}" and read_state(last)["epoch"] == n
 
 
 def _train_fn(config):
     import ray.train
 
     bests, cache = Bests(), BestWeightsCache(Path(tempfile.mkdtemp()))
-    for epoch, (m, me) in enumerate(zip(MAP, MAP_EMA)):
+    for epoch, (m, me) in enumerate(zip(MAP, MAP_EMA), start=1):
         out = Path(tempfile.mkdtemp())
         update_bests(bests, cache, epoch=epoch, map_regular=m, map_ema=me, ema_decay=0.993,
                      regular_weights=lambda e=epoch: _weights(e),
                      ema_weights=lambda e=epoch: _weights(100 + e))
-        history = [{"epoch": i, "map": MAP[i], "map_ema": MAP_EMA[i]} for i in range(epoch + 1)]
+        history = [{"epoch": i + 1, "map": MAP[i], "map_ema": MAP_EMA[i]} for i in range(epoch)]
         write_checkpoint(out, state={"epoch": epoch, "history": history, "classes": ["a"],
                                      "config": config["cfg"]}, bests=bests, cache=cache)
         ray.train.report({"epoch": epoch, "map": m, "map_ema": me},
@@ -110,18 +111,18 @@ def test_scripted_sequence_under_ray(tmp_path):
         ray.shutdown()
     train_dir = tmp_path / "bests"
     kept = checkpoint_dirs(train_dir)
-    assert [p.name for p in kept] == ["epoch_0006"], "storage must not grow with epochs"
+    assert [p.name for p in kept] == ["epoch_0007"], "storage must not grow with epochs"
     last = latest_checkpoint(train_dir)
-    assert last.name == "epoch_0006"
-    assert load_weights(last / "best_regular.safetensors")["w"][0, 0] == 1  # map .50 @ epoch 1
-    assert load_weights(last / "best_ema.safetensors")["w"][0, 0] == 105  # ema .60 @ epoch 5
+    assert last.name == "epoch_0007"  # the 7th (last) epoch
+    assert load_weights(last / "best_regular.safetensors")["w"][0, 0] == 2  # map .50 @ epoch 2
+    assert load_weights(last / "best_ema.safetensors")["w"][0, 0] == 106  # ema .60 @ epoch 6
     bests = read_bests(last)
-    assert (bests.regular.epoch, bests.ema.epoch, bests.winner()) == (1, 5, "ema")
-    # The post-fit strips that winner: the EMA weights of epoch 5.
+    assert (bests.regular.epoch, bests.ema.epoch, bests.winner()) == (2, 6, "ema")
+    # The post-fit strips that winner: the EMA weights of epoch 6.
     winner = tmp_path / "winner"
     import raydetr.model.build  # noqa: F401 - strip_winner resolves the preset's resolution
 
     meta = strip_winner(last, winner, dataset="scripted")
-    assert meta["variant"] == "ema" and meta["epoch"] == 5
-    assert load_weights(winner / "model.safetensors")["w"][0, 0] == 105
+    assert meta["variant"] == "ema" and meta["epoch"] == 6
+    assert load_weights(winner / "model.safetensors")["w"][0, 0] == 106
     assert meta["metrics"]["map"] == pytest.approx(0.60)

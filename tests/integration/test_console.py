@@ -80,7 +80,7 @@ def test_mlflow_is_live_and_one_run_survives_a_worker_restart(tmp_path, mlflow_s
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_USAGE_STATS_ENABLED="0",
-               RAYDETR_FAULT_INJECT=f"1:0:{tmp_path / 'killed-once'}")
+               RAYDETR_FAULT_INJECT=f"2:0:{tmp_path / 'killed-once'}")
     args = [*TINY[:-1], "optim.epochs=3", "scaling.max_failures=1", "run.name=live",
             f"run.output_dir={tmp_path}", f"mlflow.tracking_uri={mlflow_server.uri}",
             "mlflow.model_name=live-model"]

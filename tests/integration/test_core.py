@@ -40,8 +40,8 @@ def tiny(out: Path, name: str, *extra: str):
 
 
 def test_stop_is_deterministic_with_a_slow_scheduler(tmp_path, local_ray, monkeypatch):
-    """Defect 1: the scheduler takes 8 s to decide STOP on epoch 0 (an epoch here takes ~1 s).
-    The workers wait for the decision, so the registered result holds epoch 0 only.
+    """Defect 1: the scheduler takes 8 s to decide STOP on epoch 1 (an epoch here takes ~1 s).
+    The workers wait for the decision, so the registered result holds epoch 1 only.
     Defect 10: the early-stopped run leaves no best-weights cache."""
     from raydetr.tune.early_stopping import EarlyStoppingScheduler
 
@@ -57,9 +57,9 @@ def test_stop_is_deterministic_with_a_slow_scheduler(tmp_path, local_ray, monkey
     result = fit(cfg)
     assert result.stopped_early
     history = json.loads((result.run_dir / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [0], "an epoch after the STOP reached the result"
-    assert result.meta["epochs_run"] == 1
-    assert latest_checkpoint(result.train_dir).name == "epoch_0000"
+    assert [h["epoch"] for h in history] == [1], "an epoch after the STOP reached the result"
+    assert result.meta["epochs_run"] == 1 and result.meta["epoch"] == 1
+    assert latest_checkpoint(result.train_dir).name == "epoch_0001"
     assert not best_cache_dir(str(result.train_dir)).exists()
 
 
@@ -87,7 +87,7 @@ def test_import_path_schedule_reaches_two_workers(tmp_path, local_ray, monkeypat
 
 def test_failed_run_leaves_no_best_cache(tmp_path, local_ray, monkeypatch):
     """Defect 10: a run whose worker dies for good (no retries) leaves no cache either."""
-    monkeypatch.setenv("RAYDETR_FAULT_INJECT", f"1:0:{tmp_path / 'killed'}")
+    monkeypatch.setenv("RAYDETR_FAULT_INJECT", f"2:0:{tmp_path / 'killed'}")
     cfg = tiny(tmp_path, "dies", "optim.epochs=2")
     with pytest.raises(FitError, match="--resume"):
         fit(cfg)

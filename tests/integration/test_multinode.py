@@ -174,8 +174,8 @@ def test_worker_node_killed_mid_epoch_ends_equal(two_nodes, mlflow_server, tmp_p
         deadline = time.time() + 600
         for line in proc.stdout:
             lines.append(line)
-            # second epoch (0-based 1) has made a step: kill the worker node now
-            if not killed and re.search(r"epoch 1 step 1 loss", line):
+            # epoch 2 has made a step: kill the worker node now
+            if not killed and re.search(r"epoch 2 step 1 loss", line):
                 two_nodes.kill_worker_node()
                 killed = len(lines)
             if time.time() > deadline:
@@ -194,7 +194,7 @@ def test_worker_node_killed_mid_epoch_ends_equal(two_nodes, mlflow_server, tmp_p
         f"after the restart both ranks should run on the head: {after}")
     assert two_nodes.worker_node_id not in after[0]
     state, ref = _final_state(out, "killed"), read_state(latest_checkpoint(reference))
-    assert [h["epoch"] for h in state["history"]] == [0, 1, 2]
+    assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
     for k in ref["model"]:
         assert torch.equal(state["model"][k], ref["model"][k]), f"tensor {k} differs"
     assert state["ema"]["updates"] == ref["ema"]["updates"]

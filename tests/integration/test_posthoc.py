@@ -61,7 +61,7 @@ def trained(tmp_path_factory, local_ray, mlflow_server):
                f"ema.posthoc.every_steps={EVERY}", "scaling.max_failures=1", "optim.epochs=2",
                f"mlflow.tracking_uri={mlflow_server.uri}", "mlflow.experiment=posthoc")
     marker = out / "killed-once"
-    os.environ["RAYDETR_FAULT_INJECT"] = f"1:0:{marker}"
+    os.environ["RAYDETR_FAULT_INJECT"] = f"2:0:{marker}"  # after training epoch 2
     try:
         result = fit(cfg)
     finally:

@@ -61,9 +61,10 @@ def test_fault_restart_and_resume_equal_uninterrupted(tmp_path, local_ray, monke
            "optim.epochs=2")
     ref = fit(tiny(tmp_path, "ref", *two))
     ref_state = final_state(ref)
-    assert [h["epoch"] for h in ref_state["history"]] == [0, 1]
+    assert [h["epoch"] for h in ref_state["history"]] == [1, 2]  # numbered from 1
+    assert latest_checkpoint(ref.train_dir).name == "epoch_0002"
 
-    monkeypatch.setenv("RAYDETR_FAULT_INJECT", f"1:1:{tmp_path / 'killed-once'}")
+    monkeypatch.setenv("RAYDETR_FAULT_INJECT", f"2:1:{tmp_path / 'killed-once'}")
     restarted = fit(tiny(tmp_path, "restart", *two, "scaling.max_failures=1"))
     assert (tmp_path / "killed-once").exists(), "the fault was not injected"
     state = final_state(restarted)
@@ -72,14 +73,14 @@ def test_fault_restart_and_resume_equal_uninterrupted(tmp_path, local_ray, monke
     for a, b in zip(state["ema"]["shadows"], ref_state["ema"]["shadows"]):
         assert_same_weights(a, b)
 
-    monkeypatch.setenv("RAYDETR_FAULT_INJECT", f"1:0:{tmp_path / 'killed-for-good'}")
+    monkeypatch.setenv("RAYDETR_FAULT_INJECT", f"2:0:{tmp_path / 'killed-for-good'}")
     with pytest.raises(FitError, match="--resume"):
         fit(tiny(tmp_path, "resumed", *two))
     monkeypatch.delenv("RAYDETR_FAULT_INJECT")
     resumed = fit(tiny(tmp_path, "resumed", *two), resume=True)
     state = final_state(resumed)
     assert_same_weights(state["model"], ref_state["model"])
-    assert [h["epoch"] for h in state["history"]] == [0, 1]
+    assert [h["epoch"] for h in state["history"]] == [1, 2]
     assert state["ema"]["updates"] == ref_state["ema"]["updates"]
 
 
@@ -103,6 +104,9 @@ def test_early_stop_registers_winner_and_leaves_nothing_running(tmp_path, local_
     assert result.stopped_early
     history = json.loads((result.run_dir / "history.json").read_text())
     assert len(history) == 2, "patience 2 with an unreachable min_delta stops after 2 epochs"
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert latest_checkpoint(result.train_dir).name == "epoch_0002"
+    assert result.meta["epoch"] in (1, 2) and result.meta["epochs_run"] == 2
     assert result.registered is not None
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     version = client.get_model_version_by_alias("es-model", "champion")

@@ -81,16 +81,18 @@ def test_reachable_server_and_local_stores(health_server, tmp_path):
 def test_metric_names_are_mlflow_safe():
     assert metric_key("map_ema@0.999") == "map_ema_at_0.999"
     assert metric_key("ap/dog (big)") == "ap/dog _big_"
-    rows = [{"epoch": 0, "map": 0.1, "map_ema@0.99": 0.2, "ok": True, "note": "x",
-             "lr": float("nan")}, {"epoch": 1, "map": 0.3}]
-    assert history_metrics(rows) == [("epoch", 0.0, 0), ("map", 0.1, 0),
-                                     ("map_ema_at_0.99", 0.2, 0), ("epoch", 1.0, 1),
-                                     ("map", 0.3, 1)]
+    rows = [{"epoch": 1, "map": 0.1, "map_ema@0.99": 0.2, "ok": True, "note": "x",
+             "lr": float("nan")}, {"epoch": 2, "map": 0.3}]
+    assert history_metrics(rows) == [("epoch", 1.0, 1), ("map", 0.1, 1),
+                                     ("map_ema_at_0.99", 0.2, 1), ("epoch", 2.0, 2),
+                                     ("map", 0.3, 2)]
+    # A row without ``epoch``: its step is its position, numbered from 1 like epochs.
+    assert history_metrics([{"map": 0.5}]) == [("map", 0.5, 1)]
 
 
 def test_plot_map_curves(tmp_path):
     history = [{"epoch": e, "map": 0.1 * e, "map_ema": 0.12 * e, "map_ema@0.99": 0.11 * e,
-                "map_ema@0.999": 0.09 * e} for e in range(4)]
+                "map_ema@0.999": 0.09 * e} for e in range(1, 5)]
     out = plot_map_curves(history, tmp_path / "plots" / "map.png")
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -98,7 +100,7 @@ def test_plot_map_curves(tmp_path):
 
     assert Image.open(out).size == (600, 400)
     # EMA disabled / empty history: still a valid image, no crash
-    assert plot_map_curves([{"epoch": 0, "map": 0.1}], tmp_path / "a.png").is_file()
+    assert plot_map_curves([{"epoch": 1, "map": 0.1}], tmp_path / "a.png").is_file()
     assert plot_map_curves([], tmp_path / "b.png").is_file()
 
 

@@ -22,12 +22,12 @@ def test_search_trial_results_dir_can_be_registered(tmp_path):
     torch.manual_seed(0)
     model, _, _ = build(cfg.model, cfg.loss, 2)
     bests, cache = Bests(), BestWeightsCache(tmp_path / "cache")
-    update_bests(bests, cache, epoch=0, map_regular=0.1, map_ema=0.2, ema_decay=0.993,
+    update_bests(bests, cache, epoch=1, map_regular=0.1, map_ema=0.2, ema_decay=0.993,
                  regular_weights=model.state_dict, ema_weights=model.state_dict)
     train_dir = tmp_path / "search" / "trials" / "abc123"
-    history = [{"epoch": 0, "map": 0.1, "map_ema": 0.2}]
-    write_checkpoint(train_dir / "epoch_0000", bests=bests, cache=cache, state={
-        "epoch": 0, "history": history, "classes": ["a", "b"], "config": cfg.to_dict()})
+    history = [{"epoch": 1, "map": 0.1, "map_ema": 0.2}]
+    write_checkpoint(train_dir / "epoch_0001", bests=bests, cache=cache, state={
+        "epoch": 1, "history": history, "classes": ["a", "b"], "config": cfg.to_dict()})
 
     out = tmp_path / "search" / "results" / "abc123"  # where search post-fit puts a trial
     finalize(cfg, out, train_dir, {}, publish=False)

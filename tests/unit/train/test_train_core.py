@@ -18,7 +18,7 @@ from raydetr.train.engine import predict_records
 from raydetr.train.evaluation import ShadowEvaluator, variant_name
 from raydetr.train.optim import build_lr_scheduler, build_optimizer
 from raydetr.train.pretrained import load_pretrained, resolve_pretrained
-from raydetr.train.record import Bests, EpochResult, winner
+from raydetr.train.record import Bests, EpochResult, epoch_number, winner
 from raydetr.train.state import TrainState
 from raydetr.tune.rule import EarlyStopping, replay
 
@@ -51,10 +51,10 @@ def test_winner_rule(reg, ema, expected):
 
 def test_epoch_result_report_and_winner():
     bests = Bests()
-    bests.regular.map, bests.regular.epoch = 0.30, 0
-    bests.ema.map, bests.ema.epoch, bests.ema.decay = 0.35, 0, 0.99
+    bests.regular.map, bests.regular.epoch = 0.30, 1
+    bests.ema.map, bests.ema.epoch, bests.ema.decay = 0.35, 1, 0.99
     per = {k: 0.1 for k in ("map", "map50", "map75", "mar")}
-    r = EpochResult(epoch=0, step=4, regular={**per, "map": 0.30},
+    r = EpochResult(epoch=epoch_number(0), step=4, regular={**per, "map": 0.30},
                     ema={0.9: {**per, "map": 0.2}, 0.99: {**per, "map": 0.35}}, bests=bests,
                     score=0.35, monitored=0.35, train={"train_loss": 1.0, "lr": 1e-3,
                                                        "images_per_s": 5.0})
@@ -62,6 +62,10 @@ def test_epoch_result_report_and_winner():
     assert (m["map_ema"], m["map_ema_decay"], m["map_ema@0.9"]) == (0.35, 0.99, 0.2)
     assert (m["best_map"], m["best_map_ema"], m["winner_is_ema"]) == (0.30, 0.35, 1)
     assert r.winner == "ema" and "winner ema" in r.format_line(3)
+    # The first epoch is epoch 1 in the report, the bests and the log line alike.
+    assert (m["epoch"], m["best_map_epoch"], m["best_map_ema_epoch"]) == (1, 1, 1)
+    line = r.format_line(3)
+    assert line.startswith("epoch 1/3") and "@1)" in line and "@0)" not in line
 
 
 def test_replay_is_the_scheduler_rule():
@@ -99,14 +103,14 @@ def test_resume_without_ema_starts_shadow_from_loaded_weights():
 def test_train_state_round_trip(tmp_path):
     model, _, _ = _tiny()
     state = _state(model, ema=ModelEma(model, decays=[0.9, 0.99]))
-    state.epoch, state.step, state.history = 2, 12, [{"epoch": 0}, {"epoch": 1}, {"epoch": 2}]
+    state.epoch, state.step, state.history = 3, 12, [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}]
     state.bests.regular.map, state.bests.regular.epoch = 0.2, 1
     torch.save(state.state_dict(), tmp_path / "s.pt")
     other_model, _, _ = _tiny()
     _perturb(other_model, 0.0)
     other = _state(other_model, ema=ModelEma(other_model, decays=[0.9, 0.99]))
     other.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
-    assert (other.epoch, other.step, other.next_epoch, len(other.history)) == (2, 12, 3, 3)
+    assert (other.epoch, other.step, other.next_epoch, len(other.history)) == (3, 12, 4, 3)
     assert other.bests == state.bests
     for k, v in model.state_dict().items():
         assert torch.equal(other_model.state_dict()[k], v)

@@ -24,7 +24,8 @@ def feed(scheduler: EarlyStoppingScheduler, trial: Trial, rows: list[dict]) -> l
     return [scheduler.on_trial_result(None, trial, row) for row in rows]
 
 
-def rows_from(maps: list[float], ema: list[float] | None = None, start: int = 0) -> list[dict]:
+def rows_from(maps: list[float], ema: list[float] | None = None, start: int = 1) -> list[dict]:
+    """Results as the workers report them: ``epoch`` numbered from 1."""
     rows = []
     for i, m in enumerate(maps):
         row = {"epoch": start + i, "map": m, "training_iteration": i + 1}
@@ -75,11 +76,11 @@ def test_first_value_must_beat_zero_plus_min_delta():
 
 def test_stops_exactly_at_patience_th_non_improving_epoch():
     rule = EarlyStopping(patience=3, min_delta=0.0)
-    assert rule.update(0.5, epoch=0) == (True, False)
-    assert rule.update(0.4, epoch=1) == (False, False)
-    assert rule.update(0.5, epoch=2) == (False, False)  # equal is not better
-    assert rule.update(0.3, epoch=3) == (False, True)  # third non-improving epoch
-    assert (rule.counter, rule.best, rule.best_epoch, rule.stopped) == (3, 0.5, 0, True)
+    assert rule.update(0.5, epoch=1) == (True, False)
+    assert rule.update(0.4, epoch=2) == (False, False)
+    assert rule.update(0.5, epoch=3) == (False, False)  # equal is not better
+    assert rule.update(0.3, epoch=4) == (False, True)  # third non-improving epoch
+    assert (rule.counter, rule.best, rule.best_epoch, rule.stopped) == (3, 0.5, 1, True)
 
 
 def test_improvement_resets_counter():
@@ -95,7 +96,7 @@ def test_skip_epochs_ignored_entirely():
         assert rule.update(v) == (False, False)
     assert (rule.best, rule.counter, rule.best_epoch) == (0.0, 0, None)
     assert rule.update(0.2) == (True, False)
-    assert rule.best_epoch == 3
+    assert rule.best_epoch == 4  # epochs numbered from 1: the first monitored one is epoch 4
     assert rule.update(0.2) == (False, False)
     assert rule.update(0.2) == (False, True)
 
@@ -146,7 +147,7 @@ def test_scheduler_stops_at_expected_epoch():
     state = sched.state(trial)
     assert state["stopped"] is True
     assert state["best"] == 0.3  # the last row was still monitored (a late buffered result)
-    assert sched.state(trial.trial_id)["last_epoch"] == 5
+    assert sched.state(trial.trial_id)["last_epoch"] == 6
 
 
 def test_scheduler_use_ema_monitors_map_ema_only():
@@ -167,7 +168,7 @@ def test_scheduler_best_of_both_uses_max():
     trial = make_trial()
     assert feed(sched, trial, rows) == [CONTINUE] * 3
     assert sched.state(trial)["best"] == 0.4
-    assert feed(sched, trial, rows_from([0.39, 0.2], ema=[0.2, 0.3], start=3)) == [CONTINUE, STOP]
+    assert feed(sched, trial, rows_from([0.39, 0.2], ema=[0.2, 0.3], start=4)) == [CONTINUE, STOP]
     regular_only = EarlyStoppingScheduler(patience=2, ema_enabled=False)
     assert feed(regular_only, make_trial(), rows) == [CONTINUE, CONTINUE, STOP]
 
@@ -190,7 +191,7 @@ def test_scheduler_skip_epochs():
         CONTINUE,
         STOP,
     ]
-    assert sched.state(trial)["best_epoch"] == 2
+    assert sched.state(trial)["best_epoch"] == 3  # skip 2 epochs: the first one watched is 3
 
 
 def test_scheduler_trials_are_independent():
@@ -211,8 +212,8 @@ def test_scheduler_trials_are_independent():
 def test_results_without_map_are_ignored():
     sched = EarlyStoppingScheduler(patience=1)
     trial = make_trial()
-    sched.on_trial_result(None, trial, {"epoch": 0, "map": 0.5})
-    for row in ({"epoch": 1, "train_loss": 3.0}, {"done": True}, {"map": None, "epoch": 1}):
+    sched.on_trial_result(None, trial, {"epoch": 1, "map": 0.5})
+    for row in ({"epoch": 2, "train_loss": 3.0}, {"done": True}, {"map": None, "epoch": 2}):
         assert sched.on_trial_result(None, trial, row) == CONTINUE
     assert sched.state(trial)["counter"] == 0
     assert sched.state(trial)["epochs_seen"] == 1
@@ -222,8 +223,8 @@ def test_retried_epochs_count_once():
     sched = EarlyStoppingScheduler(patience=3)
     trial = make_trial()
     feed(sched, trial, rows_from([0.5, 0.4, 0.4]))  # counter 2
-    # The worker group restarted from the epoch-0 checkpoint: epochs 1.. are reported again.
-    assert feed(sched, trial, rows_from([0.6], start=1)) == [CONTINUE]
+    # The worker group restarted from the epoch-1 checkpoint: epochs 2.. are reported again.
+    assert feed(sched, trial, rows_from([0.6], start=2)) == [CONTINUE]
     state = sched.state(trial)
     assert (state["best"], state["counter"], state["epochs_seen"]) == (0.6, 0, 2)
 
@@ -254,7 +255,7 @@ def test_save_restore_round_trip(tmp_path):
     fresh = EarlyStoppingScheduler(patience=3)
     fresh.restore(str(path))
     assert fresh.states() == sched.states()
-    assert fresh.on_trial_result(None, a, {"epoch": 3, "map": 0.2}) == STOP
+    assert fresh.on_trial_result(None, a, {"epoch": 4, "map": 0.2}) == STOP
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="bad.json"):
         fresh.restore(str(tmp_path / "bad.json"))
@@ -269,11 +270,11 @@ def test_state_path_survives_unpickled_fresh_scheduler(tmp_path):
     trial = make_trial()
     feed(sched, trial, rows_from([0.3, 0.3]))
     restored = pickle.loads(blank)
-    assert restored.on_trial_result(None, trial, {"epoch": 2, "map": 0.3}) == STOP
+    assert restored.on_trial_result(None, trial, {"epoch": 3, "map": 0.3}) == STOP
     # The driver's own object (never used by Tune after a restore) reads the file.
     driver_copy = EarlyStoppingScheduler(patience=2, state_path=path)
     assert driver_copy.state(trial.trial_id)["stopped"] is True
-    assert driver_copy.state(trial.trial_id)["last_epoch"] == 2
+    assert driver_copy.state(trial.trial_id)["last_epoch"] == 3
 
 
 def test_log_lines(caplog):
