@@ -133,6 +133,7 @@ def _log_nested(run: PosthocRun, rows: list[dict[str, Any]]) -> str | None:
         check_reachable,
         ensure_experiment,
         mlflow_session,
+        quiet_mlflow,
         resolve_tracking_uri,
     )
 
@@ -140,7 +141,7 @@ def _log_nested(run: PosthocRun, rows: list[dict[str, Any]]) -> str | None:
     try:
         uri = resolve_tracking_uri(run.cfg.mlflow, output_dir)
         check_reachable(uri)
-        with mlflow_session(uri):
+        with mlflow_session(uri), quiet_mlflow():
             client = mlflow.MlflowClient(tracking_uri=uri)
             exp_id = ensure_experiment(client, run.cfg.mlflow.experiment, uri, output_dir)
             parent = _training_run_id(run)

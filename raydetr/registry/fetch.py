@@ -13,7 +13,7 @@ from raydetr.registry.tracking import (
     check_reachable,
     default_tracking_uri,
     mlflow_session,
-    one_line_downloads,
+    quiet_mlflow,
 )
 
 log = logging.getLogger("raydetr.registry")
@@ -79,7 +79,7 @@ def download_model(uri: str, dst: str | Path, *, tracking_uri: str | None = None
             artifact_uri = f"models:/{version.name}/{version.version}"
         what = f"{uri} (version {version.version})" if version is not None else uri
         try:
-            with one_line_downloads():
+            with quiet_mlflow():
                 local = mlflow.artifacts.download_artifacts(
                     artifact_uri=artifact_uri, dst_path=str(dst), tracking_uri=tracking,
                     registry_uri=tracking)

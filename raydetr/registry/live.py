@@ -182,8 +182,11 @@ class LiveRuns(Callback):
             self._guard("ending the run", self._end_one, run_id, status)
 
     def _end_one(self, run_id: str, status: str) -> None:
+        from raydetr.registry.tracking import quiet_mlflow
+
         if self.client.get_run(run_id).info.status == "RUNNING":
-            self.client.set_terminated(run_id, status=status)
+            with quiet_mlflow():  # no "View run" URL lines on the console
+                self.client.set_terminated(run_id, status=status)
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment
         return {**self.__dict__, "client": None}

@@ -37,7 +37,7 @@ from raydetr.registry.tracking import (
     check_reachable,
     ensure_experiment,
     mlflow_session,
-    one_line_downloads,
+    quiet_mlflow,
     resolve_tracking_uri,
 )
 
@@ -80,7 +80,7 @@ def publish(winner_dir: str | Path, *, history: list[dict], params: dict[str, An
         start = (dict(run_id=run_id) if live else
                  dict(experiment_id=exp_id, run_name=run_name, nested=nested,
                       parent_run_id=parent_run_id, tags=run_tags))
-        with one_line_downloads(), mlflow.start_run(**start) as run:
+        with quiet_mlflow(), mlflow.start_run(**start) as run:
             run_id = run.info.run_id
             if live:
                 mlflow.set_tags(run_tags)

@@ -110,17 +110,20 @@ def ensure_experiment(client: Any, name: str, uri: str, output_dir: str | Path) 
 
 
 @contextlib.contextmanager
-def one_line_downloads() -> Iterator[None]:
+def quiet_mlflow() -> Iterator[None]:
     """MLflow draws a tqdm bar per artifact file it downloads (a model from code has dozens of
-    files, and logging a model downloads its input example); its only switch is an environment
-    variable, so it is turned off for the block alone. Callers print one line themselves."""
-    var = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    before = os.environ.get(var)
-    os.environ[var] = "false"
+    files, and logging a model downloads its input example) and prints a "View run" URL when a
+    run ends; its only switches are environment variables, so they are set for the block alone.
+    Callers print one line themselves."""
+    switches = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+    before = {k: os.environ.get(k) for k in switches}
+    os.environ.update(switches)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(var, None)
-        else:
-            os.environ[var] = before
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
