@@ -52,6 +52,9 @@ def ray_head(tmp_path_factory) -> RayHead:
             [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
              f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
              "--num-cpus=4", f"--temp-dir={temp_dir}", "--include-dashboard=true",
+             # not Ray's default agent port 52365: a local Ray that an earlier test started in
+             # this process may hold it, and then no agent could take submitted jobs
+             f"--dashboard-agent-listen-port={free_port()}",
              "--disable-usage-stats"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )

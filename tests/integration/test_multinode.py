@@ -117,7 +117,8 @@ def _job_cmd(cluster: TwoNodes, out: Path, name: str, mlflow_uri: str, *extra: s
         f"run.output_dir={out}", f"run.name={name}", "run.seed=3", "optim.epochs=3",
         "scaling.num_workers=2", "scaling.cpus_per_worker=1", "scaling.torch_threads=1",
         "scaling.placement_strategy=SPREAD", "ema.decay=[0.9,0.99]",
-        "run.log_every_steps=1", f"mlflow.tracking_uri={mlflow_uri}",
+        # run.verbose: the workers' own lines (rank placement, per-step losses) reach the job log
+        "run.log_every_steps=1", "run.verbose=true", f"mlflow.tracking_uri={mlflow_uri}",
         f"mlflow.model_name={name}-detector", *extra,
     ]
 
