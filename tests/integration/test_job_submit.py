@@ -34,7 +34,7 @@ def test_job_submit_two_workers_registers_champion(ray_head, mlflow_server, tmp_
     (tmp_path / "job.log").write_text(log)
     assert proc.returncode == 0, log[-4000:]
     assert re.search(r"Job '\S+' succeeded", log), f"no success line; see {tmp_path / 'job.log'}"
-    assert "effective batch 8 = batch_size 4 x grad_accum_steps 1 x workers 2" in log
+    assert "effective 8 = 4 per worker x 1 accumulation x 2 workers" in log  # the header
     assert "registered: models:/job-detector@champion" in log
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server.uri)
