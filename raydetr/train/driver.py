@@ -47,7 +47,7 @@ def ensure_prepared(cfg: Config) -> Path | str:
     Raw datasets and the synthetic set are prepared under ``<output_dir>/datasets/`` keyed by a
     hash of their source, so repeated runs reuse them.
     """
-    from raydetr.data.parquet import is_prepared, is_uri, prepare_dataset
+    from raydetr.data.parquet import has_info, is_prepared, is_uri, prepare_dataset
 
     datasets = Path(cfg.run.output_dir).resolve() / "datasets"
     if cfg.data.path is None:
@@ -66,7 +66,7 @@ def ensure_prepared(cfg: Config) -> Path | str:
                             row_group_size=cfg.data.row_group_size)
         return out
     if is_uri(cfg.data.path):
-        if not is_prepared(cfg.data.path):
+        if not has_info(cfg.data.path):
             raise FitError(f"data.path {cfg.data.path} is not a prepared dataset (no complete "
                            "dataset.json + shards there): run `raydetr prepare SRC OUT` locally "
                            "and upload OUT there; raw datasets are prepared from local paths only")
@@ -74,7 +74,7 @@ def ensure_prepared(cfg: Config) -> Path | str:
     src = Path(cfg.data.path).expanduser().resolve()
     if not src.exists():
         raise FitError(f"data.path {src} does not exist")
-    if is_prepared(src):
+    if has_info(src):  # a damaged one (a shard missing) is reported by dataset_info
         return src
     digest = hashlib.sha1(str(src).encode()).hexdigest()[:10]
     out = datasets / f"{src.name}-{digest}"
@@ -86,7 +86,9 @@ def ensure_prepared(cfg: Config) -> Path | str:
 
 
 def dataset_info(prepared: Path | str, cfg: Config) -> dict[str, Any]:
-    from raydetr.data.parquet import load_info
+    """dataset.json of the run's dataset, after checking the shards of the splits it uses
+    (a missing/truncated shard fails here, before Ray starts, naming the shard)."""
+    from raydetr.data.parquet import load_info, verify_shards
 
     info = load_info(prepared)
     for split in (cfg.data.train_split, cfg.data.val_split):
@@ -95,6 +97,8 @@ def dataset_info(prepared: Path | str, cfg: Config) -> dict[str, Any]:
                 f"prepared dataset {prepared} has no '{split}' split (it has "
                 f"{sorted(info['splits'])}); set data.train_split / data.val_split"
             )
+    verify_shards(prepared, list(dict.fromkeys([cfg.data.train_split, cfg.data.val_split])),
+                  checksums=cfg.data.verify_checksums)
     return info
 
 
