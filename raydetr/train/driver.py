@@ -220,15 +220,40 @@ def _train_loop(loop_config: dict[str, Any]):
     return train_loop_per_worker(loop_config)
 
 
+def has_checkpoints(run_dir: Path) -> bool:
+    """True once any epoch of the run (a plain fit or any trial of a search) was saved."""
+    from raydetr.train.checkpoint import checkpoint_dirs
+
+    return any(checkpoint_dirs(d) for d in [run_dir / "train", *(run_dir / "trials").glob("*")])
+
+
+def _clear_failed_start(run_dir: Path) -> None:
+    """A start that never finished an epoch left only Tune/Train bookkeeping: nothing to resume,
+    so it must not block the next attempt with the same run.name."""
+    stale = [run_dir / n for n in ("tune", "train", "trials", "early_stopping.json")]
+    stale = [p for p in stale if p.exists()]
+    log.info("run '%s' at %s never finished an epoch: starting it afresh (removing %s)",
+             run_dir.name, run_dir, ", ".join(p.name for p in stale))
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, scheduler=None,
                num_samples: int = 1, max_concurrent_trials: int | None = None,
-               resume: bool = False, pretrain_weights: str | None = None):
-    """Run a Tuner whose trials are TorchTrainer runs; returns (ResultGrid, run_dir, info)."""
+               resume: bool = False, pretrain_weights: str | None = None,
+               callbacks: list[Any] | None = None):
+    """Run a Tuner whose trials are TorchTrainer runs; returns (ResultGrid, run_dir, info).
+    ``callbacks``: Tune callbacks on the driver (a search's per-trial progress lines)."""
     from ray import tune
 
     run_dir = run_dir_of(cfg)
     single = not param_space
     tune_dir = run_dir / "tune"
+    if tune_dir.exists() and not resume and not has_checkpoints(run_dir):
+        _clear_failed_start(run_dir)
     if tune_dir.exists() and not resume:
         raise FitError(
             f"run '{cfg.run.name}' already exists at {run_dir}: pass --resume to continue it, "
@@ -269,7 +294,8 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
         max_concurrent_trials=max_concurrent_trials or (max_concurrent(cfg) if param_space else 1),
         trial_dirname_creator=lambda t: t.trial_id,
     )
-    run_config = tune.RunConfig(name="tune", storage_path=str(run_dir), verbose=0)
+    run_config = tune.RunConfig(name="tune", storage_path=str(run_dir), verbose=0,
+                                callbacks=callbacks)
     if resume and tune.Tuner.can_restore(str(tune_dir)):
         tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_errored=True,
                                    resume_unfinished=True)
