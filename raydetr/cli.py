@@ -155,10 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # errors meant for users carry their own message
         from raydetr.model.convert import ConvertError
         from raydetr.posthoc_eval import PosthocError
+        from raydetr.registry.errors import RegistryError
         from raydetr.train.driver import FitError
 
+        # RegistryError: `raydetr register` on a dir that is not a run, MLflow unreachable.
         known: tuple[type[BaseException], ...] = (FitError, FileNotFoundError, PosthocError,
-                                                  ConvertError)
+                                                  ConvertError, RegistryError)
         try:
             from raydetr.data.formats import DatasetError
 

@@ -48,6 +48,9 @@ class DataConfig(_Strict):
     materialize_max_bytes: int = Field(
         256 * 1024 * 1024, ge=0, description="A split whose files total at most this many "
         "bytes is read whole once per worker and kept in memory; larger splits stream.")
+    verify_checksums: bool = Field(
+        False, description="Before training, compare every shard's sha256 with dataset.json "
+        "(reads the whole dataset once; sizes are always checked).")
     loader_threads: int = Field(2, gt=0, description="Threads reading + decoding batches ahead.")
     prefetch_batches: int = Field(4, gt=0, description="Batches prepared ahead of the step.")
     hflip_prob: float = Field(0.5, ge=0, le=1)

@@ -51,13 +51,14 @@ def run_evaluation(detector: Any, prepared: Path, split: str) -> dict[str, Any]:
 
     from raydetr.config import DataConfig
     from raydetr.data.loader import iter_local_batches
-    from raydetr.data.parquet import load_info
+    from raydetr.data.parquet import load_info, verify_shards
     from raydetr.eval.coco import coco_metrics
     from raydetr.train.engine import predict_records
 
     info = load_info(prepared)
     if split not in info["splits"]:
         raise EvaluateError(f"{prepared}: no split '{split}' (has: {sorted(info['splits'])})")
+    verify_shards(prepared, [split])  # a missing/truncated shard: named, with the fix
     classes = list(info["classes"])
     model_index = {name: i for i, name in enumerate(detector.classes)}
     # model logit -> dataset class index (-1: not a dataset class), when the model has more
@@ -98,9 +99,9 @@ def run_evaluation(detector: Any, prepared: Path, split: str) -> dict[str, Any]:
 
 
 def _prepared(data: Path, tmp: str) -> Path:
-    from raydetr.data.parquet import is_prepared, prepare_dataset
+    from raydetr.data.parquet import has_info, prepare_dataset
 
-    if is_prepared(data):
+    if has_info(data):  # damaged shards are reported by run_evaluation's verify_shards
         return data
     if not data.exists():
         raise EvaluateError(f"dataset not found: {data}")

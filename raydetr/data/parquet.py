@@ -4,7 +4,8 @@
     info = prepare_dataset("data/thermal-dogs-people", "prepared/thermal")
 
 Layout of OUT:
-    dataset.json                      classes, source, per-split counts + shard files, report
+    dataset.json                      classes, source, per-split counts + shard files (with
+                                      each shard's size in bytes and sha256), report
     <split>/part-NNNNN.parquet        one row per image; columns in ``SCHEMA``; row groups of
                                       ``row_group_size`` images (1 by default: see rank_loader)
 
@@ -16,11 +17,19 @@ flat list of xyxy absolute pixels (4N floats), labels as contiguous class indice
 streams: at most one row group of images is in memory. Everything is written into a temporary
 folder beside OUT and renamed into place at the end, so an OUT that exists with a dataset.json
 is always complete.
+
+Before training or evaluating, ``verify_shards`` checks every shard of the splits used against
+dataset.json: a missing or truncated shard (size differs) fails with the shard's name and the
+command that rewrites it. The size check is one metadata call per shard (cheap on any
+filesystem); the sha256 check reads every byte, so it runs only when asked
+(``data.verify_checksums=true``): worth it after copying a dataset, not before every run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -35,7 +44,10 @@ from tqdm import tqdm
 from raydetr.data.dataset import read_dataset
 from raydetr.data.formats import DatasetError, Record, SplitData
 
-FORMAT_VERSION = 1
+log = logging.getLogger("raydetr.data")
+
+# 2: each split has ``shards`` ({file: {bytes, sha256}}); version-1 datasets lack it.
+FORMAT_VERSION = 2
 INFO_FILE = "dataset.json"
 SCHEMA = pa.schema([
     ("image_id", pa.int64()),
@@ -63,6 +75,15 @@ def open_prepared(path: Path | str) -> tuple[pafs.FileSystem, str]:
         raise DatasetError(f"{path}: not a usable filesystem URI ({exc}); use a local path or "
                            "a pyarrow URI such as s3://bucket/prefix or file:///abs/path") from None
     return fs, root.rstrip("/")
+
+
+def has_info(path: Path | str) -> bool:
+    """True if ``path`` has a dataset.json (complete or not: ``verify_shards`` says which)."""
+    try:
+        fs, root = open_prepared(path)
+        return fs.get_file_info(f"{root}/{INFO_FILE}").type == pafs.FileType.File
+    except (DatasetError, OSError):
+        return False
 
 
 def is_prepared(path: Path | str) -> bool:
@@ -127,31 +148,72 @@ _COMPRESSION = {c: ("none" if c == "image" else "snappy") for c in SCHEMA.names}
 _STATISTICS = [c for c in SCHEMA.names if c != "image"]
 
 
+class _HashingFile:
+    """A write-only file that hashes what passes through it, so a shard's sha256 costs no
+    second read. ParquetWriter writes strictly sequentially (footer last), never seeks."""
+
+    def __init__(self, path: Path) -> None:
+        self._f = open(path, "wb")  # noqa: SIM115 - closed by close(), called by pyarrow
+        self.sha256 = hashlib.sha256()
+        self.nbytes = 0
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        self.sha256.update(view)
+        self.nbytes += view.nbytes
+        return self._f.write(view)
+
+    def tell(self) -> int:
+        return self.nbytes
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+            self.closed = True
+
+
 def _write_split(data: SplitData, root: Path, shard_size: int, row_group_size: int,
-                 metadata: dict[bytes, bytes], bar: tqdm) -> tuple[list[str], int]:
-    """Write ``data`` as shards of ``shard_size`` images; returns (relative files, bytes)."""
+                 metadata: dict[bytes, bytes], bar: tqdm
+                 ) -> tuple[list[str], int, dict[str, dict[str, Any]]]:
+    """Write ``data`` as shards of ``shard_size`` images; returns (relative files, bytes,
+    {file: {bytes, sha256}})."""
     (root / data.name).mkdir()
-    files, nbytes = [], 0
+    files, nbytes, shards = [], 0, {}
     schema = SCHEMA.with_metadata(metadata)
     for k, start in enumerate(range(0, len(data.records), shard_size)):
         rel = f"{data.name}/part-{k:05d}.parquet"
         records = data.records[start:start + shard_size]
         step = max(row_group_size, WRITE_BATCH_IMAGES)
-        with pq.ParquetWriter(root / rel, schema, compression=_COMPRESSION,
-                              write_statistics=_STATISTICS) as writer:
-            for i in range(0, len(records), step):
-                chunk = records[i:i + step]
-                writer.write_table(_table(chunk, metadata), row_group_size=row_group_size)
-                bar.update(len(chunk))
+        sink = _HashingFile(root / rel)
+        try:
+            with pq.ParquetWriter(sink, schema, compression=_COMPRESSION,
+                                  write_statistics=_STATISTICS) as writer:
+                for i in range(0, len(records), step):
+                    chunk = records[i:i + step]
+                    writer.write_table(_table(chunk, metadata), row_group_size=row_group_size)
+                    bar.update(len(chunk))
+        finally:
+            sink.close()
+        size = (root / rel).stat().st_size
+        if size != sink.nbytes:  # the hash must describe exactly the bytes on disk
+            raise OSError(f"{root / rel}: wrote {sink.nbytes} bytes but the file has {size}")
         files.append(rel)
-        nbytes += (root / rel).stat().st_size
-    return files, nbytes
+        shards[rel] = {"bytes": size, "sha256": sink.sha256.hexdigest()}
+        nbytes += size
+    return files, nbytes, shards
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
     if not out.exists():
         return
-    if is_prepared(out):
+    if has_info(out):  # complete or damaged (a shard missing): --overwrite replaces either
         if not overwrite:
             raise DatasetError(f"{out} already holds a prepared dataset; pass overwrite=True "
                                "(--overwrite) to replace it, or choose another OUT")
@@ -192,12 +254,13 @@ def prepare_dataset(src: Path | str, out: Path | str, shard_size: int = 256,
         total = sum(len(s.records) for s in splits.values())
         with tqdm(total=total, desc="prepare", unit="img", disable=not progress) as bar:
             for name, data in splits.items():
-                files, nbytes = _write_split(data, tmp, shard_size, row_group_size, metadata,
-                                             bar)
+                files, nbytes, shards = _write_split(data, tmp, shard_size, row_group_size,
+                                                     metadata, bar)
                 rep = data.report
                 info["splits"][name] = {"images": rep.images, "boxes": rep.boxes,
                                         "negatives": rep.negatives, "files": files,
-                                        "bytes": nbytes, "row_group_size": row_group_size}
+                                        "bytes": nbytes, "row_group_size": row_group_size,
+                                        "shards": shards}
                 info["report"][name] = rep.to_dict()
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
         _swap_into_place(tmp, out)
@@ -230,3 +293,56 @@ def summary(info: dict[str, Any]) -> str:
                      f"negatives={s['negatives']} clipped={rep.get('clipped_boxes', 0)} "
                      f"warnings={rep.get('warnings_total', 0)} shards={len(s['files'])}")
     return "\n".join(lines)
+
+
+def _fix(path: Path | str, info: dict[str, Any]) -> str:
+    return f"re-prepare it: raydetr prepare {info.get('source', 'SRC')} {path} --overwrite"
+
+
+def verify_shards(path: Path | str, splits: list[str], *, checksums: bool = False) -> None:
+    """Check the shards of ``splits`` against dataset.json before anything reads them.
+
+    Missing or wrong-size shard -> DatasetError naming it and the fix; ``checksums``: also
+    compare each shard's sha256 (reads every byte). A dataset prepared before sizes were
+    recorded (format_version 1) is accepted with one warning: its shards are only checked
+    for existence, and re-preparing it enables the full check.
+    """
+    info = load_info(path)
+    fs, root = open_prepared(path)
+    for split in splits:
+        if split not in info["splits"]:
+            raise DatasetError(f"{path}: no split '{split}' (has: {sorted(info['splits'])}); "
+                               "check data.train_split / data.val_split")
+        entry = info["splits"][split]
+        shards = entry.get("shards")
+        files = list(entry["files"])
+        if shards is None:
+            log.warning("%s was prepared by an older raydetr (no shard sizes in %s): shards are "
+                        "only checked for existence; to check them fully, %s", path, INFO_FILE,
+                        _fix(path, info))
+        try:
+            stats = fs.get_file_info([f"{root}/{f}" for f in files])
+        except OSError as exc:
+            raise DatasetError(f"{path}: cannot reach its shards ({exc})") from None
+        for rel, st in zip(files, stats):
+            where = f"{path}/{rel}"
+            if st.type != pafs.FileType.File:
+                raise DatasetError(f"shard {where} is missing; {_fix(path, info)}")
+            want = (shards or {}).get(rel)
+            if want is None:
+                continue
+            if st.size != want["bytes"]:
+                raise DatasetError(
+                    f"shard {where} is {st.size} bytes, dataset.json says {want['bytes']} "
+                    f"(truncated or replaced); {_fix(path, info)}")
+            if checksums and _sha256(fs, f"{root}/{rel}") != want["sha256"]:
+                raise DatasetError(f"shard {where} is corrupted (sha256 differs from "
+                                   f"dataset.json); {_fix(path, info)}")
+
+
+def _sha256(fs: pafs.FileSystem, path: str, chunk_bytes: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -16,6 +16,7 @@ it under ``mlflow.model_name`` and points ``mlflow.alias`` at the new version:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -40,6 +41,8 @@ from raydetr.registry.tracking import (
     quiet_mlflow,
     resolve_tracking_uri,
 )
+
+log = logging.getLogger("raydetr.publish")
 
 
 def publish(winner_dir: str | Path, *, history: list[dict], params: dict[str, Any],
@@ -68,6 +71,8 @@ def publish(winner_dir: str | Path, *, history: list[dict], params: dict[str, An
     meta = read_meta(meta_path)
     uri = resolve_tracking_uri(mlflow_cfg, output_dir)
     check_reachable(uri)
+    # One line per step: logging the model uploads its code and can take a while.
+    log.info("post-fit: logging run '%s' to MLflow at %s (params, metrics, plot)", run_name, uri)
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     name, alias = mlflow_cfg.model_name, mlflow_cfg.alias
@@ -97,6 +102,8 @@ def publish(winner_dir: str | Path, *, history: list[dict], params: dict[str, An
             if not register:
                 return {"run_id": run_id, "model_uri": None, "version": None, "alias": None,
                         "model_name": name, "tracking_uri": uri}
+            log.info("post-fit: logging the model (weights + code) and registering it as '%s'",
+                     name)
             # code_paths: a clean copy of the package, so a server without raydetr can import it.
             code = Path(tmp) / "code" / "raydetr"
             shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -114,6 +121,7 @@ def publish(winner_dir: str | Path, *, history: list[dict], params: dict[str, An
         for key, value in vtags.items():
             client.set_model_version_tag(name, version, key, "" if value is None else str(value))
         client.set_registered_model_alias(name, alias, version)
+    log.info("post-fit: registered %s version %s with alias @%s", name, version, alias)
     return {"run_id": run_id, "model_uri": f"models:/{name}@{alias}", "version": int(version),
             "alias": alias, "model_name": name, "tracking_uri": uri}
 

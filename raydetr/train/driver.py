@@ -49,7 +49,7 @@ def ensure_prepared(cfg: Config) -> Path | str:
     Raw datasets and the synthetic set are prepared under ``<output_dir>/datasets/`` keyed by a
     hash of their source, so repeated runs reuse them.
     """
-    from raydetr.data.parquet import is_prepared, is_uri, prepare_dataset
+    from raydetr.data.parquet import has_info, is_prepared, is_uri, prepare_dataset
 
     datasets = Path(cfg.run.output_dir).resolve() / "datasets"
     if cfg.data.path is None:
@@ -68,7 +68,7 @@ def ensure_prepared(cfg: Config) -> Path | str:
                             row_group_size=cfg.data.row_group_size)
         return out
     if is_uri(cfg.data.path):
-        if not is_prepared(cfg.data.path):
+        if not has_info(cfg.data.path):
             raise FitError(f"data.path {cfg.data.path} is not a prepared dataset (no complete "
                            "dataset.json + shards there): run `raydetr prepare SRC OUT` locally "
                            "and upload OUT there; raw datasets are prepared from local paths only")
@@ -76,7 +76,7 @@ def ensure_prepared(cfg: Config) -> Path | str:
     src = Path(cfg.data.path).expanduser().resolve()
     if not src.exists():
         raise FitError(f"data.path {src} does not exist")
-    if is_prepared(src):
+    if has_info(src):  # a damaged one (a shard missing) is reported by dataset_info
         return src
     digest = hashlib.sha1(str(src).encode()).hexdigest()[:10]
     out = datasets / f"{src.name}-{digest}"
@@ -88,7 +88,9 @@ def ensure_prepared(cfg: Config) -> Path | str:
 
 
 def dataset_info(prepared: Path | str, cfg: Config) -> dict[str, Any]:
-    from raydetr.data.parquet import load_info
+    """dataset.json of the run's dataset, after checking the shards of the splits it uses
+    (a missing/truncated shard fails here, before Ray starts, naming the shard)."""
+    from raydetr.data.parquet import load_info, verify_shards
 
     info = load_info(prepared)
     for split in (cfg.data.train_split, cfg.data.val_split):
@@ -97,6 +99,8 @@ def dataset_info(prepared: Path | str, cfg: Config) -> dict[str, Any]:
                 f"prepared dataset {prepared} has no '{split}' split (it has "
                 f"{sorted(info['splits'])}); set data.train_split / data.val_split"
             )
+    verify_shards(prepared, list(dict.fromkeys([cfg.data.train_split, cfg.data.val_split])),
+                  checksums=cfg.data.verify_checksums)
     return info
 
 
@@ -226,12 +230,34 @@ def _train_loop(loop_config: dict[str, Any]):
     return train_loop_per_worker(loop_config)
 
 
+def has_checkpoints(run_dir: Path) -> bool:
+    """True once any epoch of the run (a plain fit or any trial of a search) was saved."""
+    from raydetr.train.checkpoint import checkpoint_dirs
+
+    return any(checkpoint_dirs(d) for d in [run_dir / "train", *(run_dir / "trials").glob("*")])
+
+
+def _clear_failed_start(run_dir: Path) -> None:
+    """A start that never finished an epoch left only Tune/Train bookkeeping: nothing to resume,
+    so it must not block the next attempt with the same run.name."""
+    stale = [run_dir / n for n in ("tune", "train", "trials", "early_stopping.json")]
+    stale = [p for p in stale if p.exists()]
+    log.info("run '%s' at %s never finished an epoch: starting it afresh (removing %s)",
+             run_dir.name, run_dir, ", ".join(p.name for p in stale))
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, scheduler=None,
                num_samples: int = 1, max_concurrent_trials: int | None = None,
                resume: bool = False, pretrain_weights: str | None = None,
-               live: Any = None):
+               live: Any = None, callbacks: list[Any] | None = None):
     """Run a Tuner whose trials are TorchTrainer runs; returns (ResultGrid, run_dir, info).
-    ``live``: the fit's raydetr.registry.live.LiveRuns (per-epoch MLflow logging), if any."""
+    ``live``: the fit's raydetr.registry.live.LiveRuns (per-epoch MLflow logging), if any;
+    ``callbacks``: more Tune callbacks on the driver (a search's per-trial progress lines)."""
     from ray import tune
 
     from raydetr.train.progress import EpochLines, configure_console, header
@@ -241,6 +267,8 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
     run_dir = run_dir_of(cfg)
     single = not param_space
     tune_dir = run_dir / "tune"
+    if tune_dir.exists() and not resume and not has_checkpoints(run_dir):
+        _clear_failed_start(run_dir)
     if tune_dir.exists() and not resume:
         raise FitError(
             f"run '{cfg.run.name}' already exists at {run_dir}: pass --resume to continue it, "
@@ -284,7 +312,8 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
         max_concurrent_trials=max_concurrent_trials or (max_concurrent(cfg) if param_space else 1),
         trial_dirname_creator=lambda t: t.trial_id,
     )
-    callbacks = [EpochLines(cfg, search=not single), *([live] if live is not None else [])]
+    callbacks = [EpochLines(cfg, search=not single), *([live] if live is not None else []),
+                 *(callbacks or [])]
     run_config = tune.RunConfig(name="tune", storage_path=str(run_dir), verbose=0,
                                 callbacks=callbacks)
     if resume and tune.Tuner.can_restore(str(tune_dir)):

@@ -96,6 +96,7 @@ def finalize(cfg: Config, run_dir: Path, train_dir: Path, info: dict[str, Any], 
     """Strip the winner of a Train run, write config/history/fit.json (so ``raydetr register
     RUN_DIR`` works on every run dir this writes), and publish it to MLflow."""
     ckpt = latest_checkpoint(train_dir)
+    log.info("post-fit: stripping the winner from %s", ckpt)
     state = read_state(ckpt)
     history = list(state["history"])
     dataset = str(cfg.data.path or "synthetic")

@@ -28,6 +28,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from raydetr.config import Config, ConfigError, build_config, set_dotted, with_overrides
 from raydetr.train.record import score_of
+from raydetr.tune.progress import TrialProgress
 
 log = logging.getLogger("raydetr.search")
 
@@ -185,7 +186,7 @@ def _search(cfg: Config, keys: list[str], resume: bool, live, run_trials, finali
     grid_result, run_dir, info = run_trials(
         cfg, param_space=build_param_space(cfg.tune.search_space), scheduler=_scheduler(cfg),
         num_samples=cfg.tune.num_samples, max_concurrent_trials=cfg.tune.max_concurrent_trials,
-        resume=resume, live=live,
+        resume=resume, live=live, callbacks=[TrialProgress(keys)],
     )
     rows: list[dict[str, Any]] = []
     for result in grid_result:

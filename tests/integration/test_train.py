@@ -7,6 +7,7 @@ equalities, not accuracy (tests/unit/train has the overfit test; bench/ has conv
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from raydetr.config import load_config
 from raydetr.train.checkpoint import latest_checkpoint, read_state
-from raydetr.train.driver import FitError, fit
+from raydetr.train.driver import FitError, fit, has_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -84,9 +85,24 @@ def test_fault_restart_and_resume_equal_uninterrupted(tmp_path, local_ray, monke
     assert state["ema"]["updates"] == ref_state["ema"]["updates"]
 
 
-def test_existing_run_needs_resume(tmp_path, local_ray):
-    cfg = tiny(tmp_path, "once", "optim.epochs=1", "mlflow.enabled=false")
-    fit(cfg)
+def test_failed_start_does_not_block_and_finished_run_needs_resume(tmp_path, local_ray,
+                                                                   monkeypatch, caplog):
+    """A run whose worker dies before its first epoch is saved leaves tune/ + train/ but no
+    checkpoint: the next attempt with the same name starts afresh. Once an epoch is saved, the
+    same name needs --resume."""
+    cfg = tiny(tmp_path, "once", "optim.epochs=1", "mlflow.enabled=false",
+               "scaling.max_failures=0")
+    monkeypatch.setenv("RAYDETR_FAULT_INJECT", f"0:0:{tmp_path / 'killed'}")
+    with pytest.raises(FitError, match="No epoch finished"):
+        fit(cfg)
+    monkeypatch.delenv("RAYDETR_FAULT_INJECT")
+    run_dir = tmp_path / "once"
+    assert (run_dir / "tune").is_dir() and not has_checkpoints(run_dir)
+    with caplog.at_level(logging.INFO, logger="raydetr.driver"):
+        result = fit(cfg)
+    assert "never finished an epoch: starting it afresh (removing tune, train" in caplog.text
+    assert [h["epoch"] for h in json.loads((result.run_dir / "history.json").read_text())] == [0]
+    assert has_checkpoints(run_dir)
     with pytest.raises(FitError, match="already exists"):
         fit(cfg)
 
@@ -133,9 +149,10 @@ def _alive_actor_classes() -> list[str]:
             if a["State"] == "ALIVE" and "Train" in a["ActorClassName"]]
 
 
-def test_search_equals_shadows_and_nests_mlflow_runs(tmp_path, local_ray):
+def test_search_equals_shadows_and_nests_mlflow_runs(tmp_path, local_ray, caplog):
     """A 2-trial Tune search over ema.decay == one run with 2 EMA shadows (same seed), per decay;
-    MLflow has a parent run with one nested run per trial; the best trial is registered."""
+    MLflow has a parent run with one nested run per trial; the best trial is registered. The
+    driver logs one line per trial start/end and per post-fit step."""
     import mlflow
 
     from raydetr.tune.search import search
@@ -144,8 +161,19 @@ def test_search_equals_shadows_and_nests_mlflow_runs(tmp_path, local_ray):
     search_cfg = tiny(tmp_path, "search", "tune.scheduler=fifo", "mlflow.model_name=searched",
                       f"tune.search_space={{ema.decay: {{grid: {decays}}}}}",
                       "tune.max_concurrent_trials=1")
-    found = search(search_cfg)
+    with caplog.at_level(logging.INFO, logger="raydetr"):
+        found = search(search_cfg)
     assert len(found.rows) == 2
+    lines = [r.getMessage() for r in caplog.records]
+    for row in found.rows:
+        tid, d = row["trial_id"], row["params"]["ema.decay"]
+        assert [m for m in lines if m.startswith(f"trial {tid} ")] == [
+            f"trial {tid} started: ema.decay={d}",
+            f"trial {tid} finished: ema.decay={d}; best score "
+            f"{max(h['score'] for h in row['history']):.4f} after 3 epochs"]
+    steps = [m.split(" ")[1] + " " + m.split(" ")[2] for m in lines if m.startswith("post-fit:")]
+    assert sorted(steps) == sorted(["stripping the"] * 2 + ["logging run"] * 2
+                                   + ["logging the", "registered searched"])
     shadows = fit(tiny(tmp_path, "shadows", f"ema.decay={decays}", "mlflow.enabled=false"))
     shadow_hist = final_state(shadows)["history"]
     for row in found.rows:

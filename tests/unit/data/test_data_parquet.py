@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -25,10 +26,14 @@ def test_round_trip(make_coco, tmp_path):
     assert is_prepared(out) and load_info(out) == info
     assert info["classes"] == ["cat", "ant"] and info["source_format"] == "coco"
     files = split_files(out, "train")
+    rels = ["train/part-00000.parquet", "train/part-00001.parquet"]
     assert info["splits"]["train"] == {
-        "images": 3, "boxes": 3, "negatives": 1, "row_group_size": 1,
-        "files": ["train/part-00000.parquet", "train/part-00001.parquet"],
-        "bytes": sum(Path(f).stat().st_size for f in files)}
+        "images": 3, "boxes": 3, "negatives": 1, "row_group_size": 1, "files": rels,
+        "bytes": sum(Path(f).stat().st_size for f in files),
+        # sha256 computed while writing equals a fresh read of the file
+        "shards": {r: {"bytes": Path(f).stat().st_size,
+                       "sha256": hashlib.sha256(Path(f).read_bytes()).hexdigest()}
+                   for r, f in zip(rels, files)}}
     assert [pq.read_metadata(f).num_row_groups for f in files] == [2, 1]
     meta = pq.read_schema(files[0]).metadata
     assert json.loads(meta[b"raydetr.classes"]) == ["cat", "ant"]
