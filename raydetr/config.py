@@ -22,6 +22,14 @@ from pydantic import (
     model_validator,
 )
 
+from raydetr.presets import (
+    RENAMED_PRESETS,
+    RFDETR_PRESETS,
+    RTDETR_PRESETS,
+    preset_family,
+    resolution_multiple,
+)
+
 
 class ConfigError(ValueError):
     """A configuration problem a user can fix; the message names the key and what to do."""
@@ -60,23 +68,6 @@ class DataConfig(_Strict):
     synthetic_train_images: int = Field(256, gt=0)
     synthetic_val_images: int = Field(64, gt=0)
     synthetic_image_size: int = Field(128, gt=15)
-
-
-# Old ResNet preset names -> their new names ("nano" now means RF-DETR's nano to most users).
-RENAMED_PRESETS = {"nano": "rtdetr-r18", "small": "rtdetr-r34", "medium": "rtdetr-r50"}
-RTDETR_PRESETS = ("rtdetr-r18", "rtdetr-r34", "rtdetr-r50")
-RFDETR_PRESETS = ("rfdetr-nano", "rfdetr-small", "rfdetr-medium", "rfdetr-base")
-# Input side must be a multiple of patch size x windows per side (RF-DETR's windowing).
-RFDETR_RESOLUTION_MULTIPLE = {"rfdetr-nano": 32, "rfdetr-small": 32, "rfdetr-medium": 32,
-                              "rfdetr-base": 56}
-
-
-def preset_family(preset: str) -> Literal["rtdetr", "rfdetr"]:
-    return "rfdetr" if preset.startswith("rfdetr-") else "rtdetr"
-
-
-def resolution_multiple(preset: str) -> int:
-    return RFDETR_RESOLUTION_MULTIPLE.get(preset, 32)
 
 
 class ModelConfig(_Strict):

@@ -14,13 +14,14 @@ from typing import Any
 
 from torch import nn
 
-from raydetr.config import LossConfig, ModelConfig, preset_family
+from raydetr.config import LossConfig, ModelConfig
 from raydetr.loss.criterion import SetCriterion
 from raydetr.loss.matcher import HungarianMatcher
 from raydetr.model.backbone import freeze_batchnorm, load_resnet_state_dict
 from raydetr.model.detr import DETR
 from raydetr.model.rfdetr.presets import RFDETR_PRESETS
 from raydetr.postprocess import PostProcessor
+from raydetr.presets import preset_family
 
 # Per preset: every architecture knob. ModelConfig's None fields fall back to these.
 # Named rtdetr-<backbone>: the ResNet backbone + hybrid encoder + deformable decoder with

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from raydetr.config import OptimConfig, preset_family
+from raydetr.config import OptimConfig
+from raydetr.presets import preset_family
 
 _NORM_TYPES = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.Embedding)
 

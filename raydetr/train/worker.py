@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from raydetr.config import Config, preset_family, resolution_multiple
+from raydetr.config import Config
+from raydetr.presets import preset_family, resolution_multiple
 from raydetr.train.checkpoint import (
     BestWeightsCache,
     best_cache_dir,

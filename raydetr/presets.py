@@ -1,0 +1,25 @@
+"""Model preset names and the facts the config checks about them (no torch needed).
+
+    preset_family("rfdetr-nano")        # -> "rfdetr"
+    resolution_multiple("rfdetr-base")  # -> 56 (patch 14 x 4 windows per side)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+# Old ResNet preset names -> their new names ("nano" now means RF-DETR's nano to most users).
+RENAMED_PRESETS = {"nano": "rtdetr-r18", "small": "rtdetr-r34", "medium": "rtdetr-r50"}
+RTDETR_PRESETS = ("rtdetr-r18", "rtdetr-r34", "rtdetr-r50")
+RFDETR_PRESETS = ("rfdetr-nano", "rfdetr-small", "rfdetr-medium", "rfdetr-base")
+# Input side must be a multiple of patch size x windows per side (RF-DETR's windowing).
+RFDETR_RESOLUTION_MULTIPLE = {"rfdetr-nano": 32, "rfdetr-small": 32, "rfdetr-medium": 32,
+                              "rfdetr-base": 56}
+
+
+def preset_family(preset: str) -> Literal["rtdetr", "rfdetr"]:
+    return "rfdetr" if preset.startswith("rfdetr-") else "rtdetr"
+
+
+def resolution_multiple(preset: str) -> int:
+    return RFDETR_RESOLUTION_MULTIPLE.get(preset, 32)
