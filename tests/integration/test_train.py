@@ -92,7 +92,7 @@ def test_failed_start_does_not_block_and_finished_run_needs_resume(tmp_path, loc
     same name needs --resume."""
     cfg = tiny(tmp_path, "once", "optim.epochs=1", "mlflow.enabled=false",
                "scaling.max_failures=0")
-    monkeypatch.setenv("RAYDETR_FAULT_INJECT", f"0:0:{tmp_path / 'killed'}")
+    monkeypatch.setenv("RAYDETR_FAULT_INJECT", f"1:0:{tmp_path / 'killed'}")  # epoch 1
     with pytest.raises(FitError, match="No epoch finished"):
         fit(cfg)
     monkeypatch.delenv("RAYDETR_FAULT_INJECT")
@@ -101,7 +101,7 @@ def test_failed_start_does_not_block_and_finished_run_needs_resume(tmp_path, loc
     with caplog.at_level(logging.INFO, logger="raydetr.driver"):
         result = fit(cfg)
     assert "never finished an epoch: starting it afresh (removing tune, train" in caplog.text
-    assert [h["epoch"] for h in json.loads((result.run_dir / "history.json").read_text())] == [0]
+    assert [h["epoch"] for h in json.loads((result.run_dir / "history.json").read_text())] == [1]
     assert has_checkpoints(run_dir)
     with pytest.raises(FitError, match="already exists"):
         fit(cfg)
@@ -172,8 +172,10 @@ def test_search_equals_shadows_and_nests_mlflow_runs(tmp_path, local_ray, caplog
             f"trial {tid} finished: ema.decay={d}; best score "
             f"{max(h['score'] for h in row['history']):.4f} after 3 epochs"]
     steps = [m.split(" ")[1] + " " + m.split(" ")[2] for m in lines if m.startswith("post-fit:")]
-    assert sorted(steps) == sorted(["stripping the"] * 2 + ["logging run"] * 2
-                                   + ["logging the", "registered searched"])
+    assert sorted(steps) == sorted(["stripping the"] * 2
+                                   + [s for s in steps if s.startswith("winner ")]
+                                   + ["logging run"] * 2 + ["logging the", "registered searched"])
+    assert len([s for s in steps if s.startswith("winner ")]) == 2  # one winner line per trial
     shadows = fit(tiny(tmp_path, "shadows", f"ema.decay={decays}", "mlflow.enabled=false"))
     shadow_hist = final_state(shadows)["history"]
     for row in found.rows:
