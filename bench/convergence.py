@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
         from raydetr.ema.ema import ModelEma
     except ImportError:
         ModelEma = None  # noqa: N806
-    ema = (ModelEma(model, ema_cfg.decay, ema_cfg.tau, schedule=ema_cfg.schedule)
+    ema = (ModelEma(model, tau=ema_cfg.tau, decays=ema_cfg.decay,
+                    schedule=ema_cfg.schedule)
            if ModelEma is not None else None)
     ema_model = copy.deepcopy(model) if ema is not None else None
 

@@ -44,7 +44,7 @@ def predict_bench(prepared: Path, sizes: dict[str, int], threads: int, repeats: 
     cfg = load_config(None, common.fit_overrides(prepared, sizes, threads))
     torch.manual_seed(0)
     model, _, post = build(cfg.model, cfg.loss, len(load_info(prepared)["classes"]))
-    ema = ModelEma(model, decay=cfg.ema.decay)
+    ema = ModelEma(model, decays=cfg.ema.decay)
     ema.update(model)
     ema_model = copy.deepcopy(model)
     ema.load_into(ema_model)

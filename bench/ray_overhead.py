@@ -46,7 +46,7 @@ def plain_trainer(prepared: Path, sizes: dict[str, int], threads: int):
     seed_everything(cfg.run.seed)
     model, criterion, _ = build(cfg.model, cfg.loss, len(info["classes"]))
     e = cfg.ema
-    ema = ModelEma(model, decay=e.decay, tau=e.tau, decays=e.decays, schedule=e.schedule,
+    ema = ModelEma(model, tau=e.tau, decays=e.decay, schedule=e.schedule,
                    schedule_kwargs=e.schedule_kwargs, average_buffers=e.average_buffers,
                    nan_guard=e.nan_guard)
     n = info["splits"]["train"]["images"]

@@ -141,9 +141,11 @@ class SplitReader:
         if self.materialize:
             return self._whole().take(pa.array(rows))
         groups = np.searchsorted(self.group_start, rows, side="right") - 1
-        uniq = np.unique(groups)
-        tables = [self._read_group(int(g)) for g in uniq]
-        first = np.cumsum([0] + [t.num_rows for t in tables])  # start of each group in concat
+        uniq = np.unique(groups)  # ascending: by file, then by row group within the file
+        files = self.group_file[uniq]
+        tables = [self._read_groups(int(k), uniq[files == k]) for k in np.unique(files)]
+        sizes = np.diff(self.group_start)[uniq]
+        first = np.concatenate([[0], np.cumsum(sizes)])  # start of each group in the concat
         pos = first[np.searchsorted(uniq, groups)] + rows - self.group_start[groups]
         return pa.concat_tables(tables).take(pa.array(pos))
 
@@ -156,15 +158,16 @@ class SplitReader:
                 self.bytes_read += self.file_bytes
             return self._table
 
-    def _read_group(self, g: int) -> pa.Table:
-        k, local = int(self.group_file[g]), int(self.group_local[g])
+    def _read_groups(self, k: int, groups: np.ndarray) -> pa.Table:
+        """Row groups ``groups`` (ascending, all in file ``k``) in one read call."""
+        local = [int(i) for i in self.group_local[groups]]
         try:
-            table = self._parquet_file(k).read_row_group(local, columns=list(COLUMNS))
+            table = self._parquet_file(k).read_row_groups(local, columns=list(COLUMNS))
         except (OSError, pa.ArrowInvalid) as exc:
-            raise DatasetError(f"{self.files[k]} row group {local}: unreadable ({exc}); "
+            raise DatasetError(f"{self.files[k]} row groups {local}: unreadable ({exc}); "
                                "prepare the dataset again") from None
         with self._lock:
-            self.bytes_read += int(self.group_bytes[g])
+            self.bytes_read += int(self.group_bytes[groups].sum())
         return table
 
     def _parquet_file(self, k: int) -> pq.ParquetFile:

@@ -268,6 +268,7 @@ class Recipe:
         if records is None:
             return None
         res = {name: coco_metrics(recs, self.args.classes) for name, recs in records.items()}
+        eval_seconds = time.perf_counter() - t0  # predict + gather + COCOeval, not the bests
         regular = {k: float(res["regular"][k]) for k in METRIC_KEYS}
         s, ema = self.state, self.state.ema
         per_decay = ({d: {k: float(res[variant_name(d)][k]) for k in METRIC_KEYS}
@@ -286,7 +287,7 @@ class Recipe:
         rule = replay([*pairs, (epoch, monitored)], es.patience, es.min_delta, es.skip_epochs)
         train = {"train_loss": stats["train_loss"], "lr": stats["lr"],
                  "images_per_s": stats["images_per_s"], "train_seconds": stats["seconds"],
-                 "eval_seconds": time.perf_counter() - t0}
+                 "eval_seconds": eval_seconds}
         return EpochResult(
             epoch=epoch, step=s.step, regular=regular, ema=per_decay, bests=s.bests,
             score=score_of(regular["map"], map_ema, self.cfg.tune.metric), monitored=monitored,
