@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/raydetr demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -q -m "not slow"

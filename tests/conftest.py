@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,19 @@ import pytest
 # Two cores on CI: keep torch from oversubscribing when Ray workers also run.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+# Everything the suite and what it starts (Ray sessions, MLflow's sqlite init locks, worker
+# temp files, pytest's own tmp_path) writes to a temp dir goes under one short folder of /tmp,
+# removed when the session ends. Short: Ray's socket paths must stay under 107 bytes.
+SESSION_TMP = Path(tempfile.mkdtemp(prefix="rdt", dir="/tmp"))
+os.environ["TMPDIR"] = str(SESSION_TMP)
+tempfile.tempdir = None  # recomputed from TMPDIR
+
+from raydetr.train.driver import LOCAL_POLL_ENV, LOCAL_POLL_S  # noqa: E402
+
+# What raydetr's own local Ray uses (init_ray), also for the Ray clusters the tests start
+# themselves: Ray Train notices a finished worker within 0.5 s, not 2 s.
+os.environ.setdefault(LOCAL_POLL_ENV, LOCAL_POLL_S)
 
 import torch  # noqa: E402
 
@@ -33,3 +48,14 @@ def coco_reference_dir() -> Path:
     if not (COCO_REFERENCE / "expected_bbox_stats.json").is_file():
         pytest.skip(f"shared COCO reference not found at {COCO_REFERENCE}")
     return COCO_REFERENCE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """raydetr's own temp folders left in TMPDIR are a product bug: name them, then clean up."""
+    left = sorted(p.name for p in SESSION_TMP.glob("raydetr-*"))
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"raydetr left temp folders behind: {', '.join(left)}",
+                                red=True)
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)

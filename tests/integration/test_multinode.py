@@ -1,6 +1,7 @@
 """Two Ray nodes on 127.0.0.1 (a head and a worker node, each its own raylet: see
-two_node_cluster.py), a real `ray job submit` of jobs/train.py with one Train worker on each
-node, storage in a directory both nodes see, a real `mlflow server`. Then the worker node dies
+two_node_cluster.py; token auth), a real `ray job submit` of the README's command (jobs/train.py
+--config configs/smoke.yaml) with one Train worker on each node, storage in a directory both
+nodes see, a real `mlflow server`. Then the worker node dies
 mid-epoch (every process of it, raylet included, SIGKILLed): with scaling.max_failures=1 the
 run restarts on the head's CPUs from the last checkpoint and ends with exactly the weights of
 the uninterrupted run.
@@ -20,6 +21,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +56,8 @@ class TwoNodes:
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     logs = tmp_path_factory.mktemp("ray2")
-    temp_dir = Path("/tmp") / f"rdt{secrets.token_hex(3)}"  # short: Ray's socket paths are long
+    # short (Ray's socket paths are long); under the session's TMPDIR, removed with it
+    temp_dir = Path(tempfile.gettempdir()) / f"r{secrets.token_hex(3)}"
     env = dict(os.environ)
     env.update(
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # local-only mode: every address is loopback
@@ -145,6 +148,8 @@ def test_two_nodes_job_keeps_both_bests_and_registers(two_nodes, mlflow_server, 
     log = proc.stdout + proc.stderr
     (out / "spread.log").write_text(log)
     assert proc.returncode == 0, log[-4000:]
+    assert re.search(r"Job '\S+' succeeded", log), f"no success line; see {out / 'spread.log'}"
+    assert "effective 8 = 4 per worker x 1 accumulation x 2 workers" in log  # the header
     nodes = _nodes_of_ranks(log)
     assert sorted(nodes) == [0, 1] and len(nodes[0] | nodes[1]) == 2, (
         f"the two workers were not on two nodes: {nodes}")
@@ -154,9 +159,11 @@ def test_two_nodes_job_keeps_both_bests_and_registers(two_nodes, mlflow_server, 
     assert all((ckpt / f).is_file() for f in BEST_FILES.values()), "both bests kept"
     bests = json.loads((ckpt / "bests.json").read_text())
     assert set(bests) >= {"regular", "ema"}
-    version = mlflow.MlflowClient(tracking_uri=mlflow_server.uri).get_model_version_by_alias(
-        "spread-detector", "champion")
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server.uri)
+    version = client.get_model_version_by_alias("spread-detector", "champion")
     assert version.tags["variant"] in ("ema", "regular")
+    history = client.get_metric_history(version.run_id, "map_ema")
+    assert [m.step for m in history] == [1, 2, 3], "per-epoch EMA mAP logged, epochs from 1"
     assert (out / "spread" / "winner" / "model.safetensors").is_file()
 
 

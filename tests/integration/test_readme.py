@@ -3,7 +3,7 @@
 - the 5-minute tour block, line by line;
 - the Python snippet (pyfunc champion, RayDETR API);
 - `mlflow ui` on the tour's database;
-- `ray job submit ... configs/smoke.yaml` is run by test_job_submit.py;
+- `ray job submit ... configs/smoke.yaml` is run by test_multinode.py (on two nodes);
 - `make demo` is `raydetr demo`, run here with one epoch.
 """
 
@@ -88,5 +88,8 @@ def test_mlflow_ui_serves_the_tour_database(tour):
 def test_make_demo_command(tmp_path):
     makefile = (REPO / "Makefile").read_text()
     assert "$(BIN)/raydetr demo" in makefile
-    out = _run([str(VENV_BIN / "raydetr"), "demo", "optim.epochs=1"], tmp_path, _env())
+    # the demo's own path (synthetic data made, prepared, trained, registered), fewer images
+    out = _run([str(VENV_BIN / "raydetr"), "demo", "optim.epochs=1",
+                "data.synthetic_train_images=32", "data.synthetic_val_images=16"],
+               tmp_path, _env())
     assert "registered: models:/raydetr@champion" in out

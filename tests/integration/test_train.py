@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from raydetr.config import load_config
-from raydetr.train.checkpoint import latest_checkpoint, read_state
+from raydetr.train.checkpoint import best_cache_dir, latest_checkpoint, read_state
 from raydetr.train.driver import FitError, fit, has_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -77,6 +77,8 @@ def test_fault_restart_and_resume_equal_uninterrupted(tmp_path, local_ray, monke
     monkeypatch.setenv("RAYDETR_FAULT_INJECT", f"2:0:{tmp_path / 'killed-for-good'}")
     with pytest.raises(FitError, match="--resume"):
         fit(tiny(tmp_path, "resumed", *two))
+    # issue 11 defect 10: a run that failed for good leaves no best-weights cache either
+    assert not best_cache_dir(str(tmp_path / "resumed" / "train")).exists()
     monkeypatch.delenv("RAYDETR_FAULT_INJECT")
     resumed = fit(tiny(tmp_path, "resumed", *two), resume=True)
     state = final_state(resumed)
@@ -160,7 +162,7 @@ def test_search_equals_shadows_and_nests_mlflow_runs(tmp_path, local_ray, caplog
     decays = [0.9, 0.99]
     search_cfg = tiny(tmp_path, "search", "tune.scheduler=fifo", "mlflow.model_name=searched",
                       f"tune.search_space={{ema.decay: {{grid: {decays}}}}}",
-                      "tune.max_concurrent_trials=1")
+                      "tune.max_concurrent_trials=1", "optim.epochs=2")
     with caplog.at_level(logging.INFO, logger="raydetr"):
         found = search(search_cfg)
     assert len(found.rows) == 2
@@ -170,13 +172,14 @@ def test_search_equals_shadows_and_nests_mlflow_runs(tmp_path, local_ray, caplog
         assert [m for m in lines if m.startswith(f"trial {tid} ")] == [
             f"trial {tid} started: ema.decay={d}",
             f"trial {tid} finished: ema.decay={d}; best score "
-            f"{max(h['score'] for h in row['history']):.4f} after 3 epochs"]
+            f"{max(h['score'] for h in row['history']):.4f} after 2 epochs"]
     steps = [m.split(" ")[1] + " " + m.split(" ")[2] for m in lines if m.startswith("post-fit:")]
     assert sorted(steps) == sorted(["stripping the"] * 2
                                    + [s for s in steps if s.startswith("winner ")]
                                    + ["logging run"] * 2 + ["logging the", "registered searched"])
     assert len([s for s in steps if s.startswith("winner ")]) == 2  # one winner line per trial
-    shadows = fit(tiny(tmp_path, "shadows", f"ema.decay={decays}", "mlflow.enabled=false"))
+    shadows = fit(tiny(tmp_path, "shadows", f"ema.decay={decays}", "mlflow.enabled=false",
+                       "optim.epochs=2"))
     shadow_hist = final_state(shadows)["history"]
     for row in found.rows:
         d = row["params"]["ema.decay"]
