@@ -127,7 +127,8 @@ class SplitReader:
         self.group_file = np.asarray(group_file, np.int64)
         self.group_local = np.asarray(group_local, np.int64)
         self.group_bytes = np.asarray(group_bytes, np.int64)
-        self.group_start = np.concatenate([[0], np.cumsum(group_rows, dtype=np.int64)])
+        self.group_rows = np.asarray(group_rows, np.int64)
+        self.group_start = np.concatenate([[0], np.cumsum(self.group_rows)])
         self.num_rows = int(self.group_start[-1])
         if self.num_rows != expected:
             raise DatasetError(f"{self.where}: the shards hold {self.num_rows} rows but "
@@ -144,8 +145,7 @@ class SplitReader:
         uniq = np.unique(groups)  # ascending: by file, then by row group within the file
         files = self.group_file[uniq]
         tables = [self._read_groups(int(k), uniq[files == k]) for k in np.unique(files)]
-        sizes = np.diff(self.group_start)[uniq]
-        first = np.concatenate([[0], np.cumsum(sizes)])  # start of each group in the concat
+        first = np.concatenate([[0], np.cumsum(self.group_rows[uniq])])  # each group's start
         pos = first[np.searchsorted(uniq, groups)] + rows - self.group_start[groups]
         return pa.concat_tables(tables).take(pa.array(pos))
 
