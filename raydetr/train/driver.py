@@ -105,6 +105,9 @@ def dataset_info(prepared: Path | str, cfg: Config) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- ray
+LOCAL_POLL_ENV, LOCAL_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
+
+
 def init_ray(cfg: Config) -> None:
     """Connect to $RAY_ADDRESS (``ray job submit`` sets it) or start a local Ray that listens on
     loopback only. Workers' output reaches this console only with ``run.verbose``."""
@@ -124,6 +127,11 @@ def init_ray(cfg: Config) -> None:
 
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+    # Ray Train's controller polls its workers every 2 s by default: each epoch's report (and
+    # with early stopping the scheduler's decision the workers wait for), the end of the fit
+    # and a dead worker are seen up to 2 s late. On a local Ray a 0.5 s poll costs nothing
+    # (tiny 2-epoch fits: 20.0 vs 23.7 s mean of 4). The controller inherits it from here.
+    os.environ.setdefault(LOCAL_POLL_ENV, LOCAL_POLL_S)
     # Local: logical CPUs for the workers plus one to spare (each worker decodes in its own
     # loader threads; nothing else needs a CPU).
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker

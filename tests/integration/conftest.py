@@ -1,5 +1,6 @@
-"""A real MLflow server for integration tests, on 127.0.0.1 only, stopped (its whole process
-group) by the fixture that started it. Ray clusters: test_multinode.py (two nodes, `ray job
+"""A real MLflow server for integration tests, on 127.0.0.1 only: one for the session, started
+by the first test that asks and stopped (its whole process group) at the end; modules keep
+apart by model and experiment names. Ray clusters: test_multinode.py (two nodes, `ray job
 submit`) and each module's local Ray."""
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class MlflowServer:
     root: Path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> MlflowServer:
     """A real `mlflow server` (sqlite backend, local artifacts) on 127.0.0.1."""
     root = tmp_path_factory.mktemp("mlflow")

@@ -1,12 +1,14 @@
 """Post-hoc EMA end to end on a real local Ray and a real MLflow server.
 
-One training run (1 CPU worker, 2 epochs, killed once after epoch 2 and restarted from the
-epoch-1 checkpoint by FailureConfig)
-tracks the power EMA at sigma_rel 0.07 directly (ema.schedule=power) and records post-hoc
-snapshots of 0.05 and 0.10; `raydetr posthoc` reconstructs 0.07 from them, which must match the
-directly tracked shadow, evaluates the profiles as Ray tasks, logs nested MLflow runs under the
-training run and registers the best only when it beats the winner. Then `raydetr tune --posthoc`
-runs a Tune search with no training, and 1- vs 2-worker runs check ema.reference_batch.
+One training run (1 CPU worker, 2 epochs, rank 0 killed once after training epoch 2 and
+restarted from the epoch-1 checkpoint by FailureConfig) tracks the power EMA at sigma_rel 0.07
+directly (ema.schedule=power) and records post-hoc snapshots of 0.05 and 0.10. The same run
+shows MLflow is live and survives the restart: the run is RUNNING with epoch metrics while it
+trains, and afterwards exactly one run holds every epoch once, FINISHED, with the registered
+model. `raydetr posthoc` reconstructs 0.07 from the snapshots, which must match the directly
+tracked shadow, evaluates the profiles as Ray tasks, logs nested MLflow runs under the training
+run and registers the best only when it beats the winner. Then `raydetr tune --posthoc` runs a
+Tune search with no training, and a 2-worker run checks ema.reference_batch.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -61,17 +64,64 @@ def trained(tmp_path_factory, local_ray, mlflow_server):
                f"ema.posthoc.every_steps={EVERY}", "scaling.max_failures=1", "optim.epochs=2",
                f"mlflow.tracking_uri={mlflow_server.uri}", "mlflow.experiment=posthoc")
     marker = out / "killed-once"
+    watcher = _LiveRuns(mlflow_server.uri, "posthoc")
     os.environ["RAYDETR_FAULT_INJECT"] = f"2:0:{marker}"  # after training epoch 2
     try:
+        watcher.start()
         result = fit(cfg)
     finally:
+        watcher.stop()
         del os.environ["RAYDETR_FAULT_INJECT"]
     assert marker.exists(), "the fault was not injected"
-    return result, mlflow_server
+    return result, mlflow_server, watcher.seen
+
+
+class _LiveRuns(threading.Thread):
+    """Polls MLflow while the fit runs: the first RUNNING run with a logged ``map`` step."""
+
+    def __init__(self, uri: str, experiment: str):
+        super().__init__(daemon=True)
+        from mlflow import MlflowClient
+
+        self.client, self.experiment = MlflowClient(tracking_uri=uri), experiment
+        self.seen: tuple[str, list[int]] | None = None
+        self.halt = threading.Event()
+
+    def run(self):
+        while not self.halt.is_set() and self.seen is None:
+            exp = self.client.get_experiment_by_name(self.experiment)
+            for run in self.client.search_runs([exp.experiment_id]) if exp else []:
+                steps = [m.step for m in self.client.get_metric_history(run.info.run_id, "map")]
+                if run.info.status == "RUNNING" and steps:
+                    self.seen = (run.info.run_id, steps)
+            self.halt.wait(1.0)
+
+    def stop(self):
+        self.halt.set()
+        self.join(timeout=30)
+
+
+def test_mlflow_is_live_and_one_run_survives_the_restart(trained):
+    from mlflow import MlflowClient
+
+    result, server, seen_live = trained
+    assert seen_live is not None, "no metric was visible while the fit was running"
+    client = MlflowClient(tracking_uri=server.uri)
+    exp = client.get_experiment_by_name("posthoc")
+    runs = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'ph'")
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    run = runs[0]
+    assert run.info.run_id == seen_live[0] and run.info.status == "FINISHED"
+    history = json.loads((result.run_dir / "history.json").read_text())
+    for key in ("map", "map_ema", "train_loss", "lr"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == [int(h["epoch"]) for h in history] and len(steps) == 2, (key, steps)
+    fit_info = json.loads((result.run_dir / "fit.json").read_text())
+    assert fit_info["registered"]["run_id"] == run.info.run_id
 
 
 def test_snapshots_survive_the_restart(trained):
-    result, _ = trained
+    result, _, _ = trained
     state = read_state(latest_checkpoint(result.train_dir))
     steps = int(state["step"])
     snaps = list_snapshots(result.train_dir / "posthoc")
@@ -87,7 +137,7 @@ def test_snapshots_survive_the_restart(trained):
 def test_posthoc_command_reconstructs_the_direct_shadow(trained, capsys):
     import mlflow
 
-    result, server = trained
+    result, server, _ = trained
     rc = main(["posthoc", str(result.run_dir), "--sigma-rel", "0.05", "0.07", "0.1",
                "--register"])
     assert rc == 0
@@ -146,7 +196,7 @@ def test_posthoc_command_reconstructs_the_direct_shadow(trained, capsys):
 
 
 def test_tune_posthoc_searches_without_training(trained, capsys):
-    result, _ = trained
+    result, _, _ = trained
     rc = main(["tune", "--posthoc", str(result.run_dir), "--sigma-rel-range", "0.03", "0.2",
                "--num-samples", "2"])
     assert rc == 0
@@ -158,7 +208,7 @@ def test_tune_posthoc_searches_without_training(trained, capsys):
 
 
 def test_posthoc_user_errors_exit_2(tmp_path, trained):
-    result, _ = trained
+    result, _, _ = trained
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     bad = [
         ([str(tmp_path), "--sigma-rel", "0.05"], "not a raydetr run directory"),
@@ -172,23 +222,20 @@ def test_posthoc_user_errors_exit_2(tmp_path, trained):
         assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_reference_batch_same_images_with_one_and_two_workers(tmp_path, local_ray):
-    """ema.decay=0.99 for a reference batch of 4: 1 worker x 4 images keeps it; 2 workers x 4
-    use 0.99**2 and tau/2, so both keep weight 0.99**(N/4) on the model of N images ago."""
-    used = {}
-    for workers in (1, 2):
-        cfg = tiny(tmp_path, f"w{workers}", f"scaling.num_workers={workers}", "optim.epochs=1",
-                   "data.synthetic_train_images=8",
-                   "ema.decay=0.99", "ema.tau=20", "ema.reference_batch=4",
-                   "mlflow.enabled=false")
-        result = fit(cfg)
-        ema = read_state(latest_checkpoint(result.train_dir))["ema"]
-        used[workers] = (ema["decays"][0], ema["schedule_kwargs"]["tau"], 4 * workers)
-        assert not (result.train_dir / "posthoc").exists()  # off by default
-    (d1, tau1, b1), (d2, tau2, b2) = used[1], used[2]
-    assert d1 == pytest.approx(0.99) and tau1 == pytest.approx(20)
+def test_reference_batch_scales_the_decay_for_two_workers(tmp_path, local_ray):
+    """ema.decay=0.99 for a reference batch of 4 (what 1 worker x 4 images uses unchanged):
+    2 workers x 4 use 0.99**2 and tau/2, so both keep weight 0.99**(N/4) on the model of N
+    images ago (the k=1 case and the algebra: tests/unit/ema)."""
+    cfg = tiny(tmp_path, "w2", "scaling.num_workers=2", "optim.epochs=1",
+               "data.synthetic_train_images=8",
+               "ema.decay=0.99", "ema.tau=20", "ema.reference_batch=4",
+               "mlflow.enabled=false")
+    result = fit(cfg)
+    ema = read_state(latest_checkpoint(result.train_dir))["ema"]
+    assert not (result.train_dir / "posthoc").exists()  # off by default
+    (d1, tau1, b1) = (0.99, 20, 4)
+    (d2, tau2, b2) = (ema["decays"][0], ema["schedule_kwargs"]["tau"], 4 * 2)
     assert d2 == pytest.approx(0.99**2) and tau2 == pytest.approx(10)
     for images in (8, 64, 400):
         assert d1 ** (images / b1) == pytest.approx(d2 ** (images / b2), rel=1e-12)
-        # tau in images is the same too
-        assert tau1 * b1 == pytest.approx(tau2 * b2)
+        assert tau1 * b1 == pytest.approx(tau2 * b2)  # tau in images is the same too

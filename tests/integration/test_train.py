@@ -1,4 +1,7 @@
-"""The main job on a real local Ray: DDP on 2 CPU workers, faults, resume, early stopping, search.
+"""The main job on a real local Ray: DDP on 2 CPU workers, faults, resume, early stopping, search,
+and the training-core defects of issue 11 (a stop decided on epoch N leaves nothing after N
+however slow the scheduler is; an import-path EMA schedule reaches every worker with
+total_steps; the best-weights cache is removed after success, early stop and failure).
 
 Tiny sizes (64 px synthetic images, a handful of images): these tests check mechanics and exact
 equalities, not accuracy (tests/unit/train has the overfit test; bench/ has convergence).
@@ -43,6 +46,16 @@ def tiny(out: Path, name: str, *extra: str):
     ])
 
 
+# 2 workers (DDP, gloo), 2 shadows: the uninterrupted reference of the fault test, and the
+# one-run-with-shadows side of the search test.
+TWO = ("scaling.num_workers=2", "ema.decay=[0.9,0.99]", "mlflow.enabled=false", "optim.epochs=2")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, local_ray):
+    return fit(tiny(tmp_path_factory.mktemp("reference"), "ref", *TWO))
+
+
 def final_state(result_or_dir) -> dict:
     train_dir = getattr(result_or_dir, "train_dir", result_or_dir)
     return read_state(latest_checkpoint(train_dir))
@@ -54,13 +67,11 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), f"tensor {k} differs"
 
 
-def test_fault_restart_and_resume_equal_uninterrupted(tmp_path, local_ray, monkeypatch):
+def test_fault_restart_and_resume_equal_uninterrupted(tmp_path, reference, monkeypatch):
     """2 workers (DDP, gloo). A rank killed with os._exit restarts from the latest checkpoint
     (FailureConfig) and ends with exactly the weights of an uninterrupted run; so does a run
     that died for good and was continued with --resume."""
-    two = ("scaling.num_workers=2", "ema.decay=[0.9,0.99]", "mlflow.enabled=false",
-           "optim.epochs=2")
-    ref = fit(tiny(tmp_path, "ref", *two))
+    two, ref = TWO, reference
     ref_state = final_state(ref)
     assert [h["epoch"] for h in ref_state["history"]] == [1, 2]  # numbered from 1
     assert latest_checkpoint(ref.train_dir).name == "epoch_0002"
@@ -109,12 +120,27 @@ def test_failed_start_does_not_block_and_finished_run_needs_resume(tmp_path, loc
         fit(cfg)
 
 
-def test_early_stop_registers_winner_and_leaves_nothing_running(tmp_path, local_ray):
-    """A Tune-scheduler STOP kills the trial; post-fit still registers from storage (embedded
-    sqlite MLflow), and no worker actor or placement group survives."""
+def test_early_stop_waits_for_a_slow_scheduler_registers_and_leaves_nothing_running(
+        tmp_path, local_ray, monkeypatch):
+    """A Tune-scheduler STOP ends the trial; post-fit still registers from storage (embedded
+    sqlite MLflow), and no worker actor or placement group survives. Issue 11 defect 1: the
+    scheduler takes 8 s to decide STOP on epoch 2 (an epoch here takes ~1 s); the workers wait
+    for the decision, so nothing after epoch 2 reaches the result. Defect 10: the early-stopped
+    run leaves no best-weights cache."""
     import mlflow
     from ray.util import placement_group_table
 
+    from raydetr.tune.early_stopping import EarlyStoppingScheduler
+
+    decide = EarlyStoppingScheduler.on_trial_result
+
+    def slow_stop(self, controller, trial, result):
+        decision = decide(self, controller, trial, result)
+        if decision == EarlyStoppingScheduler.STOP:
+            time.sleep(8)
+        return decision
+
+    monkeypatch.setattr(EarlyStoppingScheduler, "on_trial_result", slow_stop)
     cfg = tiny(tmp_path, "es", "optim.epochs=8", "early_stopping.enabled=true",
                "early_stopping.patience=2", "early_stopping.min_delta=0.9",
                "mlflow.model_name=es-model")
@@ -122,9 +148,10 @@ def test_early_stop_registers_winner_and_leaves_nothing_running(tmp_path, local_
     assert result.stopped_early
     history = json.loads((result.run_dir / "history.json").read_text())
     assert len(history) == 2, "patience 2 with an unreachable min_delta stops after 2 epochs"
-    assert [h["epoch"] for h in history] == [1, 2]
+    assert [h["epoch"] for h in history] == [1, 2], "an epoch after the STOP reached the result"
     assert latest_checkpoint(result.train_dir).name == "epoch_0002"
     assert result.meta["epoch"] in (1, 2) and result.meta["epochs_run"] == 2
+    assert not best_cache_dir(str(result.train_dir)).exists()
     assert result.registered is not None
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     version = client.get_model_version_by_alias("es-model", "champion")
@@ -151,8 +178,9 @@ def _alive_actor_classes() -> list[str]:
             if a["State"] == "ALIVE" and "Train" in a["ActorClassName"]]
 
 
-def test_search_equals_shadows_and_nests_mlflow_runs(tmp_path, local_ray, caplog):
-    """A 2-trial Tune search over ema.decay == one run with 2 EMA shadows (same seed), per decay;
+def test_search_equals_shadows_and_nests_mlflow_runs(tmp_path, reference, caplog):
+    """A 2-trial Tune search over ema.decay == one run with 2 EMA shadows (same seed, 2 workers
+    each: the fault test's reference run), per decay;
     MLflow has a parent run with one nested run per trial; the best trial is registered. The
     driver logs one line per trial start/end and per post-fit step."""
     import mlflow
@@ -160,7 +188,8 @@ def test_search_equals_shadows_and_nests_mlflow_runs(tmp_path, local_ray, caplog
     from raydetr.tune.search import search
 
     decays = [0.9, 0.99]
-    search_cfg = tiny(tmp_path, "search", "tune.scheduler=fifo", "mlflow.model_name=searched",
+    search_cfg = tiny(tmp_path, "search", "scaling.num_workers=2", "tune.scheduler=fifo",
+                      "mlflow.model_name=searched",
                       f"tune.search_space={{ema.decay: {{grid: {decays}}}}}",
                       "tune.max_concurrent_trials=1", "optim.epochs=2")
     with caplog.at_level(logging.INFO, logger="raydetr"):
@@ -178,9 +207,9 @@ def test_search_equals_shadows_and_nests_mlflow_runs(tmp_path, local_ray, caplog
                                    + [s for s in steps if s.startswith("winner ")]
                                    + ["logging run"] * 2 + ["logging the", "registered searched"])
     assert len([s for s in steps if s.startswith("winner ")]) == 2  # one winner line per trial
-    shadows = fit(tiny(tmp_path, "shadows", f"ema.decay={decays}", "mlflow.enabled=false",
-                       "optim.epochs=2"))
-    shadow_hist = final_state(shadows)["history"]
+    shadow_state = final_state(reference)
+    assert [float(d) for d in shadow_state["ema"]["decays"]] == decays
+    shadow_hist = shadow_state["history"]
     for row in found.rows:
         d = row["params"]["ema.decay"]
         per_epoch_search = [h["map_ema"] for h in row["history"]]
@@ -197,3 +226,26 @@ def test_search_equals_shadows_and_nests_mlflow_runs(tmp_path, local_ray, caplog
     assert len(children) == 2
     champion = client.get_model_version_by_alias("searched", "champion")
     assert champion.run_id in {c.info.run_id for c in children}
+
+
+def test_import_path_schedule_reaches_two_workers(tmp_path, local_ray, monkeypatch):
+    """Issue 11 defect 4: ``ema.schedule=pkg.module:fn`` (not installed on the workers: it lives
+    in a temp dir only the driver has on sys.path) trains on 2 workers and gets total_steps.
+    Defect 10: the finished run leaves no best-weights cache."""
+    pkg = tmp_path / "rdt_sched_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "decay.py").write_text(
+        "def linear(updates, *, decay, total_steps):\n"
+        "    return decay * min(1.0, updates / total_steps)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tiny(tmp_path, "custom", "scaling.num_workers=2", "optim.epochs=2",
+               "ema.schedule=rdt_sched_pkg.decay:linear", "ema.decay=0.9",
+               "mlflow.enabled=false")
+    result = fit(cfg)
+    state = read_state(latest_checkpoint(result.train_dir))
+    total = state["ema"]["schedule_kwargs"]["total_steps"]
+    assert total == state["step"] == 4  # 16 images / (4 x 2 workers) = 2 steps x 2 epochs
+    for row in state["history"]:
+        assert row["ema_decay"] == pytest.approx(0.9 * min(1.0, row["step"] / total))
+    assert not best_cache_dir(str(result.train_dir)).exists()
