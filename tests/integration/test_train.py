@@ -124,7 +124,7 @@ def test_early_stop_waits_for_a_slow_scheduler_registers_and_leaves_nothing_runn
         tmp_path, local_ray, monkeypatch):
     """A Tune-scheduler STOP ends the trial; post-fit still registers from storage (embedded
     sqlite MLflow), and no worker actor or placement group survives. Issue 11 defect 1: the
-    scheduler takes 8 s to decide STOP on epoch 2 (an epoch here takes ~1 s); the workers wait
+    scheduler takes 5 s to decide STOP on epoch 2 (an epoch here takes ~1 s); the workers wait
     for the decision, so nothing after epoch 2 reaches the result. Defect 10: the early-stopped
     run leaves no best-weights cache."""
     import mlflow
@@ -137,7 +137,7 @@ def test_early_stop_waits_for_a_slow_scheduler_registers_and_leaves_nothing_runn
     def slow_stop(self, controller, trial, result):
         decision = decide(self, controller, trial, result)
         if decision == EarlyStoppingScheduler.STOP:
-            time.sleep(8)
+            time.sleep(5)
         return decision
 
     monkeypatch.setattr(EarlyStoppingScheduler, "on_trial_result", slow_stop)
