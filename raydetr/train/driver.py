@@ -129,8 +129,8 @@ def init_ray(cfg: Config) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
     # Ray Train's controller polls its workers every 2 s by default: each epoch's report (and
     # with early stopping the scheduler's decision the workers wait for), the end of the fit
-    # and a dead worker are seen up to 2 s late. On a local Ray a 0.5 s poll costs nothing
-    # (tiny 2-epoch fits: 20.0 vs 23.7 s mean of 4). The controller inherits it from here.
+    # and a dead worker are seen up to 2 s late. On a local Ray a 0.5 s poll costs nothing.
+    # The controller inherits it from this environment.
     os.environ.setdefault(LOCAL_POLL_ENV, LOCAL_POLL_S)
     # Local: logical CPUs for the workers plus one to spare (each worker decodes in its own
     # loader threads; nothing else needs a CPU).

@@ -84,17 +84,21 @@ class _LiveRuns(threading.Thread):
         from mlflow import MlflowClient
 
         self.client, self.experiment = MlflowClient(tracking_uri=uri), experiment
-        self.seen: tuple[str, list[int]] | None = None
+        self.seen: tuple[str, list[int]] | Exception | None = None
         self.halt = threading.Event()
 
     def run(self):
-        while not self.halt.is_set() and self.seen is None:
-            exp = self.client.get_experiment_by_name(self.experiment)
-            for run in self.client.search_runs([exp.experiment_id]) if exp else []:
-                steps = [m.step for m in self.client.get_metric_history(run.info.run_id, "map")]
-                if run.info.status == "RUNNING" and steps:
-                    self.seen = (run.info.run_id, steps)
-            self.halt.wait(1.0)
+        try:
+            while not self.halt.is_set() and self.seen is None:
+                exp = self.client.get_experiment_by_name(self.experiment)
+                for run in self.client.search_runs([exp.experiment_id]) if exp else []:
+                    steps = [m.step
+                             for m in self.client.get_metric_history(run.info.run_id, "map")]
+                    if run.info.status == "RUNNING" and steps:
+                        self.seen = (run.info.run_id, steps)
+                self.halt.wait(1.0)
+        except Exception as exc:  # noqa: BLE001 - reported by the test, not lost in the thread
+            self.seen = exc
 
     def stop(self):
         self.halt.set()
@@ -106,6 +110,7 @@ def test_mlflow_is_live_and_one_run_survives_the_restart(trained):
 
     result, server, seen_live = trained
     assert seen_live is not None, "no metric was visible while the fit was running"
+    assert not isinstance(seen_live, Exception), f"polling MLflow failed: {seen_live!r}"
     client = MlflowClient(tracking_uri=server.uri)
     exp = client.get_experiment_by_name("posthoc")
     runs = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'ph'")
@@ -116,8 +121,9 @@ def test_mlflow_is_live_and_one_run_survives_the_restart(trained):
     for key in ("map", "map_ema", "train_loss", "lr"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert steps == [int(h["epoch"]) for h in history] and len(steps) == 2, (key, steps)
-    fit_info = json.loads((result.run_dir / "fit.json").read_text())
-    assert fit_info["registered"]["run_id"] == run.info.run_id
+    registered = json.loads((result.run_dir / "fit.json").read_text())["registered"]
+    version = client.get_model_version(registered["model_name"], str(registered["version"]))
+    assert version.run_id == run.info.run_id
 
 
 def test_snapshots_survive_the_restart(trained):
@@ -223,9 +229,10 @@ def test_posthoc_user_errors_exit_2(tmp_path, trained):
 
 
 def test_reference_batch_scales_the_decay_for_two_workers(tmp_path, local_ray):
-    """ema.decay=0.99 for a reference batch of 4 (what 1 worker x 4 images uses unchanged):
-    2 workers x 4 use 0.99**2 and tau/2, so both keep weight 0.99**(N/4) on the model of N
-    images ago (the k=1 case and the algebra: tests/unit/ema)."""
+    """ema.decay=0.99 and ema.tau=20 for a reference batch of 4 (what 1 worker x 4 images uses
+    unchanged): 2 workers x 4 are k=2 reference batches per step, so the run uses 0.99**2 and
+    tau/2, and keeps weight 0.99**(N/4) on the model of N images ago, as 1 worker does (the
+    k=1 case and that algebra: tests/unit/ema)."""
     cfg = tiny(tmp_path, "w2", "scaling.num_workers=2", "optim.epochs=1",
                "data.synthetic_train_images=8",
                "ema.decay=0.99", "ema.tau=20", "ema.reference_batch=4",
@@ -233,9 +240,5 @@ def test_reference_batch_scales_the_decay_for_two_workers(tmp_path, local_ray):
     result = fit(cfg)
     ema = read_state(latest_checkpoint(result.train_dir))["ema"]
     assert not (result.train_dir / "posthoc").exists()  # off by default
-    (d1, tau1, b1) = (0.99, 20, 4)
-    (d2, tau2, b2) = (ema["decays"][0], ema["schedule_kwargs"]["tau"], 4 * 2)
-    assert d2 == pytest.approx(0.99**2) and tau2 == pytest.approx(10)
-    for images in (8, 64, 400):
-        assert d1 ** (images / b1) == pytest.approx(d2 ** (images / b2), rel=1e-12)
-        assert tau1 * b1 == pytest.approx(tau2 * b2)  # tau in images is the same too
+    assert ema["decays"][0] == pytest.approx(0.99**2)
+    assert ema["schedule_kwargs"]["tau"] == pytest.approx(20 / 2)

@@ -21,6 +21,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,27 +51,28 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    out = proc.stdout + proc.stderr
+def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600,
+         sockets: list[tuple[int, str, str, int]] | None = None) -> str:
+    """Run ``cmd`` to the end and return its output (stdout + stderr, through a file: no pipe
+    to fill). With ``sockets``, list the listening sockets of its process tree every second."""
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        deadline = time.time() + timeout
+        try:
+            while proc.poll() is None and time.time() < deadline:
+                if sockets is not None:
+                    sockets.extend(listening_sockets(proc.pid))
+                try:
+                    proc.wait(timeout=1.0)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            stop_group(proc)  # only if still running: past the deadline
+        log.seek(0)
+        out = log.read()
     assert proc.returncode == 0, f"{shlex.join(cmd)} failed:\n{out[-4000:]}"
     return out
-
-
-def _run_sampling_sockets(cmd: list[str], cwd: Path, env: dict[str, str]):
-    """Run ``cmd``; every second, list the listening sockets of its process tree."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    seen: list[tuple[int, str, str, int]] = []
-    try:
-        while proc.poll() is None:
-            seen.extend(listening_sockets(proc.pid))
-            time.sleep(1.0)
-        out, _ = proc.communicate(timeout=600)
-    finally:
-        stop_group(proc)
-    assert proc.returncode == 0, f"{shlex.join(cmd)} failed:\n{out[-4000:]}"
-    return out, seen
 
 
 @dataclass
@@ -89,11 +91,9 @@ def tour(tmp_path_factory) -> Tour:
     assert sum(ln.startswith("raydetr train ") for ln in lines) == 1
     outputs, train_out, sockets = [], "", []
     for ln in lines:
-        if ln.startswith("raydetr train "):
-            train_out, sockets = _run_sampling_sockets(shlex.split(ln), cwd, _env())
-            outputs.append(train_out)
-        else:
-            outputs.append(_run(shlex.split(ln), cwd, _env()))
+        is_train = ln.startswith("raydetr train ")
+        outputs.append(_run(shlex.split(ln), cwd, _env(), sockets=sockets if is_train else None))
+        train_out = outputs[-1] if is_train else train_out
     (cwd / "tour.log").write_text("\n".join(outputs))
     return Tour(cwd, "\n".join(outputs), train_out.splitlines(), sockets)
 

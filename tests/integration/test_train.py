@@ -71,13 +71,12 @@ def test_fault_restart_and_resume_equal_uninterrupted(tmp_path, reference, monke
     """2 workers (DDP, gloo). A rank killed with os._exit restarts from the latest checkpoint
     (FailureConfig) and ends with exactly the weights of an uninterrupted run; so does a run
     that died for good and was continued with --resume."""
-    two, ref = TWO, reference
-    ref_state = final_state(ref)
+    ref_state = final_state(reference)
     assert [h["epoch"] for h in ref_state["history"]] == [1, 2]  # numbered from 1
-    assert latest_checkpoint(ref.train_dir).name == "epoch_0002"
+    assert latest_checkpoint(reference.train_dir).name == "epoch_0002"
 
     monkeypatch.setenv("RAYDETR_FAULT_INJECT", f"2:1:{tmp_path / 'killed-once'}")
-    restarted = fit(tiny(tmp_path, "restart", *two, "scaling.max_failures=1"))
+    restarted = fit(tiny(tmp_path, "restart", *TWO, "scaling.max_failures=1"))
     assert (tmp_path / "killed-once").exists(), "the fault was not injected"
     state = final_state(restarted)
     assert_same_weights(state["model"], ref_state["model"])
@@ -87,11 +86,11 @@ def test_fault_restart_and_resume_equal_uninterrupted(tmp_path, reference, monke
 
     monkeypatch.setenv("RAYDETR_FAULT_INJECT", f"2:0:{tmp_path / 'killed-for-good'}")
     with pytest.raises(FitError, match="--resume"):
-        fit(tiny(tmp_path, "resumed", *two))
+        fit(tiny(tmp_path, "resumed", *TWO))
     # issue 11 defect 10: a run that failed for good leaves no best-weights cache either
     assert not best_cache_dir(str(tmp_path / "resumed" / "train")).exists()
     monkeypatch.delenv("RAYDETR_FAULT_INJECT")
-    resumed = fit(tiny(tmp_path, "resumed", *two), resume=True)
+    resumed = fit(tiny(tmp_path, "resumed", *TWO), resume=True)
     state = final_state(resumed)
     assert_same_weights(state["model"], ref_state["model"])
     assert [h["epoch"] for h in state["history"]] == [1, 2]
