@@ -6,7 +6,7 @@
 For each preset this builds the model, its ModelEma (``--decays`` shadows), AdamW after one real
 optimizer step (so its moments exist), fills both best-weights files, and times
 ``raydetr.train.checkpoint.write_checkpoint`` (state.pt via torch.save + hard-linked best files
-+ bests.json) into fresh folders. Then ``raydetr.train.postfit.strip_winner`` makes the
++ bests.json) into fresh folders. Then ``raydetr.fit.postfit.strip_winner`` makes the
 published winner (model.safetensors + meta.json) from it. Each part of state.pt is sized by
 serialising it alone (torch.save into memory). RF-DETR reports ~3x from stripping model+EMA+
 optimizer; ours also carries the two best files (written once per improvement, hard-linked).
@@ -48,7 +48,7 @@ def bench_preset(preset: str, decays: list[float], repeats: int, work: Path) -> 
         write_checkpoint,
     )
     from raydetr.train.optim import build_lr_scheduler, build_optimizer
-    from raydetr.train.postfit import strip_winner
+    from raydetr.fit.postfit import strip_winner
 
     cfg = Config()
     cfg.model.preset = preset

@@ -6,7 +6,7 @@ Ray-overhead, scaling and evaluation benches) runs once per suite run and is rea
 ``<workdir>/fits/<key>/``. Nothing is read from an earlier suite run: a fresh workdir is
 made each time.
 
-Fits go through the real path (``raydetr.train.driver.fit``, Tune + TorchTrainer + post-fit)
+Fits go through the real path (``raydetr.fit.driver.fit``, Tune + TorchTrainer + post-fit)
 with MLflow off, each with its own ``run.name`` under the workdir; Ray is started by the
 driver for that fit (so it sizes the cluster as a user's fit would) and shut down after it.
 """
@@ -113,7 +113,7 @@ def fit_cached(workdir: Path, overrides: list[str]) -> dict[str, Any]:
     if cache.is_file():
         return json.loads(cache.read_text())
     from raydetr.config import load_config
-    from raydetr.train.driver import fit
+    from raydetr.fit.driver import fit
 
     cfg = load_config(None, [*overrides, f"run.output_dir={workdir / 'fits' / key}",
                              f"run.name=fit-{key}"])

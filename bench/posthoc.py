@@ -3,10 +3,10 @@
     .venv/bin/python bench/posthoc.py              # 48 images x 64 px, 4 epochs (bench FIT)
     .venv/bin/python bench/posthoc.py --quick      # 16 images, 2 epochs
 
-Tune:      raydetr.tune.search.search over ema.decay (grid of 8 decays, fifo, one trial at a
+Tune:      raydetr.fit.search.search over ema.decay (grid of 8 decays, fifo, one trial at a
            time: on 2 shared cores concurrent trials only compete): 8 full trainings.
 Post-hoc:  one training with ema.posthoc.enabled=true (snapshots of sigma_rel 0.05 and 0.10,
-           default every_steps = 4 per epoch), then raydetr.posthoc_cmd.sweep over 8 sigma_rels
+           default every_steps = 4 per epoch), then raydetr.commands.posthoc.sweep over 8 sigma_rels
            log-spaced in [0.03, 0.25] (reconstruct on the driver, evaluate as Ray tasks).
 Printed: wall times, `post-hoc sweep / Tune sweep wall time: R` (the sweep alone, the target
 <= 0.15), the same ratio with the post-hoc run's own training included, and the snapshot
@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from raydetr.config import load_config
     from raydetr.ema.posthoc import list_snapshots, snapshot_bytes
-    from raydetr.posthoc_cmd import sweep
-    from raydetr.posthoc_eval import sigma_rel_grid
-    from raydetr.train.driver import fit
-    from raydetr.tune.search import search
+    from raydetr.commands.posthoc import sweep
+    from raydetr.fit.posthoc import sigma_rel_grid
+    from raydetr.fit.driver import fit
+    from raydetr.fit.search import search
 
     work = common.workdir_of(args) / "posthoc"
     sizes = common.fit_sizes(args)

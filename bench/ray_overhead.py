@@ -3,7 +3,7 @@
     .venv/bin/python bench/ray_overhead.py              # 48 images, 4 epochs, 64 px, 1 thread
     .venv/bin/python bench/ray_overhead.py --quick --threads 2
 
-Ray side: the real path, ``raydetr.train.driver.fit`` (Tune trial -> TorchTrainer, 1 worker,
+Ray side: the real path, ``raydetr.fit.driver.fit`` (Tune trial -> TorchTrainer, 1 worker,
 the rank reader's decode + augment threads (raydetr.data.loader), DDP-wrapped model, EMA, per-epoch eval + checkpoint), MLflow off;
 ``images_per_s`` per epoch from the run's history.json (train_one_epoch's own timer: the
 epoch's data loading + steps, not eval / checkpoint / start-up).

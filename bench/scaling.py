@@ -4,7 +4,7 @@
     .venv/bin/python bench/scaling.py --quick
     .venv/bin/python bench/scaling.py --use-gpu       # GPU workers (not run on the CPU machines)
 
-Each run is ``raydetr.train.driver.fit`` (scaling.num_workers=N, scaling.torch_threads=1,
+Each run is ``raydetr.fit.driver.fit`` (scaling.num_workers=N, scaling.torch_threads=1,
 MLflow off) on the same synthetic set. ``images_per_s`` in history.json is rank 0's own
 throughput (its shard); DDP keeps the ranks in lock-step, so total = per worker x N.
 Epoch 1 (start-up) is left out. Efficiency = total(N) / (N x total(1)). Also reports

@@ -5,9 +5,9 @@
     .venv/bin/python bench/tune_vs_shadows.py --resolution 128 --train-images 64
 
 Same seed and data for both:
-  Tune:    raydetr.tune.search.search, tune.scheduler=fifo,
+  Tune:    raydetr.fit.search.search, tune.scheduler=fifo,
            tune.search_space={ema.decay: {grid: [d1, d2, d3]}}  (3 full trainings)
-  shadows: raydetr.train.driver.fit with ema.decay=[d1, d2, d3]  (1 training, 3 shadows)
+  shadows: raydetr.fit.driver.fit with ema.decay=[d1, d2, d3]  (1 training, 3 shadows)
 MLflow off. Because the EMA never feeds back into training, both must give the same numbers.
 Compared per decay: best map_ema over the epochs, map_ema / map50_ema of every epoch, the
 train loss of every epoch, and the EMA weights in the last checkpoint (bit for bit).
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from raydetr.config import load_config
     from raydetr.train.checkpoint import latest_checkpoint
-    from raydetr.train.driver import fit
-    from raydetr.tune.search import search
+    from raydetr.fit.driver import fit
+    from raydetr.fit.search import search
 
     work = common.workdir_of(args) / "tune_vs_shadows"
     sizes = dict(train_images=args.train_images or (16 if args.quick else 64), val_images=16,

@@ -39,7 +39,7 @@ class RayDETR:
     def __init__(self, size: str = "rtdetr-r18", *, detector: Any = None, **config: Any) -> None:
         self.size = size
         self.config = config
-        self.detector = detector  # raydetr.detector.Detector once trained / loaded
+        self.detector = detector  # raydetr.serve.detector.Detector once trained / loaded
         self.fit_result: Any = None
 
     # -- consuming a published model
@@ -47,7 +47,7 @@ class RayDETR:
     def from_registry(cls, model: str, *, tracking_uri: str | None = None,
                       device: str | None = None) -> RayDETR:
         """``"name@alias"``, ``"name/3"``, any ``models:/``/``runs:/`` URI, or a model dir."""
-        from raydetr.detector import Detector
+        from raydetr.serve.detector import Detector
 
         uri = str(model)
         if not uri.startswith(("models:/", "runs:/")) and not Path(uri).exists():
@@ -74,7 +74,7 @@ class RayDETR:
         return self._require_detector().classes
 
     # -- training ------------------------------------------------------------------------------
-    # TRAINING HALF (owned by the lead): builds the Config and calls raydetr.train.driver.fit.
+    # TRAINING HALF (owned by the lead): builds the Config and calls raydetr.fit.driver.fit.
     def build_config(self, **kwargs: Any) -> Any:
         """Config from keyword arguments (see ``TRAIN_KEYS``; dotted keys pass through)."""
         from raydetr.config import ConfigError, build_config, set_dotted
@@ -89,9 +89,9 @@ class RayDETR:
         return build_config(tree, "RayDETR.train arguments")
 
     def train(self, **kwargs: Any) -> Any:
-        """Train with ``raydetr.train.driver.fit``; afterwards ``predict`` uses the winner."""
-        from raydetr.detector import Detector
-        from raydetr.train.driver import fit
+        """Train with ``raydetr.fit.driver.fit``; afterwards ``predict`` uses the winner."""
+        from raydetr.serve.detector import Detector
+        from raydetr.fit.driver import fit
 
         self.fit_result = fit(self.build_config(**kwargs))
         self.detector = Detector.from_dir(self.fit_result.winner_dir)

@@ -20,8 +20,8 @@ from raydetr.loss.matcher import HungarianMatcher
 from raydetr.model.backbone import freeze_batchnorm, load_resnet_state_dict
 from raydetr.model.detr import DETR
 from raydetr.model.rfdetr.presets import RFDETR_PRESETS
-from raydetr.postprocess import PostProcessor
-from raydetr.presets import preset_family
+from raydetr.model.postprocess import PostProcessor
+from raydetr.config.presets import preset_family
 
 # Per preset: every architecture knob. ModelConfig's None fields fall back to these.
 # Named rtdetr-<backbone>: the ResNet backbone + hybrid encoder + deformable decoder with

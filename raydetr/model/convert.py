@@ -170,7 +170,7 @@ def class_names_for(ckpt: RFDETRCheckpoint, num_logits: int) -> list[str]:
 
 
 def _resolution(ckpt: RFDETRCheckpoint, preset: str) -> int:
-    from raydetr.presets import resolution_multiple
+    from raydetr.config.presets import resolution_multiple
 
     res = ckpt.args.get("resolution")
     step = resolution_multiple(preset)

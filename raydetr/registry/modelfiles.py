@@ -81,7 +81,7 @@ def input_example() -> Any:
     import numpy as np
     import pandas as pd
 
-    from raydetr.images import encode_png
+    from raydetr.serve.images import encode_png
 
     img = np.full((32, 48, 3), 127, np.uint8)
     img[8:24, 12:36] = (220, 40, 40)

@@ -23,11 +23,11 @@ from mlflow.pyfunc import PythonModel
 
 
 class RayDetrModel(PythonModel):
-    """Thin adapter: all pre/post-processing lives in ``raydetr.detector.Detector``."""
+    """Thin adapter: all pre/post-processing lives in ``raydetr.serve.detector.Detector``."""
 
     def load_context(self, context: Any) -> None:
         # Imported here: the package comes from the model's code_paths, put on sys.path by MLflow.
-        from raydetr.detector import Detector
+        from raydetr.serve.detector import Detector
 
         self.detector = Detector.from_files(context.artifacts["weights"], context.artifacts["meta"],
                                             source="mlflow")

@@ -15,7 +15,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from raydetr.config import OptimConfig
-from raydetr.presets import preset_family
+from raydetr.config.presets import preset_family
 
 _NORM_TYPES = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.Embedding)
 

@@ -5,7 +5,7 @@
     state.load_state_dict(torch.load(path, ...))  # step, bests, history, RNG
 
 The early-stopping counter is not stored: it is a pure function of ``history``
-(:func:`raydetr.tune.rule.replay`).
+(:func:`raydetr.stopping.rule.replay`).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from raydetr.config import Config
-from raydetr.presets import preset_family, resolution_multiple
+from raydetr.config.presets import preset_family, resolution_multiple
 from raydetr.train.checkpoint import (
     BestWeightsCache,
     best_cache_dir,
@@ -53,7 +53,7 @@ class WorkerArgs:
     pretrain_weights: str | None = None
     fault_inject: str | None = None
     trial_id: str | None = None
-    decision_board: str | None = None  # raydetr.tune.decisions board, when a scheduler stops
+    decision_board: str | None = None  # raydetr.stopping.decisions board, when a scheduler stops
     schedule_fn: Any = None  # an import-path EMA schedule, shipped by value by the driver
 
 
@@ -258,7 +258,7 @@ class Recipe:
         """Every variant on the val split; rank 0 returns the record of epoch number ``epoch``."""
         from raydetr.eval.coco import coco_metrics
         from raydetr.train.evaluation import gather_records, variant_name
-        from raydetr.tune.rule import monitored_value, replay
+        from raydetr.stopping.rule import monitored_value, replay
 
         t0 = time.perf_counter()
         self.model.eval()
@@ -310,7 +310,7 @@ class Recipe:
         """Start no epoch after a STOP: wait until the scheduler has decided on this one."""
         if self.args.decision_board is None or self.args.trial_id is None:
             return
-        from raydetr.tune.decisions import wait_decision
+        from raydetr.stopping.decisions import wait_decision
 
         if wait_decision(self.args.decision_board, self.args.trial_id, epoch) == "STOP":
             log.info("early stop after epoch %d: waiting for Tune to end the trial", epoch)

@@ -28,7 +28,7 @@ from raydetr.train.checkpoint import (
     update_bests,
     write_checkpoint,
 )
-from raydetr.train.postfit import strip_winner
+from raydetr.fit.postfit import strip_winner
 
 MAP = [0.30, 0.50, 0.40, 0.45, 0.42, 0.41, 0.20]
 MAP_EMA = [0.20, 0.35, 0.52, 0.55, 0.58, 0.60, 0.10]

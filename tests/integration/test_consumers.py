@@ -23,9 +23,9 @@ import pandas as pd
 import pytest
 
 from raydetr.config import Config, MlflowConfig
-from raydetr.detector import DETECTION_COLUMNS
-from raydetr.images import encode_png
-from raydetr.predict import predict_command
+from raydetr.serve.detector import DETECTION_COLUMNS
+from raydetr.serve.images import encode_png
+from raydetr.commands.predict import predict_command
 
 pytestmark = pytest.mark.slow
 
@@ -181,7 +181,7 @@ def test_evaluate_logs_to_mlflow(registry_env, tmp_path, capsys):
     from mlflow import MlflowClient
 
     from raydetr.data.synthetic import make_synthetic
-    from raydetr.evaluate import evaluate_command
+    from raydetr.commands.evaluate import evaluate_command
 
     data = make_synthetic(tmp_path / "synthetic", train_images=2, val_images=6, image_size=64)
     out = tmp_path / "metrics.json"

@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from raydetr.cli import main
+from raydetr.commands.cli import main
 from raydetr.config import load_config
 from raydetr.ema.posthoc import list_snapshots
-from raydetr.posthoc_eval import evaluate_profile, open_run
+from raydetr.fit.posthoc import evaluate_profile, open_run
 from raydetr.train.checkpoint import latest_checkpoint, read_state
-from raydetr.train.driver import fit
+from raydetr.fit.driver import fit
 
 pytestmark = pytest.mark.slow
 EVERY = 2
@@ -222,7 +222,7 @@ def test_posthoc_user_errors_exit_2(tmp_path, trained):
         ([str(result.run_dir), "--sigma-rel", "0.05", "--step", "3"], "no snapshot at step 3"),
     ]
     for args, message in bad:
-        proc = subprocess.run([sys.executable, "-m", "raydetr.cli", "posthoc", *args],
+        proc = subprocess.run([sys.executable, "-m", "raydetr.commands.cli", "posthoc", *args],
                               capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and "Traceback" not in proc.stderr

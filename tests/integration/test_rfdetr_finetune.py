@@ -14,7 +14,7 @@ import torch
 from rfdetr_support import write_rfdetr_checkpoint
 
 from raydetr.config import load_config
-from raydetr.train.driver import fit
+from raydetr.fit.driver import fit
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def test_finetune_from_rfdetr_checkpoint_registers_winner(tmp_path, local_ray, m
     import mlflow
     from safetensors.torch import load_file
 
-    from raydetr.detector import Detector
+    from raydetr.serve.detector import Detector
 
     pth = write_rfdetr_checkpoint(tmp_path / "rf-detr-nano.pth", num_logits=91, ema=True)
     cfg = load_config(None, [

@@ -20,7 +20,7 @@ import torch
 
 from raydetr.config import load_config
 from raydetr.train.checkpoint import best_cache_dir, latest_checkpoint, read_state
-from raydetr.train.driver import FitError, fit, has_checkpoints
+from raydetr.fit.driver import FitError, fit, has_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +129,7 @@ def test_early_stop_waits_for_a_slow_scheduler_registers_and_leaves_nothing_runn
     import mlflow
     from ray.util import placement_group_table
 
-    from raydetr.tune.early_stopping import EarlyStoppingScheduler
+    from raydetr.stopping.scheduler import EarlyStoppingScheduler
 
     decide = EarlyStoppingScheduler.on_trial_result
 
@@ -184,7 +184,7 @@ def test_search_equals_shadows_and_nests_mlflow_runs(tmp_path, reference, caplog
     driver logs one line per trial start/end and per post-fit step."""
     import mlflow
 
-    from raydetr.tune.search import search
+    from raydetr.fit.search import search
 
     decays = [0.9, 0.99]
     search_cfg = tiny(tmp_path, "search", "scaling.num_workers=2", "tune.scheduler=fifo",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from raydetr.cli import main
+from raydetr.commands.cli import main
 
 
 @pytest.mark.parametrize("argv, names", [

@@ -108,7 +108,7 @@ def test_default_decay_search_reaches_every_trial():
 
 def test_search_over_overridden_key_is_an_error():
     from raydetr.config import ConfigError
-    from raydetr.tune.search import _check_keys
+    from raydetr.fit.search import _check_keys
 
     cfg = load_config(None, ["ema.enabled=false"])  # default space: ema.decay grid
     with pytest.raises(ConfigError, match=r"ema.decay \(ema.enabled is false\)"):
@@ -142,8 +142,8 @@ def test_rfdetr_resolution_rule_and_family_defaults():
 
 def test_config_resolution_rule_is_the_models_patch_times_windows():
     from raydetr.model.rfdetr.presets import RFDETR_PRESETS, resolution_step
-    from raydetr.presets import RFDETR_PRESETS as NAMES
-    from raydetr.presets import resolution_multiple
+    from raydetr.config.presets import RFDETR_PRESETS as NAMES
+    from raydetr.config.presets import resolution_multiple
 
     assert set(NAMES) == set(RFDETR_PRESETS)
     assert all(resolution_multiple(p) == resolution_step(p) for p in RFDETR_PRESETS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from raydetr.draw import _overlaps, draw_detections, place_label
+from raydetr.serve.draw import _overlaps, draw_detections, place_label
 
 
 def _inside(rect, w, h):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from raydetr.cli import main
-from raydetr.posthoc_eval import PosthocError, open_run, sigma_rel_grid
+from raydetr.commands.cli import main
+from raydetr.fit.posthoc import PosthocError, open_run, sigma_rel_grid
 
 
 def test_sigma_rel_grid_is_log_spaced_with_both_ends():

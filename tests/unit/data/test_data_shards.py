@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from raydetr.cli import main
+from raydetr.commands.cli import main
 from raydetr.data.formats import DatasetError
 from raydetr.data.parquet import prepare_dataset, verify_shards
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from rfdetr_support import rfdetr_state_dict, write_rfdetr_checkpoint
 
-from raydetr.cli import main
+from raydetr.commands.cli import main
 from raydetr.data.coco_categories import COCO_CATEGORIES
-from raydetr.detector import Detector
+from raydetr.serve.detector import Detector
 from raydetr.model.convert import (
     ConvertError,
     convert_checkpoint,

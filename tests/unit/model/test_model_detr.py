@@ -4,7 +4,7 @@ import torch
 from raydetr.config import LossConfig, ModelConfig
 from raydetr.model.backbone import ARCHS, ResNet
 from raydetr.model.build import PRESETS, build, load_backbone_weights, resolve_model_config
-from raydetr.postprocess import PostProcessor
+from raydetr.model.postprocess import PostProcessor
 
 
 def _targets():

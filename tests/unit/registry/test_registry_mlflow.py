@@ -112,7 +112,7 @@ def test_models_uri_parsing():
 
 
 def test_consumer_errors_without_a_registry(tmp_path, monkeypatch):
-    from raydetr.detector import Detector
+    from raydetr.serve.detector import Detector
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from raydetr.detector import DETECTION_COLUMNS, Detector
-from raydetr.images import ImageInputError, encode_png
+from raydetr.serve.detector import DETECTION_COLUMNS, Detector
+from raydetr.serve.images import ImageInputError, encode_png
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from raydetr.config import MlflowConfig, load_config
 from raydetr.model.build import build
 from raydetr.registry.publish import register_run_dir
 from raydetr.train.checkpoint import BestWeightsCache, update_bests, write_checkpoint
-from raydetr.train.postfit import finalize
+from raydetr.fit.postfit import finalize
 from raydetr.train.record import Bests
 
 

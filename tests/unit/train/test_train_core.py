@@ -20,7 +20,7 @@ from raydetr.train.optim import build_lr_scheduler, build_optimizer
 from raydetr.train.pretrained import load_pretrained, resolve_pretrained
 from raydetr.train.record import Bests, EpochResult, epoch_number, winner
 from raydetr.train.state import TrainState
-from raydetr.tune.rule import EarlyStopping, replay
+from raydetr.stopping.rule import EarlyStopping, replay
 
 
 def _tiny():
@@ -201,7 +201,7 @@ def test_bad_pretrain_path_fails_before_ray(tmp_path):
     import ray
 
     from raydetr.config import load_config
-    from raydetr.train.driver import FitError, fit
+    from raydetr.fit.driver import FitError, fit
 
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "mlflow.enabled=false"])
     with pytest.raises(FitError, match="--pretrain-weights .*nope: no such file"):

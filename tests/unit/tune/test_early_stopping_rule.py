@@ -10,7 +10,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
 from raydetr.config import ConfigError, EarlyStoppingConfig
-from raydetr.tune.early_stopping import EarlyStopping, EarlyStoppingScheduler, monitored_value
+from raydetr.stopping.scheduler import EarlyStopping, EarlyStoppingScheduler, monitored_value
 
 STOP, CONTINUE = TrialScheduler.STOP, TrialScheduler.CONTINUE
 

@@ -6,7 +6,7 @@ import pytest
 import ray
 from ray import tune
 
-from raydetr.tune.early_stopping import EarlyStoppingScheduler
+from raydetr.stopping.scheduler import EarlyStoppingScheduler
 
 # Epoch:        1     2     3      4      5      6      7     8     9    10
 REGULAR = [0.10, 0.20, 0.30, 0.300, 0.305, 0.290, 0.28, 0.50, 0.60, 0.70]

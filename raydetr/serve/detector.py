@@ -23,8 +23,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from raydetr.draw import draw_detections
-from raydetr.images import image_items, load_image
+from raydetr.serve.draw import draw_detections
+from raydetr.serve.images import image_items, load_image
 from raydetr.registry.errors import ModelLoadError
 from raydetr.registry.fetch import download_model
 from raydetr.registry.modelfiles import read_meta

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raydetr.posthoc_eval import (
+from raydetr.fit.posthoc import (
     METRIC_KEYS,
     PosthocError,
     PosthocRun,
@@ -62,7 +62,7 @@ def sweep(run_path: Path, sigma_rels: list[float], *, step: int | None = None,
     """Reconstruct + evaluate every sigma_rel; see the module docstring."""
     import ray
 
-    from raydetr.train.driver import init_ray
+    from raydetr.fit.driver import init_ray
 
     start = time.perf_counter()
     bad = [s for s in sigma_rels if not 0 < s < 0.28]
@@ -173,7 +173,7 @@ def _log_nested(run: PosthocRun, rows: list[dict[str, Any]]) -> str | None:
 def _register_best(run: PosthocRun, best: dict[str, Any], winner_map: float | None
                    ) -> dict[str, Any] | None:
     """Publish the best profile (stripped, registered with the alias) if it beats the winner."""
-    from raydetr.train.postfit import publish_winner
+    from raydetr.fit.postfit import publish_winner
 
     if winner_map is not None and not best["map"] > winner_map:
         print(f"not registered: best post-hoc mAP {best['map']:.4f} does not beat the run's "

@@ -159,7 +159,7 @@ def evaluate_command(model: str, data: str | Path, split: str = "val", log_to_ml
     """Print overall + per-class COCO metrics; ``out``: also write them as JSON. 0, or 2 on a
     user error (unknown model, missing dataset/split, class mismatch)."""
     from raydetr.data.formats import DatasetError
-    from raydetr.detector import Detector
+    from raydetr.serve.detector import Detector
 
     try:
         detector = Detector.from_uri(model, tracking_uri=tracking_uri)

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from raydetr.presets import (
+from raydetr.config.presets import (
     RENAMED_PRESETS,
     RFDETR_PRESETS,
     RTDETR_PRESETS,

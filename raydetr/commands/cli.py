@@ -154,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:  # errors meant for users carry their own message
         from raydetr.model.convert import ConvertError
-        from raydetr.posthoc_eval import PosthocError
+        from raydetr.fit.posthoc import PosthocError
         from raydetr.registry.errors import RegistryError
-        from raydetr.train.driver import FitError
+        from raydetr.fit.driver import FitError
 
         # RegistryError: `raydetr register` on a dir that is not a run, MLflow unreachable.
         known: tuple[type[BaseException], ...] = (FitError, FileNotFoundError, PosthocError,
@@ -191,7 +191,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"synthetic dataset written to {out}")
         return 0
     if cmd in ("demo", "train"):
-        from raydetr.train.driver import fit
+        from raydetr.fit.driver import fit
 
         if cmd == "demo":
             cfg = load_config(None, DEMO_OVERRIDES + [f"run.output_dir={args.output_dir}"]
@@ -213,7 +213,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         _print_fit(result)
         return 0
     if cmd == "tune" and args.posthoc:
-        from raydetr.tune.posthoc_search import posthoc_search
+        from raydetr.fit.posthoc_search import posthoc_search
 
         if args.overrides or args.config or args.resume:
             raise ConfigError("tune --posthoc takes no config, overrides or --resume: the run's "
@@ -222,12 +222,12 @@ def _dispatch(args: argparse.Namespace) -> int:
                        step=args.step, grid=args.search_alg == "grid")
         return 0
     if cmd == "posthoc":
-        from raydetr.posthoc_cmd import command
+        from raydetr.commands.posthoc import command
 
         return command(args.run, args.sigma_rel, args.sigma_rel_range, args.step,
                        args.register, args.no_mlflow)
     if cmd == "tune":
-        from raydetr.tune.search import search
+        from raydetr.fit.search import search
 
         cfg = load_config(args.config, list(args.overrides))
         search(cfg, resume=args.resume)
@@ -240,11 +240,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, default=str))
         return 0
     if cmd == "predict":
-        from raydetr.predict import predict_command
+        from raydetr.commands.predict import predict_command
 
         return predict_command(args.model, args.images, args.out, args.threshold)
     if cmd == "evaluate":
-        from raydetr.evaluate import evaluate_command
+        from raydetr.commands.evaluate import evaluate_command
 
         return evaluate_command(args.model, args.data, args.split, args.mlflow)
     if cmd == "convert-checkpoint":

@@ -1,7 +1,7 @@
 """Post-hoc EMA profiles of a finished run: locate its snapshots, reconstruct, evaluate.
 
-Shared by ``raydetr posthoc`` (raydetr/posthoc_cmd.py) and ``raydetr tune --posthoc``
-(raydetr/tune/posthoc_search.py).
+Shared by ``raydetr posthoc`` (raydetr/commands/posthoc.py) and ``raydetr tune --posthoc``
+(raydetr/fit/posthoc_search.py).
 
     run = open_run(Path("runs/myrun"))                  # the run dir, or a Train storage dir
     dirs = write_profiles(run, [0.05, 0.07], step=None, out_root=run.run_dir / "posthoc")
@@ -56,7 +56,7 @@ def open_run(run: Path) -> PosthocRun:
     """A finished (or interrupted) run: ``run`` is ``<output_dir>/<name>`` (a plain run) or a
     Train storage dir with a ``posthoc/`` folder (e.g. ``<run>/trials/<trial_id>``)."""
     from raydetr.train.checkpoint import latest_checkpoint, read_state
-    from raydetr.train.driver import ensure_prepared
+    from raydetr.fit.driver import ensure_prepared
 
     run = Path(run).expanduser().resolve()
     if (run / SNAPSHOT_DIR).is_dir() and any(run.glob("epoch_*")):
@@ -147,8 +147,8 @@ def write_profiles(run: PosthocRun, sigma_rels: list[float], step: int | None,
 def evaluate_profile(model_dir: Path, prepared: Path, split: str,
                      device: str | None = None) -> dict[str, Any]:
     """COCO metrics of a profile dir on ``split`` (same path as ``raydetr evaluate``)."""
-    from raydetr.detector import Detector
-    from raydetr.evaluate import run_evaluation
+    from raydetr.serve.detector import Detector
+    from raydetr.commands.evaluate import run_evaluation
 
     detector = Detector.from_files(Path(model_dir) / "model.safetensors",
                                    Path(model_dir) / "meta.json", device=device or "cpu")

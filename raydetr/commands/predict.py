@@ -13,9 +13,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from raydetr.detector import DETECTION_COLUMNS, Detector
-from raydetr.draw import draw_detections
-from raydetr.images import IMAGE_SUFFIXES, ImageInputError, load_image
+from raydetr.serve.detector import DETECTION_COLUMNS, Detector
+from raydetr.serve.draw import draw_detections
+from raydetr.serve.images import IMAGE_SUFFIXES, ImageInputError, load_image
 from raydetr.registry.errors import RegistryError
 
 

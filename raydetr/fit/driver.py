@@ -1,7 +1,7 @@
 """Driver side of a fit: data preparation, Ray start-up, Tune + TorchTrainer, post-fit.
 
     fit(cfg) -> FitResult          one trial (a plain run, optionally early-stopped)
-    run_trials(cfg, param_space)   many trials (raydetr.tune.search builds on it)
+    run_trials(cfg, param_space)   many trials (raydetr.fit.search builds on it)
 
 Layout of a run (``<run.output_dir>/<run.name>/``)::
 
@@ -27,7 +27,7 @@ from typing import Any
 
 from raydetr.config import Config, with_overrides
 from raydetr.train.checkpoint import best_cache_dir
-from raydetr.train.postfit import FitResult, finalize
+from raydetr.fit.postfit import FitResult, finalize
 
 log = logging.getLogger("raydetr.driver")
 
@@ -268,7 +268,7 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
     ``callbacks``: more Tune callbacks on the driver (a search's per-trial progress lines)."""
     from ray import tune
 
-    from raydetr.train.progress import EpochLines, configure_console, header
+    from raydetr.fit.console import EpochLines, configure_console, header
 
     configure_console(cfg.run.verbose)
 
@@ -303,7 +303,7 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     board = None
     if getattr(scheduler, "decision_board", None):
-        from raydetr.tune.decisions import start_board
+        from raydetr.stopping.decisions import start_board
 
         board = start_board(run_dir)
         if board != scheduler.decision_board:
@@ -361,7 +361,7 @@ def _cleanup(run_dir: Path, board: str | None) -> None:
     for train_dir in [run_dir / "train", *(run_dir / "trials").glob("*")]:
         shutil.rmtree(best_cache_dir(str(train_dir)), ignore_errors=True)
     if board is not None:
-        from raydetr.tune.decisions import stop_board
+        from raydetr.stopping.decisions import stop_board
 
         stop_board(board)
 
@@ -370,8 +370,8 @@ def fit(cfg: Config, *, resume: bool = False, pretrain_weights: str | None = Non
     """Train one model (one Tune trial) and publish the winner."""
     scheduler = None
     if cfg.early_stopping.enabled:
-        from raydetr.tune.decisions import board_name
-        from raydetr.tune.early_stopping import EarlyStoppingScheduler
+        from raydetr.stopping.decisions import board_name
+        from raydetr.stopping.scheduler import EarlyStoppingScheduler
 
         # state_path: Tuner.restore (--resume) unpickles its own copy of the scheduler; both
         # copies share their counters through this file.

@@ -43,8 +43,8 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from raydetr.config import ConfigError, EarlyStoppingConfig
-from raydetr.tune.decisions import post_decision
-from raydetr.tune.rule import EarlyStopping, monitored_value, replay
+from raydetr.stopping.decisions import post_decision
+from raydetr.stopping.rule import EarlyStopping, monitored_value, replay
 
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
@@ -77,7 +77,7 @@ class EarlyStoppingScheduler(FIFOScheduler):
             monitored result and read back on first use, so a restored Tune experiment
             (``Tuner.restore``, which unpickles the scheduler as it was at the start) keeps its
             counters. Only safe for one scheduler per file.
-        decision_board: name of the run's decision board (:mod:`raydetr.tune.decisions`);
+        decision_board: name of the run's decision board (:mod:`raydetr.stopping.decisions`);
             every decision is posted there so workers never run past a STOP.
     """
 
@@ -161,7 +161,7 @@ class EarlyStoppingScheduler(FIFOScheduler):
     ) -> str:
         decision = self._decide(trial, result)
         if self.decision_board is not None:
-            # Workers wait for this before their next epoch (raydetr.tune.decisions).
+            # Workers wait for this before their next epoch (raydetr.stopping.decisions).
             post_decision(self.decision_board, trial.trial_id,
                           _epoch_of(result, default=-1), decision)
         return decision

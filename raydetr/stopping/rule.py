@@ -1,6 +1,6 @@
 """The early-stopping rule alone: a pure function of the monitored metric history (no Ray).
 
-The Tune scheduler (:mod:`raydetr.tune.early_stopping`) applies it to stop trials; the worker's
+The Tune scheduler (:mod:`raydetr.stopping.scheduler`) applies it to stop trials; the worker's
 log line calls the same :func:`replay` on its own history, so both always agree.
 Semantics follow RF-DETR's ``EarlyStoppingCallback`` (see the scheduler's module docstring).
 """

@@ -28,7 +28,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from raydetr.config import Config, ConfigError, build_config, set_dotted, with_overrides
 from raydetr.train.record import score_of
-from raydetr.tune.progress import TrialProgress
+from raydetr.fit.trial_progress import TrialProgress
 
 log = logging.getLogger("raydetr.search")
 
@@ -103,7 +103,7 @@ class SearchResult:
 
 class GatedASHAScheduler(ASHAScheduler):
     """ASHA that posts each decision to the run's decision board, so workers never train past
-    a STOP (see raydetr.tune.decisions)."""
+    a STOP (see raydetr.stopping.decisions)."""
 
     _supports_buffered_results = False
 
@@ -112,7 +112,7 @@ class GatedASHAScheduler(ASHAScheduler):
         self.decision_board = decision_board
 
     def on_trial_result(self, tune_controller, trial, result: dict[str, Any]) -> str:
-        from raydetr.tune.decisions import post_decision
+        from raydetr.stopping.decisions import post_decision
 
         decision = super().on_trial_result(tune_controller, trial, result)
         if self.decision_board is not None and "epoch" in result:
@@ -121,12 +121,12 @@ class GatedASHAScheduler(ASHAScheduler):
 
 
 def _scheduler(cfg: Config):
-    from raydetr.train.driver import run_dir_of
-    from raydetr.tune.decisions import board_name
+    from raydetr.fit.driver import run_dir_of
+    from raydetr.stopping.decisions import board_name
 
     board = board_name(run_dir_of(cfg))
     if cfg.tune.scheduler == "early_stopping":
-        from raydetr.tune.early_stopping import EarlyStoppingScheduler
+        from raydetr.stopping.scheduler import EarlyStoppingScheduler
 
         return EarlyStoppingScheduler.from_config(
             cfg.early_stopping, cfg.ema.enabled,
@@ -154,8 +154,8 @@ def format_table(rows: list[dict[str, Any]], keys: list[str]) -> str:
 
 
 def search(cfg: Config, *, resume: bool = False) -> SearchResult:
-    from raydetr.train.driver import run_trials
-    from raydetr.train.postfit import finalize
+    from raydetr.fit.driver import run_trials
+    from raydetr.fit.postfit import finalize
 
     if not cfg.tune.search_space:
         raise ConfigError("tune.search_space is empty: give at least one key to search over")
@@ -165,7 +165,7 @@ def search(cfg: Config, *, resume: bool = False) -> SearchResult:
         grid = cfg.tune.search_space["ema.decay"]
         decays = ",".join(str(d) for d in next(iter(grid.values())))
         log.warning(SHADOWS_HINT.format(decays=decays))
-    from raydetr.train.driver import live_runs
+    from raydetr.fit.driver import live_runs
 
     live = live_runs(cfg, search=True)
     try:
