@@ -39,6 +39,8 @@ def bench_preset(preset: str, decays: list[float], repeats: int, work: Path) -> 
 
     from raydetr.config import Config
     from raydetr.ema.ema import ModelEma
+    from raydetr.ema.shadow import Shadow
+    from raydetr.fit.postfit import strip_winner
     from raydetr.model.build import build
     from raydetr.train.checkpoint import (
         Bests,
@@ -48,7 +50,6 @@ def bench_preset(preset: str, decays: list[float], repeats: int, work: Path) -> 
         write_checkpoint,
     )
     from raydetr.train.optim import build_lr_scheduler, build_optimizer
-    from raydetr.fit.postfit import strip_winner
 
     cfg = Config()
     cfg.model.preset = preset
@@ -71,7 +72,7 @@ def bench_preset(preset: str, decays: list[float], repeats: int, work: Path) -> 
     cache = BestWeightsCache(work / f"cache-{preset}")
     bests = Bests()
     t0 = time.perf_counter()
-    update_bests(bests, cache, epoch=1, map_regular=0.1, map_ema=0.2, ema_decay=decays[0],
+    update_bests(bests, cache, epoch=1, map_regular=0.1, map_ema=0.2, shadow=Shadow(0, decays[0], decays[0]),
                  regular_weights=model.state_dict, ema_weights=lambda: ema.shadow_state_dict(0))
     best_write_s = time.perf_counter() - t0
     history = [{"epoch": 1, "map": 0.1, "map_ema": 0.2, "map50": 0.0, "map75": 0.0, "mar": 0.0,

@@ -44,9 +44,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from raydetr.config import load_config
     from raydetr.ema.posthoc import list_snapshots, snapshot_bytes
-    from raydetr.commands.posthoc import sweep
-    from raydetr.fit.posthoc import sigma_rel_grid
     from raydetr.fit.driver import fit
+    from raydetr.fit.posthoc import sigma_rel_grid, sweep
     from raydetr.fit.search import search
 
     work = common.workdir_of(args) / "posthoc"

@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from raydetr.config import load_config
-    from raydetr.train.checkpoint import latest_checkpoint
     from raydetr.fit.driver import fit
     from raydetr.fit.search import search
+    from raydetr.train.checkpoint import latest_checkpoint
 
     work = common.workdir_of(args) / "tune_vs_shadows"
     sizes = dict(train_images=args.train_images or (16 if args.quick else 64), val_images=16,

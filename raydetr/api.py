@@ -1,6 +1,6 @@
 """A small Python API over the CLI's building blocks.
 
-    from raydetr.api import RayDETR
+    from raydetr import RayDETR
 
     det = RayDETR.from_registry("raydetr@champion")      # or "models:/raydetr@champion", a dir
     df = det.predict("dog.jpg", threshold=0.4)           # DataFrame, one row per detection
@@ -15,6 +15,12 @@ from typing import Any
 
 import pandas as pd
 from PIL import Image
+
+from raydetr.config import Config, ConfigError, build_config, set_dotted
+from raydetr.fit.driver import fit
+from raydetr.fit.postfit import FitResult
+from raydetr.registry.fetch import load_detector
+from raydetr.serve.detector import Detector
 
 # Keyword -> dotted config key for RayDETR(...).train(**kwargs).
 TRAIN_KEYS = {
@@ -36,26 +42,24 @@ TRAIN_KEYS = {
 class RayDETR:
     """A detector to train (``train``) or a published one to use (``from_registry``)."""
 
-    def __init__(self, size: str = "rtdetr-r18", *, detector: Any = None, **config: Any) -> None:
+    def __init__(self, size: str = "rtdetr-r18", *, detector: Detector | None = None, **config: Any) -> None:
         self.size = size
         self.config = config
         self.detector = detector  # raydetr.serve.detector.Detector once trained / loaded
-        self.fit_result: Any = None
+        self.fit_result: FitResult | None = None
 
     # -- consuming a published model
     @classmethod
     def from_registry(cls, model: str, *, tracking_uri: str | None = None,
                       device: str | None = None) -> RayDETR:
         """``"name@alias"``, ``"name/3"``, any ``models:/``/``runs:/`` URI, or a model dir."""
-        from raydetr.serve.detector import Detector
-
         uri = str(model)
         if not uri.startswith(("models:/", "runs:/")) and not Path(uri).exists():
             uri = f"models:/{uri}"
-        det = Detector.from_uri(uri, tracking_uri=tracking_uri, device=device)
+        det = load_detector(uri, tracking_uri=tracking_uri, device=device)
         return cls(det.meta["model"].get("preset", "rtdetr-r18"), detector=det)
 
-    def _require_detector(self) -> Any:
+    def _require_detector(self) -> Detector:
         if self.detector is None:
             raise RuntimeError("no model yet: call train(...) or RayDETR.from_registry(...)")
         return self.detector
@@ -74,11 +78,8 @@ class RayDETR:
         return self._require_detector().classes
 
     # -- training ------------------------------------------------------------------------------
-    # TRAINING HALF (owned by the lead): builds the Config and calls raydetr.fit.driver.fit.
-    def build_config(self, **kwargs: Any) -> Any:
+    def build_config(self, **kwargs: Any) -> Config:
         """Config from keyword arguments (see ``TRAIN_KEYS``; dotted keys pass through)."""
-        from raydetr.config import ConfigError, build_config, set_dotted
-
         tree: dict[str, Any] = {}
         for key, value in {"size": self.size, **self.config, **kwargs}.items():
             dotted = TRAIN_KEYS.get(key, key)
@@ -88,11 +89,8 @@ class RayDETR:
             set_dotted(tree, dotted, str(value) if key == "dataset_dir" else value)
         return build_config(tree, "RayDETR.train arguments")
 
-    def train(self, **kwargs: Any) -> Any:
+    def train(self, **kwargs: Any) -> FitResult:
         """Train with ``raydetr.fit.driver.fit``; afterwards ``predict`` uses the winner."""
-        from raydetr.serve.detector import Detector
-        from raydetr.fit.driver import fit
-
         self.fit_result = fit(self.build_config(**kwargs))
         self.detector = Detector.from_dir(self.fit_result.winner_dir)
         return self.fit_result

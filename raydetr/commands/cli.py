@@ -153,10 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # errors meant for users carry their own message
-        from raydetr.model.convert import ConvertError
-        from raydetr.fit.posthoc import PosthocError
-        from raydetr.registry.errors import RegistryError
         from raydetr.fit.driver import FitError
+        from raydetr.fit.posthoc import PosthocError
+        from raydetr.model.convert import ConvertError
+        from raydetr.registry.errors import RegistryError
 
         # RegistryError: `raydetr register` on a dir that is not a run, MLflow unreachable.
         known: tuple[type[BaseException], ...] = (FitError, FileNotFoundError, PosthocError,
@@ -251,8 +251,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from raydetr.model.convert import convert_checkpoint
 
         meta = convert_checkpoint(args.src, args.out_dir, preset=args.preset, variant=args.variant)
-        print(f"{meta['model']['preset']} ({meta['variant']} weights, {meta['num_classes']} "
-              f"logits, {meta['resolution']} px) -> {args.out_dir}\n"
+        print(f"{meta.preset} ({meta.variant} weights, {meta.num_classes} "
+              f"logits, {meta.resolution} px) -> {args.out_dir}\n"
               f"  raydetr predict --model {args.out_dir} IMAGES... --out DIR")
         return 0
     raise AssertionError(cmd)

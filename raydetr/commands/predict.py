@@ -13,10 +13,11 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from raydetr.serve.detector import DETECTION_COLUMNS, Detector
+from raydetr.registry.errors import RegistryError
+from raydetr.registry.fetch import load_detector
+from raydetr.serve.detector import DETECTION_COLUMNS
 from raydetr.serve.draw import draw_detections
 from raydetr.serve.images import IMAGE_SUFFIXES, ImageInputError, load_image
-from raydetr.registry.errors import RegistryError
 
 
 def expand_image_paths(inputs: Sequence[str | Path]) -> list[Path]:
@@ -77,7 +78,7 @@ def predict_command(model: str, images: Sequence[str | Path], out: str | Path,
         if not paths:
             raise ImageInputError("no input images given")
         _check_images(paths)
-        det = Detector.from_uri(model)
+        det = load_detector(model)
     except (ImageInputError, RegistryError) as exc:
         print(f"raydetr predict: error: {exc}", file=sys.stderr)
         return 2

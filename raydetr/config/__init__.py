@@ -29,6 +29,7 @@ from raydetr.config.presets import (
     preset_family,
     resolution_multiple,
 )
+from raydetr.ema.schedules import check_schedule, schedule_accepts
 
 
 class ConfigError(ValueError):
@@ -209,7 +210,6 @@ class EmaConfig(_Strict):
     def _schedule_builds(self) -> EmaConfig:
         # Build the schedule here, as every worker will, so a bad ema.schedule or option fails
         # when the config loads, not in a worker after the cluster started.
-        from raydetr.ema.schedules import check_schedule, schedule_accepts
 
         try:
             kwargs = dict(self.schedule_kwargs)

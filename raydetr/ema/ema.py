@@ -31,7 +31,7 @@ Design (why it is fast and exact):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from raydetr.ema.keys import clean_key, clean_state_dict, unwrap_model
 from raydetr.ema.schedules import get_schedule, schedule_accepts
+from raydetr.ema.shadow import Shadow, plain_shadows
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class ModelEma:
         decay: peak decay c when ``decays`` is None.
         tau: warmup length in updates, passed to schedules that take ``tau`` (rfdetr).
         decays: several peak decays, one shadow each, updated in the same pass.
+        shadows: typed identities (``raydetr.ema.shadow.Shadow``) instead of ``decays``: each
+            shadow's ``effective`` decay is the one applied; ``self.shadows`` names them.
         schedule: name in :mod:`raydetr.ema.schedules` (constant, rfdetr, timm, threshold, exp,
             power, or one you registered); ``schedule_kwargs`` are its options.
         average_buffers: average floating-point buffers (True) or copy them (False).
@@ -93,6 +96,7 @@ class ModelEma:
         tau: float = 100,
         *,
         decays: Iterable[float] | None = None,
+        shadows: Sequence[Shadow] | None = None,
         schedule: str = "rfdetr",
         schedule_kwargs: dict[str, Any] | None = None,
         average_buffers: bool = True,
@@ -100,7 +104,12 @@ class ModelEma:
         nan_guard: bool = True,
         total_steps: int | None = None,
     ) -> None:
-        self.decays: list[float] = [float(d) for d in (decays if decays is not None else [decay])]
+        if shadows is not None:
+            self.shadows: list[Shadow] = list(shadows)
+        else:
+            self.shadows = plain_shadows([float(d) for d in (decays if decays is not None
+                                                             else [decay])])
+        self.decays: list[float] = [s.effective for s in self.shadows]
         if not self.decays:
             raise ValueError("ModelEma: decays must be a non-empty list (config key ema.decay)")
         if len(set(self.decays)) != len(self.decays):

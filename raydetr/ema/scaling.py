@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from raydetr.ema.shadow import Shadow
+
 
 @dataclass(frozen=True)
 class EmaScaling:
@@ -23,6 +25,10 @@ class EmaScaling:
     configured: list[float]
     effective_batch: int
     reference_batch: int | None
+
+    def shadows(self) -> list[Shadow]:
+        """One typed identity per configured decay (configured and effective decay)."""
+        return [Shadow(i, c, e) for i, (c, e) in enumerate(zip(self.configured, self.decays))]
 
     def describe(self) -> str:
         if self.reference_batch is None:

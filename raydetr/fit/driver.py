@@ -26,8 +26,24 @@ from pathlib import Path
 from typing import Any
 
 from raydetr.config import Config, with_overrides
-from raydetr.train.checkpoint import best_cache_dir
+from raydetr.data.parquet import (
+    has_info,
+    is_prepared,
+    is_uri,
+    load_info,
+    prepare_dataset,
+    verify_shards,
+)
+from raydetr.data.synthetic import make_synthetic
+from raydetr.ema.schedules import is_import_path, resolve_schedule
+from raydetr.fit.console import EpochLines, configure_console, header
 from raydetr.fit.postfit import FitResult, finalize
+from raydetr.registry.live import LiveRuns
+from raydetr.stopping.decisions import board_name, start_board, stop_board
+from raydetr.stopping.scheduler import EarlyStoppingScheduler
+from raydetr.train.checkpoint import best_cache_dir, checkpoint_dirs
+from raydetr.train.pretrained import PretrainedError, resolve_pretrained
+from raydetr.train.worker import train_loop_per_worker
 
 log = logging.getLogger("raydetr.driver")
 
@@ -49,7 +65,6 @@ def ensure_prepared(cfg: Config) -> Path | str:
     Raw datasets and the synthetic set are prepared under ``<output_dir>/datasets/`` keyed by a
     hash of their source, so repeated runs reuse them.
     """
-    from raydetr.data.parquet import has_info, is_prepared, is_uri, prepare_dataset
 
     datasets = Path(cfg.run.output_dir).resolve() / "datasets"
     if cfg.data.path is None:
@@ -57,7 +72,6 @@ def ensure_prepared(cfg: Config) -> Path | str:
         key = f"synthetic-{d.synthetic_train_images}-{d.synthetic_val_images}-{d.synthetic_image_size}-{cfg.run.seed}"
         out = datasets / key / "prepared"
         if not is_prepared(out):
-            from raydetr.data.synthetic import make_synthetic
 
             raw = make_synthetic(
                 datasets / key / "raw", train_images=d.synthetic_train_images,
@@ -90,7 +104,6 @@ def ensure_prepared(cfg: Config) -> Path | str:
 def dataset_info(prepared: Path | str, cfg: Config) -> dict[str, Any]:
     """dataset.json of the run's dataset, after checking the shards of the splits it uses
     (a missing/truncated shard fails here, before Ray starts, naming the shard)."""
-    from raydetr.data.parquet import load_info, verify_shards
 
     info = load_info(prepared)
     for split in (cfg.data.train_split, cfg.data.val_split):
@@ -233,14 +246,12 @@ def _trial_fn(base: Config, prepared: str, classes: list[str], train_images: int
 
 
 def _train_loop(loop_config: dict[str, Any]):
-    from raydetr.train.worker import train_loop_per_worker
 
     return train_loop_per_worker(loop_config)
 
 
 def has_checkpoints(run_dir: Path) -> bool:
     """True once any epoch of the run (a plain fit or any trial of a search) was saved."""
-    from raydetr.train.checkpoint import checkpoint_dirs
 
     return any(checkpoint_dirs(d) for d in [run_dir / "train", *(run_dir / "trials").glob("*")])
 
@@ -268,7 +279,6 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
     ``callbacks``: more Tune callbacks on the driver (a search's per-trial progress lines)."""
     from ray import tune
 
-    from raydetr.fit.console import EpochLines, configure_console, header
 
     configure_console(cfg.run.verbose)
 
@@ -285,7 +295,6 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
     if resume and not tune_dir.exists():
         raise FitError(f"--resume: no run '{cfg.run.name}' at {run_dir} to continue")
     if pretrain_weights:  # a bad path fails here, before Ray starts, not in every worker
-        from raydetr.train.pretrained import PretrainedError, resolve_pretrained
 
         try:
             _, source = resolve_pretrained(pretrain_weights, cfg.model.preset)
@@ -303,7 +312,6 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     board = None
     if getattr(scheduler, "decision_board", None):
-        from raydetr.stopping.decisions import start_board
 
         board = start_board(run_dir)
         if board != scheduler.decision_board:
@@ -344,7 +352,6 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
 def _shipped_schedule(cfg: Config):
     """An import-path EMA schedule (``mypkg.decay:linear``), resolved here and pickled by value
     so every Ray worker gets it, installed there or not. Registered names need nothing."""
-    from raydetr.ema.schedules import is_import_path, resolve_schedule
 
     if not cfg.ema.enabled or not is_import_path(cfg.ema.schedule):
         return None
@@ -361,7 +368,6 @@ def _cleanup(run_dir: Path, board: str | None) -> None:
     for train_dir in [run_dir / "train", *(run_dir / "trials").glob("*")]:
         shutil.rmtree(best_cache_dir(str(train_dir)), ignore_errors=True)
     if board is not None:
-        from raydetr.stopping.decisions import stop_board
 
         stop_board(board)
 
@@ -370,8 +376,6 @@ def fit(cfg: Config, *, resume: bool = False, pretrain_weights: str | None = Non
     """Train one model (one Tune trial) and publish the winner."""
     scheduler = None
     if cfg.early_stopping.enabled:
-        from raydetr.stopping.decisions import board_name
-        from raydetr.stopping.scheduler import EarlyStoppingScheduler
 
         # state_path: Tuner.restore (--resume) unpickles its own copy of the scheduler; both
         # copies share their counters through this file.
@@ -413,6 +417,5 @@ def live_runs(cfg: Config, *, search: bool):
     """The per-epoch MLflow logger of a fit or search (None when MLflow is off)."""
     if not cfg.mlflow.enabled:
         return None
-    from raydetr.registry.live import LiveRuns
 
     return LiveRuns(cfg, run_dir_of(cfg), search=search)

@@ -14,19 +14,27 @@ published by the post-fit path as is.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 
-import raydetr
+from raydetr.artifacts import ModelDir, ModelMeta, RunDir, atomic_write_json
 from raydetr.config import Config, build_config
 from raydetr.ema.posthoc import Snapshot, list_snapshots, reconstruct_many, select_snapshots
+from raydetr.fit.driver import ensure_prepared, init_ray
+from raydetr.fit.postfit import publish_winner
+from raydetr.model.build import resolve_model_config
+from raydetr.registry.posthoc import log_posthoc_runs
+from raydetr.serve.detector import Detector
+from raydetr.serve.evaluation import run_evaluation
+from raydetr.train.checkpoint import latest_checkpoint, read_state
 
+log = logging.getLogger("raydetr.posthoc")
 SNAPSHOT_DIR = "posthoc"  # under a Train run's storage (<run_dir>/train/posthoc)
 METRIC_KEYS = ("map", "map50", "map75", "mar")
 
@@ -47,23 +55,20 @@ class PosthocRun:
     val_split: str
 
     @property
-    def winner_meta(self) -> dict[str, Any] | None:
-        path = self.run_dir / "winner" / "meta.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+    def winner_meta(self) -> ModelMeta | None:
+        winner = RunDir(self.run_dir).winner
+        return winner.read_meta() if winner.meta_path.is_file() else None
 
 
 def open_run(run: Path) -> PosthocRun:
     """A finished (or interrupted) run: ``run`` is ``<output_dir>/<name>`` (a plain run) or a
     Train storage dir with a ``posthoc/`` folder (e.g. ``<run>/trials/<trial_id>``)."""
-    from raydetr.train.checkpoint import latest_checkpoint, read_state
-    from raydetr.fit.driver import ensure_prepared
-
     run = Path(run).expanduser().resolve()
     if (run / SNAPSHOT_DIR).is_dir() and any(run.glob("epoch_*")):
         train_dir = run
-        run_dir = run.parent.parent if run.parent.name == "trials" else run.parent
-    elif (run / "train").is_dir():
-        run_dir, train_dir = run, run / "train"
+        run_dir = RunDir.of_train_dir(run).root
+    elif RunDir(run).train.is_dir():
+        run_dir, train_dir = run, RunDir(run).train
     else:
         raise PosthocError(f"{run} is not a raydetr run directory (no train/ folder; pass "
                            "<run.output_dir>/<run.name>)")
@@ -98,20 +103,14 @@ def sigma_rel_grid(lo: float, hi: float, n: int) -> list[float]:
     return [float(f"{v:.6g}") for v in np.geomspace(lo, hi, n)]
 
 
-def profile_meta(run: PosthocRun, info: dict[str, Any]) -> dict[str, Any]:
-    """meta.json of a reconstructed profile (the fields ``Detector.from_files`` reads, plus
-    what made it)."""
-    from raydetr.model.build import resolve_model_config
-
-    return {
-        "classes": run.classes, "num_classes": len(run.classes),
-        "model": run.cfg.model.model_dump(mode="json"),
-        "resolution": int(resolve_model_config(run.cfg.model)["resolution"]),
-        "variant": "posthoc_ema", "ema_decay": None,
-        "posthoc": {k: v for k, v in info.items() if k != "coefficients"},
-        "dataset": str(run.cfg.data.path or "synthetic"),
-        "raydetr_version": raydetr.__version__,
-    }
+def profile_meta(run: PosthocRun, info: dict[str, Any]) -> ModelMeta:
+    """meta.json of a reconstructed profile (what a loader reads, plus what made it)."""
+    return ModelMeta(
+        classes=run.classes, model=run.cfg.model.model_dump(mode="json"),
+        resolution=int(resolve_model_config(run.cfg.model)["resolution"]),
+        variant="posthoc_ema", dataset=str(run.cfg.data.path or "synthetic"),
+        source={"posthoc": {k: v for k, v in info.items() if k != "coefficients"}},
+    )
 
 
 def profile_dir_name(sigma_rel: float, step: int) -> str:
@@ -122,8 +121,6 @@ def write_profiles(run: PosthocRun, sigma_rels: list[float], step: int | None,
                    out_root: Path) -> list[Path]:
     """Reconstruct every profile (one pass over the snapshots) into ``out_root/<name>/``;
     each dir is written under a temporary name and renamed when complete."""
-    from raydetr.train.checkpoint import save_weights
-
     try:
         select_snapshots(run.snapshots, step)
         results = reconstruct_many(run.snapshots, sigma_rels, step)
@@ -132,29 +129,110 @@ def write_profiles(run: PosthocRun, sigma_rels: list[float], step: int | None,
     out = []
     for weights, info in results:
         final = Path(out_root) / profile_dir_name(info["sigma_rel"], info["step"])
-        tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_weights(weights, tmp / "model.safetensors")
-        (tmp / "meta.json").write_text(json.dumps(profile_meta(run, info), indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        out.append(final)
+        out.append(ModelDir.write(final, weights, profile_meta(run, info)).path)
     return out
 
 
 def evaluate_profile(model_dir: Path, prepared: Path, split: str,
                      device: str | None = None) -> dict[str, Any]:
     """COCO metrics of a profile dir on ``split`` (same path as ``raydetr evaluate``)."""
-    from raydetr.serve.detector import Detector
-    from raydetr.commands.evaluate import run_evaluation
-
-    detector = Detector.from_files(Path(model_dir) / "model.safetensors",
-                                   Path(model_dir) / "meta.json", device=device or "cpu")
+    detector = Detector.from_dir(model_dir, device=device or "cpu")
     metrics = run_evaluation(detector, Path(prepared), split)
-    info = json.loads((Path(model_dir) / "meta.json").read_text())["posthoc"]
+    info = ModelDir(model_dir).read_meta().source["posthoc"]
     return {**{k: float(metrics[k]) for k in METRIC_KEYS}, "images": metrics["images"],
             "sigma_rel": info["sigma_rel"], "gamma": info["gamma"], "step": info["step"],
             "profile_residual": info["profile_residual"], "snapshots": info["snapshots"],
             "model_dir": str(model_dir)}
+
+
+@dataclass
+class SweepResult:
+    run: PosthocRun
+    rows: list[dict[str, Any]]
+    best: dict[str, Any]
+    winner_map: float | None
+    registered: dict[str, Any] | None
+    seconds: float
+
+
+def _eval_remote():
+    @ray.remote(num_cpus=1)
+    def evaluate_task(model_dir: str, prepared: str, split: str) -> dict[str, Any]:
+        import torch
+
+        torch.set_num_threads(1)  # one task per CPU; more threads only contend
+        return evaluate_profile(Path(model_dir), Path(prepared), split)
+
+    return evaluate_task
+
+
+def sweep(run_path: Path, sigma_rels: list[float], *, step: int | None = None,
+          register: bool = False, use_mlflow: bool = True) -> SweepResult:
+    """Reconstruct + evaluate every sigma_rel; see the module docstring."""
+    start = time.perf_counter()
+    bad = [s for s in sigma_rels if not 0 < s < 0.28]
+    if not sigma_rels or bad:
+        raise PosthocError(f"--sigma-rel values must be in (0, 0.28); got {bad or 'none'}")
+    run = open_run(run_path)
+    out_root = RunDir(run.run_dir).posthoc
+    dirs = write_profiles(run, sorted(set(sigma_rels)), step, out_root)
+    init_ray(run.cfg)
+    task = _eval_remote()
+    rows = ray.get([task.remote(str(d), str(run.prepared), run.val_split) for d in dirs])
+    rows.sort(key=lambda r: r["sigma_rel"])
+    best = max(rows, key=lambda r: r["map"])
+    winner = run.winner_meta
+    winner_map = winner.metrics.get("map") if winner else None
+    atomic_write_json(out_root / "results.json",
+                      {"rows": rows, "best": best, "winner_map": winner_map})
+    print(format_table(rows, best, winner, run))
+    registered = None
+    if use_mlflow and run.cfg.mlflow.enabled:
+        log_posthoc_runs(run.cfg, RunDir(run.run_dir), rows, METRIC_KEYS)
+    if register:
+        registered = _register_best(run, best, winner_map)
+    return SweepResult(run=run, rows=rows, best=best, winner_map=winner_map,
+                       registered=registered, seconds=time.perf_counter() - start)
+
+
+def format_table(rows: list[dict[str, Any]], best: dict[str, Any], winner: ModelMeta | None,
+                 run: PosthocRun) -> str:
+    head = ["sigma_rel", "gamma", *METRIC_KEYS, "fit_resid", "snapshots"]
+    lines = [f"post-hoc EMA of {run.run_dir.name} at step {rows[0]['step']} "
+             f"({rows[0]['images']} {run.val_split} images)",
+             "  ".join(f"{h:>10}" for h in head)]
+    for r in rows:
+        vals = [r["sigma_rel"], r["gamma"], *(r[k] for k in METRIC_KEYS),
+                r["profile_residual"], r["snapshots"]]
+        mark = "  <- best" if r is best else ""
+        lines.append("  ".join(f"{v:>10.4f}" if isinstance(v, float) else f"{v:>10}"
+                               for v in vals) + mark)
+    if winner:
+        m = (winner.get("metrics") or {}).get("map")
+        lines.append(f"run winner: {winner.get('variant')} weights, epoch "
+                     f"{int(winner.get('epoch', -1))}, mAP "
+                     f"{m:.4f}" if m is not None else "run winner: mAP unknown")
+    return "\n".join(lines)
+
+
+def _register_best(run: PosthocRun, best: dict[str, Any], winner_map: float | None
+                   ) -> dict[str, Any] | None:
+    """Publish the best profile (stripped, registered with the alias) if it beats the winner."""
+    if winner_map is not None and not best["map"] > winner_map:
+        print(f"not registered: best post-hoc mAP {best['map']:.4f} does not beat the run's "
+              f"winner ({winner_map:.4f})")
+        return None
+    src = ModelDir(best["model_dir"])
+    dst = RunDir(run.run_dir).posthoc / "winner"
+    meta = src.read_meta()
+    meta.metrics = {k: best[k] for k in METRIC_KEYS}
+    meta.epoch = int(run.history[-1]["epoch"]) if run.history else -1
+    meta.epochs_run = len(run.history)
+    ModelDir.write(dst, src.weights_path, meta)
+    reg = publish_winner(run.cfg, run.run_dir, dst, run.history, meta, register=True)
+    if reg is None:
+        raise PosthocError(f"registration failed (see the log); the profile is in {dst}")
+    print(f"registered: {reg['model_uri']} (version {reg['version']}): post-hoc sigma_rel "
+          f"{best['sigma_rel']:g}, mAP {best['map']:.4f}"
+          + (f" > winner {winner_map:.4f}" if winner_map is not None else ""))
+    return reg

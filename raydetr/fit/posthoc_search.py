@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raydetr.fit.driver import init_ray
 from raydetr.fit.posthoc import (
     METRIC_KEYS,
     PosthocError,
@@ -58,7 +59,6 @@ def posthoc_search(run_path: Path, bounds: tuple[float, float], num_samples: int
     """Tune over ``sigma_rel`` in ``bounds``; returns every trial's metrics and the best."""
     from ray import tune
 
-    from raydetr.fit.driver import init_ray
 
     start = time.perf_counter()
     lo, hi = bounds

@@ -27,8 +27,20 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler
 
 from raydetr.config import Config, ConfigError, build_config, set_dotted, with_overrides
-from raydetr.train.record import score_of
+from raydetr.ema.schedules import schedule_accepts
+from raydetr.fit.driver import live_runs, run_dir_of, run_trials
+from raydetr.fit.postfit import finalize
 from raydetr.fit.trial_progress import TrialProgress
+from raydetr.registry.tracking import (
+    check_reachable,
+    ensure_experiment,
+    mlflow_session,
+    resolve_tracking_uri,
+)
+from raydetr.stopping.decisions import board_name, post_decision
+from raydetr.stopping.scheduler import EarlyStoppingScheduler
+from raydetr.train.checkpoint import latest_checkpoint, read_bests, read_state
+from raydetr.train.record import score_of
 
 log = logging.getLogger("raydetr.search")
 
@@ -64,7 +76,6 @@ def build_param_space(space: dict[str, Any]) -> dict[str, Any]:
 def overridden_keys(cfg: Config, keys: list[str]) -> dict[str, str]:
     """Search keys that this config makes ineffective -> why. A search over them would train
     the same model in every trial."""
-    from raydetr.ema.schedules import schedule_accepts
 
     out: dict[str, str] = {}
     for key in keys:
@@ -112,7 +123,6 @@ class GatedASHAScheduler(ASHAScheduler):
         self.decision_board = decision_board
 
     def on_trial_result(self, tune_controller, trial, result: dict[str, Any]) -> str:
-        from raydetr.stopping.decisions import post_decision
 
         decision = super().on_trial_result(tune_controller, trial, result)
         if self.decision_board is not None and "epoch" in result:
@@ -121,12 +131,9 @@ class GatedASHAScheduler(ASHAScheduler):
 
 
 def _scheduler(cfg: Config):
-    from raydetr.fit.driver import run_dir_of
-    from raydetr.stopping.decisions import board_name
 
     board = board_name(run_dir_of(cfg))
     if cfg.tune.scheduler == "early_stopping":
-        from raydetr.stopping.scheduler import EarlyStoppingScheduler
 
         return EarlyStoppingScheduler.from_config(
             cfg.early_stopping, cfg.ema.enabled,
@@ -154,8 +161,6 @@ def format_table(rows: list[dict[str, Any]], keys: list[str]) -> str:
 
 
 def search(cfg: Config, *, resume: bool = False) -> SearchResult:
-    from raydetr.fit.driver import run_trials
-    from raydetr.fit.postfit import finalize
 
     if not cfg.tune.search_space:
         raise ConfigError("tune.search_space is empty: give at least one key to search over")
@@ -165,7 +170,6 @@ def search(cfg: Config, *, resume: bool = False) -> SearchResult:
         grid = cfg.tune.search_space["ema.decay"]
         decays = ",".join(str(d) for d in next(iter(grid.values())))
         log.warning(SHADOWS_HINT.format(decays=decays))
-    from raydetr.fit.driver import live_runs
 
     live = live_runs(cfg, search=True)
     try:
@@ -181,7 +185,6 @@ def search(cfg: Config, *, resume: bool = False) -> SearchResult:
 
 def _search(cfg: Config, keys: list[str], resume: bool, live, run_trials, finalize
             ) -> SearchResult:
-    from raydetr.train.checkpoint import latest_checkpoint, read_bests, read_state
 
     grid_result, run_dir, info = run_trials(
         cfg, param_space=build_param_space(cfg.tune.search_space), scheduler=_scheduler(cfg),
@@ -249,12 +252,6 @@ def _log_parent(cfg: Config, parent_id: str | None, rows, table: str) -> str:
     started; created here when live logging could not reach MLflow then)."""
     import mlflow
 
-    from raydetr.registry.tracking import (
-        check_reachable,
-        ensure_experiment,
-        mlflow_session,
-        resolve_tracking_uri,
-    )
 
     output_dir = Path(cfg.run.output_dir).resolve()
     uri = resolve_tracking_uri(cfg.mlflow, output_dir)

@@ -15,13 +15,14 @@ from typing import Any
 from torch import nn
 
 from raydetr.config import LossConfig, ModelConfig
+from raydetr.config.presets import preset_family
 from raydetr.loss.criterion import SetCriterion
 from raydetr.loss.matcher import HungarianMatcher
 from raydetr.model.backbone import freeze_batchnorm, load_resnet_state_dict
 from raydetr.model.detr import DETR
-from raydetr.model.rfdetr.presets import RFDETR_PRESETS
 from raydetr.model.postprocess import PostProcessor
-from raydetr.config.presets import preset_family
+from raydetr.model.rfdetr import build_rfdetr
+from raydetr.model.rfdetr.presets import RFDETR_PRESETS
 
 # Per preset: every architecture knob. ModelConfig's None fields fall back to these.
 # Named rtdetr-<backbone>: the ResNet backbone + hybrid encoder + deformable decoder with
@@ -66,7 +67,6 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
         raise ValueError(f"num_classes must be >= 1 (from the dataset's classes), got {num_classes}")
     r = resolve_model_config(model_cfg)
     if r["family"] == "rfdetr":
-        from raydetr.model.rfdetr import build_rfdetr
 
         native = RFDETR_PRESETS[model_cfg.preset]["num_queries"]
         if r["num_queries"] != native:

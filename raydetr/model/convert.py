@@ -15,12 +15,9 @@ that is the COCO category id (index i -> COCO name of id i, placeholders for unu
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import pickle
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +25,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from raydetr.artifacts import ModelDir, ModelMeta
+from raydetr.config import ModelConfig
+from raydetr.config.presets import resolution_multiple
 from raydetr.data.coco_categories import coco_class_list, unused_name
+from raydetr.model.rfdetr import build_rfdetr
 from raydetr.model.rfdetr.presets import RFDETR_PRESETS
 
 _PATCH_KEY = "backbone.0.encoder.encoder.embeddings.patch_embeddings.projection.weight"
@@ -170,8 +171,6 @@ def class_names_for(ckpt: RFDETRCheckpoint, num_logits: int) -> list[str]:
 
 
 def _resolution(ckpt: RFDETRCheckpoint, preset: str) -> int:
-    from raydetr.config.presets import resolution_multiple
-
     res = ckpt.args.get("resolution")
     step = resolution_multiple(preset)
     if isinstance(res, int) and res >= 2 * step and res % step == 0:
@@ -180,13 +179,8 @@ def _resolution(ckpt: RFDETRCheckpoint, preset: str) -> int:
 
 
 def convert_checkpoint(src: str | Path, out_dir: str | Path, *, preset: str | None = None,
-                       variant: Variant | None = None) -> dict[str, Any]:
-    """Write ``out_dir/{model.safetensors, meta.json}`` (the winner format); returns meta."""
-    import raydetr
-    from raydetr.config import ModelConfig
-    from raydetr.model.rfdetr import build_rfdetr
-    from raydetr.train.checkpoint import save_weights
-
+                       variant: Variant | None = None) -> ModelMeta:
+    """Write ``out_dir`` as a model dir (``raydetr.artifacts.ModelDir``); returns its meta."""
     ckpt = read_rfdetr_checkpoint(src)
     variant, state = ckpt.select(variant)
     inferred = infer_preset(state, str(ckpt.path))
@@ -198,27 +192,15 @@ def convert_checkpoint(src: str | Path, out_dir: str | Path, *, preset: str | No
     classes = class_names_for(ckpt, num_logits)
     resolution = _resolution(ckpt, inferred)
     model_cfg = ModelConfig(preset=inferred, resolution=resolution, num_denoising=0)
-    meta = {
-        "classes": classes, "num_classes": num_logits,
-        "model": model_cfg.model_dump(mode="json"), "resolution": resolution,
-        "variant": variant, "ema_decay": None,
-        "metrics": {k: None for k in ("map", "map50", "map75", "mar")},
-        "best_map": None, "best_map_ema": None, "epoch": -1, "epochs_run": 0,  # no raydetr epochs
-        "dataset": f"converted from RF-DETR checkpoint {ckpt.path.name}",
-        "raydetr_version": raydetr.__version__,
-        "converted_from": {"file": str(ckpt.path), "entry": "ema_model" if variant == "ema"
-                           and ckpt.ema_weights is not None else "model",
-                           "has_ema": ckpt.ema_weights is not None,
-                           "class_names_from": "args.class_names" if ckpt.args.get("class_names")
-                           else "COCO category ids"},
-    }
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")  # a half-written dir never looks complete
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_weights(state, tmp / "model.safetensors")
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    meta = ModelMeta(
+        classes=classes, model=model_cfg.model_dump(mode="json"), resolution=resolution,
+        variant=variant, dataset=f"converted from RF-DETR checkpoint {ckpt.path.name}",
+        source={"converted_from": {
+            "file": str(ckpt.path),
+            "entry": "ema_model" if variant == "ema" and ckpt.ema_weights is not None else "model",
+            "has_ema": ckpt.ema_weights is not None,
+            "class_names_from": "args.class_names" if ckpt.args.get("class_names")
+            else "COCO category ids"}},
+    )  # epoch -1, epochs_run 0: no raydetr epochs
+    ModelDir.write(out_dir, state, meta)
     return meta

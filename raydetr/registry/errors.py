@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from raydetr.artifacts import ModelDirError
+
 
 class RegistryError(RuntimeError):
     """A registry/model problem a user can fix; the message says what and where."""
@@ -12,5 +14,6 @@ class RegistryUnavailable(RegistryError):
     """The tracking server does not answer."""
 
 
-class ModelLoadError(RegistryError):
-    """A model URI / directory / artifact that cannot be resolved or loaded."""
+class ModelLoadError(RegistryError, ModelDirError):
+    """A model URI or registered artifact that cannot be resolved or loaded (a ModelDirError too,
+    so a caller that loads "a model dir or a URI" catches one type)."""

@@ -1,10 +1,12 @@
-"""Fetch a published model back: ``models:/name@alias`` or ``models:/name/N`` -> a local dir.
+"""Fetch a published model back: ``models:/name@alias`` or ``models:/name/N`` -> a local dir,
+or straight to a ``Detector`` (``load_detector``, which also takes a local model dir).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from raydetr.registry.tracking import (
     mlflow_session,
     quiet_mlflow,
 )
+from raydetr.serve.detector import Detector
 
 log = logging.getLogger("raydetr.registry")
 
@@ -89,3 +92,16 @@ def download_model(uri: str, dst: str | Path, *, tracking_uri: str | None = None
     log.info("downloaded %s from %s: %d files, %.1f MB", what, tracking, len(files),
              sum(f.stat().st_size for f in files) / 1e6)
     return Path(local), version
+
+
+def load_detector(uri: str | Path, *, tracking_uri: str | None = None,
+                  device: str | None = None) -> Detector:
+    """``models:/name@alias``, ``models:/name/3``, ``runs:/<id>/model`` or a local model dir."""
+    text = str(uri)
+    if not text.startswith(("models:/", "runs:/", "mlflow-artifacts:/")) or Path(text).exists():
+        return Detector.from_dir(text, device=device)
+    with tempfile.TemporaryDirectory(prefix="raydetr-model-") as tmp:
+        local, version = download_model(text, tmp, tracking_uri=tracking_uri)
+        det = Detector.from_dir(local, device=device)
+    det.source, det.model_version = text, version
+    return det

@@ -29,6 +29,12 @@ from ray.tune import Callback
 
 from raydetr.config import Config, with_overrides
 from raydetr.registry.plots import metric_key
+from raydetr.registry.tracking import (
+    check_reachable,
+    ensure_experiment,
+    quiet_mlflow,
+    resolve_tracking_uri,
+)
 
 log = logging.getLogger("raydetr.mlflow")
 
@@ -57,7 +63,6 @@ def report_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 class LiveRuns(Callback):
     def __init__(self, cfg: Config, run_dir: Path, *, search: bool) -> None:
-        from raydetr.registry.tracking import resolve_tracking_uri
 
         self.cfg, self.run_dir, self.search = cfg, Path(run_dir), search
         self.tracking_uri = resolve_tracking_uri(cfg.mlflow, Path(cfg.run.output_dir).resolve())
@@ -93,7 +98,6 @@ class LiveRuns(Callback):
     def _connect(self) -> None:
         from mlflow import MlflowClient
 
-        from raydetr.registry.tracking import check_reachable, ensure_experiment
 
         output_dir = Path(self.cfg.run.output_dir).resolve()
         uri = self.tracking_uri
@@ -182,7 +186,6 @@ class LiveRuns(Callback):
             self._guard("ending the run", self._end_one, run_id, status)
 
     def _end_one(self, run_id: str, status: str) -> None:
-        from raydetr.registry.tracking import quiet_mlflow
 
         if self.client.get_run(run_id).info.status == "RUNNING":
             with quiet_mlflow():  # no "View run" URL lines on the console

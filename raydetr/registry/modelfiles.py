@@ -1,50 +1,18 @@
-"""The published model's files: meta.json checks, artifact paths, signature, requirements.
-"""
+"""What the registry publishes beside a model dir: the pyfunc code file, signature, input example,
+requirements (the model dir itself: ``raydetr.artifacts``)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from raydetr.registry.errors import ModelLoadError
+from raydetr.serve.images import encode_png
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc.py")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
-META_KEYS = ("classes", "model", "resolution", "num_classes")
 # Requirements of the served model (pinned to what is installed at publish time).
 SERVING_REQUIREMENTS = ("torch", "safetensors", "numpy", "pandas", "pillow", "pydantic",
                         "pyyaml", "scipy", "mlflow")
-
-
-def read_meta(path: str | Path) -> dict:
-    """meta.json of a published winner, checked for the keys a loader needs."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"meta file not found: {path}")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from None
-    missing = [k for k in META_KEYS if k not in meta]
-    if missing:
-        raise ModelLoadError(f"{path}: missing keys {missing} (see 'Published winner directory')")
-    if len(meta["classes"]) != int(meta["num_classes"]):
-        raise ModelLoadError(f"{path}: {len(meta['classes'])} classes but num_classes="
-                             f"{meta['num_classes']}")
-    return meta
-
-
-def model_dir_artifacts(model_dir: str | Path) -> tuple[Path, Path]:
-    """(weights, meta) paths inside a downloaded MLflow model dir (read from its MLmodel)."""
-    model_dir = Path(model_dir)
-    conf = yaml.safe_load((model_dir / "MLmodel").read_text())
-    arts = conf.get("flavors", {}).get("python_function", {}).get("artifacts", {})
-    if "weights" not in arts or "meta" not in arts:
-        raise ModelLoadError(f"{model_dir}: not a raydetr model (no 'weights'/'meta' artifacts)")
-    return model_dir / arts["weights"]["path"], model_dir / arts["meta"]["path"]
 
 
 def serving_requirements() -> list[str]:
@@ -80,8 +48,6 @@ def model_signature() -> Any:
 def input_example() -> Any:
     import numpy as np
     import pandas as pd
-
-    from raydetr.serve.images import encode_png
 
     img = np.full((32, 48, 3), 127, np.uint8)
     img[8:24, 12:36] = (220, 40, 40)

@@ -17,20 +17,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from raydetr.config import MlflowConfig
+from raydetr.artifacts import ModelDir, RunDir, atomic_write_json
+from raydetr.config import MlflowConfig, build_config
+from raydetr.ema.shadow import shadow_tags
 from raydetr.registry.errors import ModelLoadError
 from raydetr.registry.modelfiles import (
     PACKAGE_DIR,
     PYFUNC_FILE,
     input_example,
     model_signature,
-    read_meta,
     serving_requirements,
 )
 from raydetr.registry.plots import history_metrics, plot_map_curves
@@ -64,11 +64,11 @@ def publish(winner_dir: str | Path, *, history: list[dict], params: dict[str, An
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    winner_dir = Path(winner_dir)
-    weights, meta_path = winner_dir / "model.safetensors", winner_dir / "meta.json"
+    winner = ModelDir(winner_dir)
+    weights, meta_path = winner.weights_path, winner.meta_path
     if not weights.is_file():
         raise ModelLoadError(f"{weights} not found: publish needs a stripped winner dir")
-    meta = read_meta(meta_path)
+    meta = winner.read_meta()
     uri = resolve_tracking_uri(mlflow_cfg, output_dir)
     check_reachable(uri)
     # One line per step: logging the model uploads its code and can take a while.
@@ -80,7 +80,7 @@ def publish(winner_dir: str | Path, *, history: list[dict], params: dict[str, An
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         exp_id = ensure_experiment(client, mlflow_cfg.experiment, uri, output_dir)
         run_tags = {str(k): str(v) for k, v in (tags or {}).items()}
-        run_tags.update({"raydetr.dataset": dataset, "raydetr.variant": str(meta.get("variant"))})
+        run_tags.update({"raydetr.dataset": dataset, "raydetr.variant": meta.variant})
         live = run_id is not None
         start = (dict(run_id=run_id) if live else
                  dict(experiment_id=exp_id, run_name=run_name, nested=nested,
@@ -113,11 +113,11 @@ def publish(winner_dir: str | Path, *, history: list[dict], params: dict[str, An
                 code_paths=[str(code)], signature=model_signature(),
                 input_example=input_example(), pip_requirements=serving_requirements(),
                 registered_model_name=name,
-                metadata={"raydetr_variant": meta.get("variant"), "classes": meta["classes"]},
+                metadata={"raydetr_variant": meta.variant, "classes": meta.classes},
             )
         version = str(info.registered_model_version)
-        vtags = {"variant": meta.get("variant"), "map": (meta.get("metrics") or {}).get("map"),
-                 "epoch": meta.get("epoch"), "dataset": dataset}
+        vtags = {"variant": meta.variant, "map": meta.metrics.get("map"), "epoch": meta.epoch,
+                 "dataset": dataset, **shadow_tags(meta.shadow)}
         for key, value in vtags.items():
             client.set_model_version_tag(name, version, key, "" if value is None else str(value))
         client.set_registered_model_alias(name, alias, version)
@@ -134,28 +134,24 @@ def register_run_dir(run_dir: str | Path, mlflow_cfg: MlflowConfig | None = None
     sqlite store) is the config's ``run.output_dir`` when ``run_dir`` lies inside it, else
     ``run_dir``'s parent. Writes ``<run_dir>/registered.json`` with the result.
     """
-    from raydetr.config import build_config
 
-    run_dir = Path(run_dir)
-    config_path, history_path = run_dir / "config.json", run_dir / "history.json"
-    if not (run_dir / "winner" / "model.safetensors").is_file():
-        raise ModelLoadError(f"{run_dir}/winner/model.safetensors not found: is this a finished "
-                             "raydetr run directory?")
-    if not config_path.is_file():
-        raise ModelLoadError(f"{config_path} not found (written by the run's post-fit)")
-    cfg = build_config(json.loads(config_path.read_text()), str(config_path))
-    history: Any = json.loads(history_path.read_text()) if history_path.is_file() else []
+    run = RunDir(run_dir)
+    if not run.winner.weights_path.is_file():
+        raise ModelLoadError(f"{run.winner.weights_path} not found: is this a finished raydetr "
+                             "run directory?")
+    if not run.config.is_file():
+        raise ModelLoadError(f"{run.config} not found (written by the run's post-fit)")
+    cfg = build_config(json.loads(run.config.read_text()), str(run.config))
+    history: Any = json.loads(run.history.read_text()) if run.history.is_file() else []
     if isinstance(history, dict):
         history = history.get("history", [])
     if output_dir is None:
         configured = Path(cfg.run.output_dir).resolve()
-        output_dir = configured if run_dir.resolve().is_relative_to(configured) else run_dir.parent
-    meta = read_meta(run_dir / "winner" / "meta.json")
-    result = publish(run_dir / "winner", history=history, params=cfg.flat(),
+        output_dir = configured if run.root.resolve().is_relative_to(configured) else run.root.parent
+    meta = run.winner.read_meta()
+    result = publish(run.winner.path, history=history, params=cfg.flat(),
                      mlflow_cfg=mlflow_cfg or cfg.mlflow, output_dir=output_dir,
-                     run_name=cfg.run.name, tags={"raydetr.registered_from": str(run_dir.resolve())},
-                     dataset=str(meta.get("dataset", cfg.data.path or "synthetic")))
-    tmp = run_dir / "registered.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, run_dir / "registered.json")
+                     run_name=cfg.run.name, tags={"raydetr.registered_from": str(run.root.resolve())},
+                     dataset=meta.dataset or str(cfg.data.path or "synthetic"))
+    atomic_write_json(run.registered, result)
     return result

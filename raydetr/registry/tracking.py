@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from raydetr.config import MlflowConfig
+from raydetr.config import MlflowConfig, RunConfig
 from raydetr.registry.errors import RegistryUnavailable
 
 
@@ -31,7 +31,6 @@ def resolve_tracking_uri(mlflow_cfg: MlflowConfig, output_dir: str | Path) -> st
 
 def default_tracking_uri() -> str:
     """What a consumer uses when told nothing: the same URI a default training run writes to."""
-    from raydetr.config import RunConfig
 
     return resolve_tracking_uri(MlflowConfig(), RunConfig().output_dir)
 

@@ -1,9 +1,9 @@
-"""Load a published detector (winner dir, registry URI or MLflow model dir) and predict.
+"""Load a model dir (or a downloaded MLflow model dir) and predict.
 
 The served MLflow model (``raydetr/registry/pyfunc.py``) calls into this module, so the CLI, the
 Python API and the HTTP endpoint share one preprocessing / postprocessing path:
 
-    det = Detector.from_uri("models:/raydetr@champion")      # or Detector.from_dir("runs/x/winner")
+    det = Detector.from_dir("runs/x/winner")              # registry URIs: raydetr.registry.fetch
     df = det.predict(["a.jpg", b"<png bytes>", rgb_uint8_array], threshold=0.5)
     det.draw("a.jpg", df[df.image_index == 0]).save("a_boxes.jpg")
 
@@ -13,7 +13,6 @@ Detections are a DataFrame with one row per box, columns ``DETECTION_COLUMNS``; 
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,12 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from raydetr.artifacts import ModelDir, ModelDirError, load_weights, mlflow_model_files, read_meta
+from raydetr.config import LossConfig, ModelConfig
+from raydetr.data.transforms import to_model_input
+from raydetr.model.build import build
 from raydetr.serve.draw import draw_detections
 from raydetr.serve.images import image_items, load_image
-from raydetr.registry.errors import ModelLoadError
-from raydetr.registry.fetch import download_model
-from raydetr.registry.modelfiles import read_meta
 
 DETECTION_COLUMNS = ["image_index", "class_id", "class_name", "score", "x1", "y1", "x2", "y2"]
 DEFAULT_TOP_K = 100
@@ -53,69 +53,50 @@ class Detector:
     def from_files(cls, weights: str | Path, meta: str | Path, *, device: str | None = None,
                    source: str = "", model_version: Any = None) -> Detector:
         """Build from ``model.safetensors`` + ``meta.json`` (no pickle: safetensors only)."""
-        from safetensors.torch import load_file
-
-        from raydetr.config import LossConfig, ModelConfig
-        from raydetr.model.build import build
-
-        meta_dict = read_meta(meta)
+        model_meta = read_meta(meta)
         weights = Path(weights)
         if not weights.is_file():
-            raise ModelLoadError(f"weights file not found: {weights}")
+            raise ModelDirError(f"weights file not found: {weights}")
         try:
             # backbone_weights is a training-machine path; the published weights replace it.
-            model_cfg = ModelConfig(**{**meta_dict["model"], "backbone_weights": None})
+            model_cfg = ModelConfig(**{**model_meta.model, "backbone_weights": None})
         except Exception as exc:
-            raise ModelLoadError(f"{meta}: 'model' section does not fit this raydetr: {exc}") from None
-        model, _criterion, postprocessor = build(model_cfg, LossConfig(), int(meta_dict["num_classes"]))
+            raise ModelDirError(f"{meta}: 'model' section does not fit this raydetr: {exc}") from None
+        model, _criterion, postprocessor = build(model_cfg, LossConfig(), model_meta.num_classes)
         try:
-            state = load_file(str(weights), device="cpu")
+            state = load_weights(weights)
         except Exception as exc:
-            raise ModelLoadError(f"{weights}: not a readable safetensors file ({exc})") from None
+            raise ModelDirError(f"{weights}: not a readable safetensors file ({exc})") from None
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as exc:  # shape mismatch, e.g. another number of classes
-            raise ModelLoadError(f"{weights} does not match the architecture in {meta}: "
-                                 f"{str(exc).splitlines()[-1].strip()}") from None
+            raise ModelDirError(f"{weights} does not match the architecture in {meta}: "
+                                f"{str(exc).splitlines()[-1].strip()}") from None
         if missing or unexpected:
-            raise ModelLoadError(
+            raise ModelDirError(
                 f"{weights} does not match the architecture in {meta}: missing keys "
                 f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys "
                 f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
             )
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(model, postprocessor, meta_dict, source=source or str(weights.parent),
+        return cls(model, postprocessor, model_meta.to_dict(), source=source or str(weights.parent),
                    device=device, model_version=model_version)
 
     @classmethod
     def from_dir(cls, path: str | Path, *, device: str | None = None) -> Detector:
-        """A winner dir (``model.safetensors`` + ``meta.json``) or a downloaded MLflow model dir."""
+        """A model dir (``model.safetensors`` + ``meta.json``) or a downloaded MLflow model dir."""
         path = Path(path)
-        if (path / "model.safetensors").is_file() and (path / "meta.json").is_file():
-            return cls.from_files(path / "model.safetensors", path / "meta.json", device=device,
+        model_dir = ModelDir(path)
+        if model_dir.exists():
+            return cls.from_files(model_dir.weights_path, model_dir.meta_path, device=device,
                                   source=str(path))
         if (path / "MLmodel").is_file():
-            from raydetr.registry.modelfiles import model_dir_artifacts
-
-            weights, meta = model_dir_artifacts(path)
+            weights, meta = mlflow_model_files(path)
             return cls.from_files(weights, meta, device=device, source=str(path))
-        raise ModelLoadError(
+        raise ModelDirError(
             f"{path}: not a model directory; expected model.safetensors + meta.json (a run's "
             "winner/ dir) or an MLflow model dir (MLmodel)"
         )
-
-    @classmethod
-    def from_uri(cls, uri: str | Path, *, tracking_uri: str | None = None,
-                 device: str | None = None) -> Detector:
-        """``models:/name@alias``, ``models:/name/3``, ``runs:/<id>/model`` or a local dir."""
-        text = str(uri)
-        if not text.startswith(("models:/", "runs:/", "mlflow-artifacts:/")) or Path(text).exists():
-            return cls.from_dir(text, device=device)
-        with tempfile.TemporaryDirectory(prefix="raydetr-model-") as tmp:
-            local, version = download_model(text, tmp, tracking_uri=tracking_uri)
-            det = cls.from_dir(local, device=device)
-        det.source, det.model_version = text, version
-        return det
 
     # -- inference
     @torch.no_grad()
@@ -132,8 +113,6 @@ class Detector:
     def detect_arrays(self, arrays: Sequence[np.ndarray], top_k: int = DEFAULT_TOP_K
                       ) -> list[dict[str, np.ndarray]]:
         """RGB uint8[H,W,3] images (any sizes) -> raw per-image detections (see ``forward``)."""
-        from raydetr.data.transforms import to_model_input
-
         batch = to_model_input(list(arrays), self.resolution)
         sizes = torch.tensor([[a.shape[0], a.shape[1]] for a in arrays], dtype=torch.int64)
         return self.forward(batch, sizes, top_k)

@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from raydetr.data.transforms import decode_image
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -21,7 +23,6 @@ class ImageInputError(ValueError):
 
 
 def _decode(data: bytes, where: str) -> np.ndarray:
-    from raydetr.data.transforms import decode_image
 
     try:
         return decode_image(bytes(data))

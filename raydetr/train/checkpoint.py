@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
+from raydetr.artifacts import atomic_write_json, save_weights
+from raydetr.ema.shadow import Shadow
 from raydetr.train.record import Best, Bests
 
 STATE_FILE = "state.pt"
@@ -40,23 +41,6 @@ BESTS_FILE = "bests.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint folder is missing a file or does not match the model."""
-
-
-def cpu_contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU float tensors with no shared storage (what safetensors needs)."""
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
-
-
-def save_weights(sd: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file(cpu_contiguous(sd), str(tmp))
-    os.replace(tmp, path)
-
-
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
-    return load_file(str(path))
 
 
 def rng_state() -> dict[str, Any]:
@@ -135,7 +119,7 @@ def update_bests(
     epoch: int,
     map_regular: float,
     map_ema: float | None = None,
-    ema_decay: float | None = None,
+    shadow: Shadow | None = None,
     regular_weights: Callable[[], dict[str, torch.Tensor]],
     ema_weights: Callable[[], dict[str, torch.Tensor]] | None = None,
 ) -> tuple[bool, bool]:
@@ -149,7 +133,9 @@ def update_bests(
         cache.update("regular", regular_weights())
     ema_up = map_ema is not None and map_ema > bests.ema.map
     if ema_up:
-        bests.ema = Best(map=float(map_ema), epoch=epoch, decay=ema_decay)
+        bests.ema = Best(map=float(map_ema), epoch=epoch,
+                         decay=shadow.effective if shadow is not None else None,
+                         shadow=shadow.to_dict() if shadow is not None else None)
         cache.update("ema", ema_weights())
     return reg_up, ema_up
 
@@ -164,7 +150,7 @@ def write_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cache.link_into(directory)
-    (directory / BESTS_FILE).write_text(json.dumps(bests.to_dict(), indent=2))
+    atomic_write_json(directory / BESTS_FILE, bests.to_dict())
     tmp = directory / (STATE_FILE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, directory / STATE_FILE)

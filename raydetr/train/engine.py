@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from raydetr.eval.coco import coco_metrics  # written separately; imported when needed
 from raydetr.ops.boxes import box_cxcywh_to_xyxy
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,6 @@ def evaluate(models: dict[str, nn.Module], postprocessor: nn.Module, batches: It
              classes: list[str], device: torch.device | str, amp_dtype: torch.dtype | None = None
              ) -> dict[str, dict]:
     """COCO metrics per variant: {variant: coco_metrics(records, classes)}."""
-    from raydetr.eval.coco import coco_metrics  # written separately; imported when needed
 
     records = predict_records(models, postprocessor, batches, device, amp_dtype)
     return {name: coco_metrics(recs, classes) for name, recs in records.items()}

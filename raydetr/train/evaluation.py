@@ -18,10 +18,6 @@ from torch import nn
 from raydetr.train.engine import predict_records
 
 
-def variant_name(decay: float) -> str:
-    return f"ema@{decay}"
-
-
 class ShadowEvaluator:
     """The regular model plus one eval model that takes each EMA shadow in turn."""
 
@@ -32,17 +28,19 @@ class ShadowEvaluator:
         self._loaded: int | None = None  # shadow index now in eval_model
 
     def variants(self) -> dict[str, nn.Module]:
+        """``"regular"`` and each shadow's label (``Shadow.label``) -> the model to run."""
         out: dict[str, nn.Module] = {"regular": self.model}
         if self.ema is not None:
-            for d in self.ema.decays:
-                out[variant_name(d)] = self.eval_model
+            for shadow in self.ema.shadows:
+                out[shadow.label] = self.eval_model
         return out
 
     def before(self, name: str) -> None:
-        """Swap shadow ``name`` into the eval model (only when another one is loaded)."""
+        """Swap shadow ``name`` (a label) into the eval model (only when another one is
+        loaded)."""
         if name == "regular" or self.ema is None:
             return
-        index = [variant_name(d) for d in self.ema.decays].index(name)
+        index = next(s.index for s in self.ema.shadows if s.label == name)
         if index != self._loaded:
             self.ema.load_into(self.eval_model, index)
             self._loaded = index

@@ -16,6 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from raydetr.config import OptimConfig
 from raydetr.config.presets import preset_family
+from raydetr.model.rfdetr.presets import RFDETR_PRESETS
 
 _NORM_TYPES = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.Embedding)
 
@@ -94,7 +95,6 @@ def rfdetr_param_settings(name: str, optim_cfg: OptimConfig, depth: int) -> tupl
 def rfdetr_param_groups(model: nn.Module, optim_cfg: OptimConfig, preset: str) -> list[dict]:
     """RF-DETR's per-parameter (lr, weight decay), grouped by equal settings (fewer groups for
     the fused AdamW; the per-parameter values are RF-DETR's)."""
-    from raydetr.model.rfdetr.presets import RFDETR_PRESETS
 
     depth = int(RFDETR_PRESETS[preset]["out_feature_indexes"][-1]) + 1
     groups: dict[str, dict] = {}

@@ -19,17 +19,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from raydetr.artifacts import WEIGHTS_FILE, ModelDir, RunDir, load_weights
+from raydetr.model.convert import (
+    CLASS_KEY,
+    ConvertError,
+    infer_preset,
+    read_rfdetr_checkpoint,
+    tile_class_head,
+)
 from raydetr.train.checkpoint import (
     BEST_FILES,
     BESTS_FILE,
     STATE_FILE,
     CheckpointError,
     latest_checkpoint,
-    load_weights,
     read_bests,
 )
-
-WEIGHTS_FILE = "model.safetensors"
 
 
 class PretrainedError(ValueError):
@@ -49,8 +54,6 @@ def _from_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def _from_rfdetr_file(p: Path, preset: str | None) -> tuple[dict[str, torch.Tensor], str]:
-    from raydetr.model.convert import ConvertError, infer_preset, read_rfdetr_checkpoint
-
     try:
         variant, state = read_rfdetr_checkpoint(p).select(None)
         theirs = infer_preset(state, str(p))
@@ -79,15 +82,16 @@ def resolve_pretrained(path: str | Path, preset: str | None = None
         raise PretrainedError(
             f"--pretrain-weights {p}: expected an RF-DETR .pth, a .safetensors file, a state.pt, "
             "or a run / winner / epoch_NNNN directory")
-    if (p / WEIGHTS_FILE).is_file():  # a winner dir
-        return load_weights(p / WEIGHTS_FILE), f"{p / WEIGHTS_FILE} (stripped winner)"
+    if ModelDir(p).weights_path.is_file():  # a winner or converted model dir
+        return ModelDir(p).load_weights(), f"{ModelDir(p).weights_path} (stripped winner)"
     if (p / STATE_FILE).is_file():  # an epoch_NNNN checkpoint dir
         return _from_checkpoint(p)
-    if (p / "winner" / WEIGHTS_FILE).is_file():  # a run dir after post-fit
-        return load_weights(p / "winner" / WEIGHTS_FILE), f"{p / 'winner'} (run winner)"
-    if (p / "train").is_dir():  # a run dir whose post-fit did not happen
+    run = RunDir(p)
+    if run.winner.weights_path.is_file():  # a run dir after post-fit
+        return run.winner.load_weights(), f"{run.winner.path} (run winner)"
+    if run.train.is_dir():  # a run dir whose post-fit did not happen
         try:
-            return _from_checkpoint(latest_checkpoint(p / "train"))
+            return _from_checkpoint(latest_checkpoint(run.train))
         except CheckpointError as exc:
             raise PretrainedError(f"--pretrain-weights {p}: {exc}") from None
     raise PretrainedError(
@@ -103,8 +107,6 @@ def load_pretrained(model: nn.Module, path: str | Path) -> tuple[list[str], str]
     incoming, description = resolve_pretrained(path)
     own = model.state_dict()
     if hasattr(model, "reinitialize_detection_head"):  # the RF-DETR family
-        from raydetr.model.convert import CLASS_KEY, tile_class_head
-
         rows = incoming.get(CLASS_KEY)
         if rows is not None and CLASS_KEY in own and rows.shape[0] != own[CLASS_KEY].shape[0]:
             incoming = tile_class_head(incoming, int(own[CLASS_KEY].shape[0]))

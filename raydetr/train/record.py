@@ -17,6 +17,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from raydetr.ema.shadow import Shadow
+
 Variant = Literal["regular", "ema"]
 METRIC_KEYS = ("map", "map50", "map75", "mar")
 
@@ -51,7 +53,8 @@ class Best:
 
     map: float = -1.0
     epoch: int = -1
-    decay: float | None = None  # EMA decay of the shadow that made it (EMA only)
+    decay: float | None = None  # effective EMA decay of the shadow that made it (EMA only)
+    shadow: dict[str, Any] | None = None  # that shadow's Shadow.to_dict() (EMA only)
 
 
 @dataclass
@@ -79,13 +82,13 @@ class Bests:
 
 @dataclass
 class EpochResult:
-    """What one epoch produced (rank 0). ``ema`` maps each shadow's decay to its COCO metrics;
-    the ``*_ema`` report keys are those of the best shadow this epoch."""
+    """What one epoch produced (rank 0). ``ema`` maps each shadow (``raydetr.ema.shadow``) to
+    its COCO metrics; the ``*_ema`` report keys are those of the best shadow this epoch."""
 
     epoch: int  # from 1: see epoch_number
     step: int  # optimizer steps done after this epoch
     regular: dict[str, float]
-    ema: dict[float, dict[str, float]]
+    ema: dict[Shadow, dict[str, float]]
     bests: Bests
     score: float
     monitored: float  # the value the early-stopping rule watches
@@ -94,15 +97,15 @@ class EpochResult:
     early_stopping_counter: int | None = None
 
     @property
-    def best_ema_decay(self) -> float | None:
+    def best_shadow(self) -> Shadow | None:
         if not self.ema:
             return None
-        return max(self.ema, key=lambda d: self.ema[d]["map"])
+        return max(self.ema, key=lambda s: self.ema[s]["map"])
 
     @property
     def map_ema(self) -> float | None:
-        d = self.best_ema_decay
-        return None if d is None else float(self.ema[d]["map"])
+        s = self.best_shadow
+        return None if s is None else float(self.ema[s]["map"])
 
     @property
     def winner(self) -> Variant:
@@ -113,13 +116,14 @@ class EpochResult:
         history rows in the checkpoint, post-fit and MLflow."""
         m: dict[str, Any] = {"epoch": self.epoch, "step": self.step}
         m.update({k: float(self.regular[k]) for k in METRIC_KEYS})
-        d = self.best_ema_decay
-        if d is not None:
-            m.update({f"{k}_ema": float(self.ema[d][k]) for k in METRIC_KEYS})
-            for decay, met in self.ema.items():
-                m[f"map_ema@{decay}"] = float(met["map"])
-                m[f"map50_ema@{decay}"] = float(met["map50"])
-            m["map_ema_decay"] = d
+        best = self.best_shadow
+        if best is not None:
+            m.update({f"{k}_ema": float(self.ema[best][k]) for k in METRIC_KEYS})
+            for shadow, met in self.ema.items():
+                m[shadow.metric("map")] = float(met["map"])
+                m[shadow.metric("map50")] = float(met["map50"])
+            m["map_ema_decay"] = best.decay
+            m["map_ema_decay_effective"] = best.effective
         if self.ema_decay_now is not None:
             m["ema_decay"] = float(self.ema_decay_now)
         m.update(

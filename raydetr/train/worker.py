@@ -28,6 +28,16 @@ import torch
 
 from raydetr.config import Config
 from raydetr.config.presets import preset_family, resolution_multiple
+from raydetr.data.collate import rfdetr_scales
+from raydetr.data.loader import SplitReader, steps_per_epoch
+from raydetr.ema.ema import ModelEma
+from raydetr.ema.posthoc import PosthocTracker
+from raydetr.ema.scaling import scale_for_batch
+from raydetr.ema.schedules import register_schedule
+from raydetr.eval.coco import coco_metrics
+from raydetr.model.build import build, resolve_model_config
+from raydetr.stopping.decisions import wait_decision
+from raydetr.stopping.rule import monitored_value, replay
 from raydetr.train.checkpoint import (
     BestWeightsCache,
     best_cache_dir,
@@ -35,6 +45,10 @@ from raydetr.train.checkpoint import (
     update_bests,
     write_checkpoint,
 )
+from raydetr.train.engine import train_one_epoch
+from raydetr.train.evaluation import ShadowEvaluator, gather_records
+from raydetr.train.optim import build_lr_scheduler, build_optimizer
+from raydetr.train.pretrained import load_pretrained
 from raydetr.train.record import METRIC_KEYS, EpochResult, epoch_number, score_of
 from raydetr.train.state import TrainState
 
@@ -68,8 +82,6 @@ class Recipe:
         import ray.train
         import ray.train.torch
 
-        from raydetr.data.collate import rfdetr_scales
-        from raydetr.model.build import resolve_model_config
 
         self.args, self.cfg = args, args.cfg
         ctx = ray.train.get_context()
@@ -97,7 +109,6 @@ class Recipe:
         workers the last partial global batch is dropped (different rows every epoch)."""
         import ray
 
-        from raydetr.data.loader import SplitReader, steps_per_epoch
 
         cfg, world = self.cfg, self.world
         self.global_batch = cfg.optim.batch_size * world
@@ -114,8 +125,6 @@ class Recipe:
                   ray.get_runtime_context().get_node_id())
 
     def setup_model(self) -> None:
-        from raydetr.model.build import build
-        from raydetr.train.pretrained import load_pretrained
 
         seed_everything(self.cfg.run.seed)  # identical init on every rank
         self.model, self.criterion, self.postprocessor = build(
@@ -130,7 +139,6 @@ class Recipe:
     def ema_scaling(self):
         """The decays and tau this run uses: as configured, or scaled to the effective batch
         when ``ema.reference_batch`` is set (raydetr.ema.scaling)."""
-        from raydetr.ema.scaling import scale_for_batch
 
         c = self.cfg
         return scale_for_batch(c.ema.decay, c.ema.tau,
@@ -138,10 +146,9 @@ class Recipe:
                                c.ema.reference_batch)
 
     def make_ema(self, model: torch.nn.Module):
-        from raydetr.ema.ema import ModelEma
 
         e, scaled = self.cfg.ema, self.ema_scaling()
-        return ModelEma(model, tau=scaled.tau, decays=scaled.decays, schedule=e.schedule,
+        return ModelEma(model, tau=scaled.tau, shadows=scaled.shadows(), schedule=e.schedule,
                         schedule_kwargs=e.schedule_kwargs, average_buffers=e.average_buffers,
                         device=e.device, nan_guard=e.nan_guard,
                         total_steps=self.steps_per_epoch * self.cfg.optim.epochs)
@@ -150,8 +157,6 @@ class Recipe:
         """Optimizer, LR schedule, EMA -> TrainState, restored from Ray's checkpoint if any."""
         import ray.train
 
-        from raydetr.ema.schedules import register_schedule
-        from raydetr.train.optim import build_lr_scheduler, build_optimizer
 
         if self.args.schedule_fn is not None:  # import-path schedule: this process may lack it
             register_schedule(self.cfg.ema.schedule)(self.args.schedule_fn)
@@ -179,7 +184,6 @@ class Recipe:
             self.model, move_to_device=False,
             parallel_strategy_kwargs={
                 "find_unused_parameters": preset_family(self.cfg.model.preset) == "rfdetr"})
-        from raydetr.train.evaluation import ShadowEvaluator
 
         self.evaluator = ShadowEvaluator(self.model, self.state.ema)
 
@@ -190,7 +194,6 @@ class Recipe:
             return None
         import ray.train
 
-        from raydetr.ema.posthoc import PosthocTracker
 
         ph = self.cfg.ema.posthoc
         storage = ray.train.get_context().get_storage()
@@ -230,7 +233,6 @@ class Recipe:
 
     def train_epoch(self, index: int) -> dict[str, float]:
         """Train the epoch of 0-based ``index`` (it seeds the shuffle and the RNGs)."""
-        from raydetr.train.engine import train_one_epoch
 
         # Reseed per (seed, epoch, rank): ranks consume randomness at different rates, so this,
         # not one saved state, makes restarts exact.
@@ -256,9 +258,6 @@ class Recipe:
 
     def evaluate(self, epoch: int, stats: dict[str, float]) -> EpochResult | None:
         """Every variant on the val split; rank 0 returns the record of epoch number ``epoch``."""
-        from raydetr.eval.coco import coco_metrics
-        from raydetr.train.evaluation import gather_records, variant_name
-        from raydetr.stopping.rule import monitored_value, replay
 
         t0 = time.perf_counter()
         self.model.eval()
@@ -271,15 +270,15 @@ class Recipe:
         eval_seconds = time.perf_counter() - t0  # predict + gather + COCOeval, not the bests
         regular = {k: float(res["regular"][k]) for k in METRIC_KEYS}
         s, ema = self.state, self.state.ema
-        per_decay = ({d: {k: float(res[variant_name(d)][k]) for k in METRIC_KEYS}
-                      for d in ema.decays} if ema is not None else {})
-        best_d = max(per_decay, key=lambda d: per_decay[d]["map"]) if per_decay else None
-        map_ema = per_decay[best_d]["map"] if best_d is not None else None
+        per_shadow = ({sh: {k: float(res[sh.label][k]) for k in METRIC_KEYS}
+                       for sh in ema.shadows} if ema is not None else {})
+        best = max(per_shadow, key=lambda sh: per_shadow[sh]["map"]) if per_shadow else None
+        map_ema = per_shadow[best]["map"] if best is not None else None
         update_bests(
             s.bests, self.cache, epoch=epoch, map_regular=regular["map"], map_ema=map_ema,
-            ema_decay=best_d, regular_weights=self.model.state_dict,
-            ema_weights=(partial(ema.shadow_state_dict, ema.decays.index(best_d))
-                         if best_d is not None else None))
+            shadow=best, regular_weights=self.model.state_dict,
+            ema_weights=(partial(ema.shadow_state_dict, best.index)
+                         if best is not None else None))
         es = self.cfg.early_stopping
         monitored = monitored_value({"map": regular["map"], "map_ema": map_ema},
                                     use_ema=es.use_ema, ema_enabled=ema is not None)
@@ -289,7 +288,7 @@ class Recipe:
                  "images_per_s": stats["images_per_s"], "train_seconds": stats["seconds"],
                  "eval_seconds": eval_seconds}
         return EpochResult(
-            epoch=epoch, step=s.step, regular=regular, ema=per_decay, bests=s.bests,
+            epoch=epoch, step=s.step, regular=regular, ema=per_shadow, bests=s.bests,
             score=score_of(regular["map"], map_ema, self.cfg.tune.metric), monitored=monitored,
             train=train, ema_decay_now=(float(ema.current_decays()[0]) if ema else None),
             early_stopping_counter=rule.counter)
@@ -310,7 +309,6 @@ class Recipe:
         """Start no epoch after a STOP: wait until the scheduler has decided on this one."""
         if self.args.decision_board is None or self.args.trial_id is None:
             return
-        from raydetr.stopping.decisions import wait_decision
 
         if wait_decision(self.args.decision_board, self.args.trial_id, epoch) == "STOP":
             log.info("early stop after epoch %d: waiting for Tune to end the trial", epoch)

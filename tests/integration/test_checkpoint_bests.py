@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from raydetr.ema.shadow import Shadow
+from raydetr.fit.postfit import strip_winner
 from raydetr.train.checkpoint import (
     Bests,
     BestWeightsCache,
@@ -28,7 +30,6 @@ from raydetr.train.checkpoint import (
     update_bests,
     write_checkpoint,
 )
-from raydetr.fit.postfit import strip_winner
 
 MAP = [0.30, 0.50, 0.40, 0.45, 0.42, 0.41, 0.20]
 MAP_EMA = [0.20, 0.35, 0.52, 0.55, 0.58, 0.60, 0.10]
@@ -39,7 +40,7 @@ def _weights(value: float) -> dict[str, torch.Tensor]:
 
 
 def _epoch(bests, cache, epoch, m, me, out: Path) -> Path:
-    update_bests(bests, cache, epoch=epoch, map_regular=m, map_ema=me, ema_decay=0.993,
+    update_bests(bests, cache, epoch=epoch, map_regular=m, map_ema=me, shadow=Shadow(0, 0.993, 0.993),
                  regular_weights=lambda: _weights(epoch), ema_weights=lambda: _weights(100 + epoch))
     return write_checkpoint(out, state={"epoch": epoch, "history": []}, bests=bests, cache=cache)
 
@@ -75,7 +76,7 @@ def _train_fn(config):
     bests, cache = Bests(), BestWeightsCache(Path(tempfile.mkdtemp()))
     for epoch, (m, me) in enumerate(zip(MAP, MAP_EMA), start=1):
         out = Path(tempfile.mkdtemp())
-        update_bests(bests, cache, epoch=epoch, map_regular=m, map_ema=me, ema_decay=0.993,
+        update_bests(bests, cache, epoch=epoch, map_regular=m, map_ema=me, shadow=Shadow(0, 0.993, 0.993),
                      regular_weights=lambda e=epoch: _weights(e),
                      ema_weights=lambda e=epoch: _weights(100 + e))
         history = [{"epoch": i + 1, "map": MAP[i], "map_ema": MAP_EMA[i]} for i in range(epoch)]

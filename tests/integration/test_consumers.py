@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from raydetr.commands.predict import predict_command
 from raydetr.config import Config, MlflowConfig
 from raydetr.serve.detector import DETECTION_COLUMNS
 from raydetr.serve.images import encode_png
-from raydetr.commands.predict import predict_command
 
 pytestmark = pytest.mark.slow
 
@@ -180,8 +180,8 @@ def test_predict_command_errors(registry_env, images, tmp_path, capsys, model, i
 def test_evaluate_logs_to_mlflow(registry_env, tmp_path, capsys):
     from mlflow import MlflowClient
 
-    from raydetr.data.synthetic import make_synthetic
     from raydetr.commands.evaluate import evaluate_command
+    from raydetr.data.synthetic import make_synthetic
 
     data = make_synthetic(tmp_path / "synthetic", train_images=2, val_images=6, image_size=64)
     out = tmp_path / "metrics.json"

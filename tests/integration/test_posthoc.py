@@ -27,9 +27,9 @@ from safetensors.torch import load_file
 from raydetr.commands.cli import main
 from raydetr.config import load_config
 from raydetr.ema.posthoc import list_snapshots
+from raydetr.fit.driver import fit
 from raydetr.fit.posthoc import evaluate_profile, open_run
 from raydetr.train.checkpoint import latest_checkpoint, read_state
-from raydetr.fit.driver import fit
 
 pytestmark = pytest.mark.slow
 EVERY = 2
@@ -242,3 +242,9 @@ def test_reference_batch_scales_the_decay_for_two_workers(tmp_path, local_ray):
     assert not (result.train_dir / "posthoc").exists()  # off by default
     assert ema["decays"][0] == pytest.approx(0.99**2)
     assert ema["schedule_kwargs"]["tau"] == pytest.approx(20 / 2)
+    # one typed identity: named by the configured decay, applied with the effective one
+    row = read_state(latest_checkpoint(result.train_dir))["history"][-1]
+    assert "map_ema@0.99" in row and row["map_ema_decay_effective"] == pytest.approx(0.99**2)
+    if result.meta.variant == "ema":
+        assert result.meta.shadow["decay"] == 0.99
+        assert result.meta.shadow["effective"] == pytest.approx(0.99**2)

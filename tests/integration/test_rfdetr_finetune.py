@@ -15,6 +15,7 @@ from rfdetr_support import write_rfdetr_checkpoint
 
 from raydetr.config import load_config
 from raydetr.fit.driver import fit
+from raydetr.registry.fetch import load_detector
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,6 @@ def test_finetune_from_rfdetr_checkpoint_registers_winner(tmp_path, local_ray, m
     import mlflow
     from safetensors.torch import load_file
 
-    from raydetr.serve.detector import Detector
 
     pth = write_rfdetr_checkpoint(tmp_path / "rf-detr-nano.pth", num_logits=91, ema=True)
     cfg = load_config(None, [
@@ -75,7 +75,7 @@ def test_finetune_from_rfdetr_checkpoint_registers_winner(tmp_path, local_ray, m
     version = client.get_model_version_by_alias("rfdetr-ft", "champion")
     assert version.version == str(result.registered["version"])
 
-    det = Detector.from_uri("models:/rfdetr-ft@champion", tracking_uri=mlflow_server.uri,
+    det = load_detector("models:/rfdetr-ft@champion", tracking_uri=mlflow_server.uri,
                             device="cpu")
     with torch.no_grad():
         out = det.model(torch.randn(1, 3, 64, 64))

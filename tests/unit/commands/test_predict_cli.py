@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from raydetr.serve.images import encode_png
 from raydetr.commands.predict import predict_command
+from raydetr.serve.images import encode_png
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_python_api_train_config_mapping():
 
 
 def test_evaluation_table_lists_overall_and_per_class():
-    from raydetr.commands.evaluate import format_table
+    from raydetr.serve.evaluation import format_table
 
     text = format_table({"map": 0.1234, "map50": 0.3, "mar": 0.2,
                          "per_class": {"dog": 0.2, "person": 0.05}}, "title")

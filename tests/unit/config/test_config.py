@@ -141,9 +141,9 @@ def test_rfdetr_resolution_rule_and_family_defaults():
 
 
 def test_config_resolution_rule_is_the_models_patch_times_windows():
-    from raydetr.model.rfdetr.presets import RFDETR_PRESETS, resolution_step
     from raydetr.config.presets import RFDETR_PRESETS as NAMES
     from raydetr.config.presets import resolution_multiple
+    from raydetr.model.rfdetr.presets import RFDETR_PRESETS, resolution_step
 
     assert set(NAMES) == set(RFDETR_PRESETS)
     assert all(resolution_multiple(p) == resolution_step(p) for p in RFDETR_PRESETS)

@@ -8,10 +8,11 @@ import json
 import torch
 
 from raydetr.config import MlflowConfig, load_config
+from raydetr.ema.shadow import Shadow
+from raydetr.fit.postfit import finalize
 from raydetr.model.build import build
 from raydetr.registry.publish import register_run_dir
 from raydetr.train.checkpoint import BestWeightsCache, update_bests, write_checkpoint
-from raydetr.fit.postfit import finalize
 from raydetr.train.record import Bests
 
 
@@ -22,7 +23,7 @@ def test_search_trial_results_dir_can_be_registered(tmp_path):
     torch.manual_seed(0)
     model, _, _ = build(cfg.model, cfg.loss, 2)
     bests, cache = Bests(), BestWeightsCache(tmp_path / "cache")
-    update_bests(bests, cache, epoch=1, map_regular=0.1, map_ema=0.2, ema_decay=0.993,
+    update_bests(bests, cache, epoch=1, map_regular=0.1, map_ema=0.2, shadow=Shadow(0, 0.993, 0.993),
                  regular_weights=model.state_dict, ema_weights=model.state_dict)
     train_dir = tmp_path / "search" / "trials" / "abc123"
     history = [{"epoch": 1, "map": 0.1, "map_ema": 0.2}]

@@ -13,7 +13,6 @@ from rfdetr_support import rfdetr_state_dict, write_rfdetr_checkpoint
 
 from raydetr.commands.cli import main
 from raydetr.data.coco_categories import COCO_CATEGORIES
-from raydetr.serve.detector import Detector
 from raydetr.model.convert import (
     ConvertError,
     convert_checkpoint,
@@ -21,6 +20,7 @@ from raydetr.model.convert import (
     read_rfdetr_checkpoint,
     tile_class_head,
 )
+from raydetr.serve.detector import Detector
 from raydetr.train.pretrained import PretrainedError, load_pretrained, resolve_pretrained
 
 
@@ -33,12 +33,12 @@ def coco_pth(tmp_path_factory) -> Path:
 
 def test_converts_with_pickle_disabled_and_predicts_coco_names(coco_pth, tmp_path):
     meta = convert_checkpoint(coco_pth, tmp_path / "out")
-    assert (meta["model"]["preset"], meta["variant"], meta["num_classes"]) == (
+    assert (meta.preset, meta.variant, meta.num_classes) == (
         "rfdetr-nano", "ema", 91)
     # logit index = COCO category id
-    assert meta["classes"][1] == "person" and meta["classes"][90] == "toothbrush"
-    assert meta["classes"][12].startswith("unused") and len(meta["classes"]) == 91
-    assert sum(meta["classes"][i] == n for i, n in COCO_CATEGORIES.items()) == 80
+    assert meta.classes[1] == "person" and meta.classes[90] == "toothbrush"
+    assert meta.classes[12].startswith("unused") and len(meta.classes) == 91
+    assert sum(meta.classes[i] == n for i, n in COCO_CATEGORIES.items()) == 80
 
     det = Detector.from_dir(tmp_path / "out", device="cpu")
     x = torch.randn(2, 3, 128, 128)  # ImageNet-normalised batch
@@ -48,7 +48,7 @@ def test_converts_with_pickle_disabled_and_predicts_coco_names(coco_pth, tmp_pat
     assert torch.isfinite(out["pred_boxes"]).all()
     img = np.random.default_rng(0).integers(0, 256, (90, 70, 3), dtype=np.uint8)
     df = det.predict([img], threshold=0.0, max_detections=5)
-    assert len(df) == 5 and set(df.class_name) <= set(meta["classes"])
+    assert len(df) == 5 and set(df.class_name) <= set(meta.classes)
 
 
 def test_variant_choice_and_regular_weights(coco_pth, tmp_path):
@@ -90,7 +90,7 @@ def test_fine_tune_class_names_and_preset_inference(tmp_path):
                                   class_names=["cat", "dog", "fox"], resolution=96)
     meta = convert_checkpoint(pth, tmp_path / "out")
     # RF-DETR's class_names property: logit i+1 -> names[i]
-    assert meta["classes"] == ["unused_0", "cat", "dog", "fox"] and meta["variant"] == "regular"
+    assert meta.classes == ["unused_0", "cat", "dog", "fox"] and meta.variant == "regular"
     with pytest.raises(ConvertError, match="no 'ema_model'"):
         convert_checkpoint(pth, tmp_path / "o2", variant="ema")
     for preset in ("rfdetr-small", "rfdetr-base"):

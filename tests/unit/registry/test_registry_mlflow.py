@@ -12,7 +12,7 @@ import pytest
 
 from raydetr.config import MlflowConfig
 from raydetr.registry.errors import ModelLoadError, RegistryUnavailable
-from raydetr.registry.fetch import parse_models_uri
+from raydetr.registry.fetch import load_detector, parse_models_uri
 from raydetr.registry.plots import history_metrics, metric_key, plot_map_curves
 from raydetr.registry.tracking import check_reachable, resolve_tracking_uri
 
@@ -112,15 +112,14 @@ def test_models_uri_parsing():
 
 
 def test_consumer_errors_without_a_registry(tmp_path, monkeypatch):
-    from raydetr.serve.detector import Detector
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(ModelLoadError, match="no MLflow database at sqlite:///.*runs/mlflow.db"):
-        Detector.from_uri("models:/raydetr@champion")
+        load_detector("models:/raydetr@champion")
     assert not Path("runs").exists()  # nothing created by a failed lookup
     uri = f"http://127.0.0.1:{_closed_port()}"
     with pytest.raises(RegistryUnavailable, match=uri):
-        Detector.from_uri("models:/raydetr@champion", tracking_uri=uri)
+        load_detector("models:/raydetr@champion", tracking_uri=uri)
     with pytest.raises(ModelLoadError, match="not a model directory"):
-        Detector.from_uri(str(tmp_path))
+        load_detector(str(tmp_path))

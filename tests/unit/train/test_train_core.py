@@ -12,7 +12,9 @@ from detr_shapes import batches, make_images
 
 from raydetr.config import LossConfig, ModelConfig, OptimConfig
 from raydetr.ema.ema import ModelEma
+from raydetr.ema.shadow import Shadow
 from raydetr.model.build import build
+from raydetr.stopping.rule import EarlyStopping, replay
 from raydetr.train.checkpoint import BestWeightsCache, load_weights, update_bests, write_checkpoint
 from raydetr.train.engine import predict_records
 from raydetr.train.evaluation import ShadowEvaluator, variant_name
@@ -20,7 +22,6 @@ from raydetr.train.optim import build_lr_scheduler, build_optimizer
 from raydetr.train.pretrained import load_pretrained, resolve_pretrained
 from raydetr.train.record import Bests, EpochResult, epoch_number, winner
 from raydetr.train.state import TrainState
-from raydetr.stopping.rule import EarlyStopping, replay
 
 
 def _tiny():
@@ -54,12 +55,16 @@ def test_epoch_result_report_and_winner():
     bests.regular.map, bests.regular.epoch = 0.30, 1
     bests.ema.map, bests.ema.epoch, bests.ema.decay = 0.35, 1, 0.99
     per = {k: 0.1 for k in ("map", "map50", "map75", "mar")}
+    # configured 0.9 / 0.99 at a reference batch, run at k=2: names keep the configured decay
+    s0, s1 = Shadow(0, 0.9, 0.81), Shadow(1, 0.99, 0.9801)
     r = EpochResult(epoch=epoch_number(0), step=4, regular={**per, "map": 0.30},
-                    ema={0.9: {**per, "map": 0.2}, 0.99: {**per, "map": 0.35}}, bests=bests,
+                    ema={s0: {**per, "map": 0.2}, s1: {**per, "map": 0.35}}, bests=bests,
                     score=0.35, monitored=0.35, train={"train_loss": 1.0, "lr": 1e-3,
                                                        "images_per_s": 5.0})
     m = r.to_report()
     assert (m["map_ema"], m["map_ema_decay"], m["map_ema@0.9"]) == (0.35, 0.99, 0.2)
+    assert m["map_ema_decay_effective"] == 0.9801 and m["map_ema@0.99"] == 0.35
+    assert r.best_shadow == s1 and s1.label == "ema@0.99"
     assert (m["best_map"], m["best_map_ema"], m["winner_is_ema"]) == (0.30, 0.35, 1)
     assert r.winner == "ema" and "winner ema" in r.format_line(3)
     # The first epoch is epoch 1 in the report, the bests and the log line alike.
@@ -160,7 +165,7 @@ def _checkpoint_with_bests(tmp_path):
     def filled(v):
         return {k: torch.full_like(t, v) if t.is_floating_point() else t for k, t in sd.items()}
 
-    update_bests(bests, cache, epoch=1, map_regular=0.5, map_ema=0.6, ema_decay=0.99,
+    update_bests(bests, cache, epoch=1, map_regular=0.5, map_ema=0.6, shadow=Shadow(0, 0.99, 0.99),
                  regular_weights=lambda: filled(1.0), ema_weights=lambda: filled(2.0))
     ckpt = tmp_path / "run" / "train" / "epoch_0003"
     write_checkpoint(ckpt, state={"model": filled(3.0), "epoch": 3, "history": []}, bests=bests,

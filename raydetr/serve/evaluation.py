@@ -1,0 +1,99 @@
+"""Evaluate a loaded detector on a split of a prepared dataset: the one offline evaluation path
+(``raydetr evaluate``, post-hoc EMA profiles, ONNX models) behind the same decode as training.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from raydetr.config import DataConfig
+from raydetr.data.loader import iter_local_batches
+from raydetr.data.parquet import has_info, load_info, prepare_dataset, verify_shards
+from raydetr.eval.coco import coco_metrics
+from raydetr.serve.detector import Detector
+from raydetr.train.engine import predict_records
+
+SCALAR_KEYS = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "mar", "mar1",
+               "mar10")
+BATCH_SIZE = 8
+
+
+class EvaluateError(ValueError):
+    """A dataset/model mismatch a user can fix."""
+
+
+def format_table(metrics: dict[str, Any], title: str) -> str:
+    """Overall metrics, then AP per class, as an aligned text table."""
+    lines = [title, f"{'metric':<14}{'value':>8}"]
+    lines += [f"{k:<14}{metrics[k]:>8.4f}" for k in SCALAR_KEYS if k in metrics]
+    per_class = metrics.get("per_class", {})
+    if per_class:
+        width = max(14, max(len(c) for c in per_class) + 2)
+        lines += ["", f"{'class':<{width}}{'AP':>8}"]
+        lines += [f"{c:<{width}}{ap:>8.4f}" for c, ap in per_class.items()]
+    return "\n".join(lines)
+
+
+def run_evaluation(detector: Detector, prepared: Path, split: str) -> dict[str, Any]:
+    """coco_metrics of ``detector`` over ``split`` of a prepared dataset (batch 8, no threshold:
+    COCO uses the top-100 detections per image)."""
+    info = load_info(prepared)
+    if split not in info["splits"]:
+        raise EvaluateError(f"{prepared}: no split '{split}' (has: {sorted(info['splits'])})")
+    verify_shards(prepared, [split])  # a missing/truncated shard: named, with the fix
+    classes = list(info["classes"])
+    model_index = {name: i for i, name in enumerate(detector.classes)}
+    # model logit -> dataset class index (-1: not a dataset class), when the model has more
+    # logits than the dataset has classes but names them all, e.g. a converted RF-DETR COCO
+    # model (91 logits indexed by COCO category id) on a COCO dataset (80 classes)
+    remap: np.ndarray | None = None
+    if len(classes) != len(detector.classes):
+        if not all(c in model_index for c in classes):
+            raise EvaluateError(
+                f"the dataset has {len(classes)} classes {classes} but the model was trained on "
+                f"{len(detector.classes)} {detector.classes}: class ids would not line up"
+            )
+        remap = np.full(len(detector.classes), -1, dtype=np.int64)
+        remap[[model_index[c] for c in classes]] = np.arange(len(classes))
+        print(f"the model has {len(detector.classes)} classes; evaluating the dataset's "
+              f"{len(classes)} by name (detections of other classes are not scored)",
+              file=sys.stderr)
+    elif classes != detector.classes:
+        print(f"warning: class names differ (dataset {classes}, model {detector.classes}); "
+              "evaluating by class index", file=sys.stderr)
+    n_images = int(info["splits"][split]["images"])
+    batches = iter_local_batches(prepared, split, batch_size=BATCH_SIZE, train=False,
+                                 resolution=detector.resolution, data_cfg=DataConfig(),
+                                 shuffle=False)
+    bar = tqdm(batches, total=math.ceil(n_images / BATCH_SIZE), desc=f"evaluate {split}",
+               unit="batch", disable=n_images < 4 * BATCH_SIZE or None)
+    with torch.no_grad():
+        records = predict_records({"model": detector.model}, detector.postprocessor, bar,
+                                  detector.device)["model"]
+    if remap is not None:
+        for rec in records:
+            labels = remap[rec["labels"]]
+            keep = labels >= 0
+            rec.update(labels=labels[keep], scores=rec["scores"][keep], boxes=rec["boxes"][keep])
+    metrics = coco_metrics(records, classes)
+    metrics["images"] = len(records)
+    return metrics
+
+
+def prepared_split_source(data: Path, tmp: str) -> Path:
+    if has_info(data):  # damaged shards are reported by run_evaluation's verify_shards
+        return data
+    if not data.exists():
+        raise EvaluateError(f"dataset not found: {data}")
+    out = Path(tmp) / "prepared"
+    prepare_dataset(data, out, progress=True)
+    return out
+
+
