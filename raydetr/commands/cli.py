@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # errors meant for users carry their own message
+        from raydetr.artifacts import ModelDirError
         from raydetr.fit.driver import FitError
         from raydetr.fit.posthoc import PosthocError
         from raydetr.model.convert import ConvertError
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # RegistryError: `raydetr register` on a dir that is not a run, MLflow unreachable.
         known: tuple[type[BaseException], ...] = (FitError, FileNotFoundError, PosthocError,
-                                                  ConvertError, RegistryError)
+                                                  ConvertError, RegistryError, ModelDirError)
         try:
             from raydetr.data.formats import DatasetError
 

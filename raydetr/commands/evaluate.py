@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from raydetr.artifacts import ModelDirError
 from raydetr.data.formats import DatasetError
 from raydetr.registry.errors import RegistryError
 from raydetr.registry.evaluation import log_evaluation
@@ -49,7 +50,7 @@ def evaluate_command(model: str, data: str | Path, split: str = "val", log_to_ml
             run_id = log_evaluation(detector, metrics, data=str(data), split=split,
                                     tracking_uri=tracking_uri)
             print(f"logged to MLflow run {run_id}")
-    except (RegistryError, EvaluateError, DatasetError) as exc:
+    except (RegistryError, ModelDirError, EvaluateError, DatasetError) as exc:
         print(f"raydetr evaluate: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from raydetr.artifacts import ModelDirError
 from raydetr.registry.errors import RegistryError
 from raydetr.registry.fetch import load_detector
 from raydetr.serve.detector import DETECTION_COLUMNS
@@ -79,7 +80,7 @@ def predict_command(model: str, images: Sequence[str | Path], out: str | Path,
             raise ImageInputError("no input images given")
         _check_images(paths)
         det = load_detector(model)
-    except (ImageInputError, RegistryError) as exc:
+    except (ImageInputError, RegistryError, ModelDirError) as exc:
         print(f"raydetr predict: error: {exc}", file=sys.stderr)
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,11 +21,9 @@ Design (why it is fast and exact):
   submodules or parameters after construction is NOT detected: call ``ema.bind(model)``.
 - bf16/fp16 (or other-device) model tensors are cast once per update into a reused float32
   scratch list on the shadow's device, then every shadow lerps from it.
-- The EMA never feeds back into training, so K decays in one run give bit for bit the EMA
-  weights of K single-decay runs with the same seed.
-- ``updates`` counts applied updates and is saved in ``state_dict``: warmup continues after a
-  resume instead of restarting. An update whose model tensors are not all finite is skipped
-  (``skipped`` += 1, ``updates`` unchanged) when ``nan_guard`` is on.
+- The EMA never feeds back into training: K decays in one run = K single-decay runs, bit for bit.
+- ``updates`` (saved in ``state_dict``: warmup continues after a resume) counts applied updates;
+  with ``nan_guard`` an update whose model tensors are not all finite is skipped (``skipped``).
 """
 
 from __future__ import annotations
@@ -76,8 +74,7 @@ class ModelEma:
         decay: peak decay c when ``decays`` is None.
         tau: warmup length in updates, passed to schedules that take ``tau`` (rfdetr).
         decays: several peak decays, one shadow each, updated in the same pass.
-        shadows: typed identities (``raydetr.ema.shadow.Shadow``) instead of ``decays``: each
-            shadow's ``effective`` decay is the one applied; ``self.shadows`` names them.
+        shadows: typed identities instead of ``decays`` (their ``effective`` decays apply).
         schedule: name in :mod:`raydetr.ema.schedules` (constant, rfdetr, timm, threshold, exp,
             power, or one you registered); ``schedule_kwargs`` are its options.
         average_buffers: average floating-point buffers (True) or copy them (False).
@@ -104,11 +101,8 @@ class ModelEma:
         nan_guard: bool = True,
         total_steps: int | None = None,
     ) -> None:
-        if shadows is not None:
-            self.shadows: list[Shadow] = list(shadows)
-        else:
-            self.shadows = plain_shadows([float(d) for d in (decays if decays is not None
-                                                             else [decay])])
+        self.shadows: list[Shadow] = (list(shadows) if shadows is not None else
+                                      plain_shadows(list(decays if decays is not None else [decay])))
         self.decays: list[float] = [s.effective for s in self.shadows]
         if not self.decays:
             raise ValueError("ModelEma: decays must be a non-empty list (config key ema.decay)")
@@ -397,10 +391,8 @@ class ModelEma:
         self.skipped = int(state.get("skipped", 0))
 
     def __repr__(self) -> str:
-        return (
-            f"ModelEma(decays={self.decays}, schedule={self.schedule!r} {self.schedule_kwargs}, "
-            f"updates={self.updates}, skipped={self.skipped}, tensors={len(self._names)})"
-        )
+        return (f"ModelEma(decays={self.decays}, schedule={self.schedule!r} {self.schedule_kwargs}, "
+                f"updates={self.updates}, skipped={self.skipped}, tensors={len(self._names)})")
 
 
 _HAS_FOREACH_LERP = hasattr(torch, "_foreach_lerp_")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from raydetr.artifacts import load_weights
 from raydetr.ema.shadow import Shadow
 from raydetr.fit.postfit import strip_winner
 from raydetr.train.checkpoint import (
@@ -24,7 +25,6 @@ from raydetr.train.checkpoint import (
     BestWeightsCache,
     checkpoint_dirs,
     latest_checkpoint,
-    load_weights,
     read_bests,
     read_state,
     update_bests,

@@ -165,7 +165,7 @@ def test_posthoc_command_reconstructs_the_direct_shadow(trained, capsys):
     run = open_run(result.run_dir)
     direct_dir = result.run_dir / "posthoc" / "direct"
     direct_dir.mkdir()
-    from raydetr.train.checkpoint import save_weights
+    from raydetr.artifacts import save_weights
 
     save_weights({k: v.float() if v.is_floating_point() else v for k, v in direct.items()},
                  direct_dir / "model.safetensors")

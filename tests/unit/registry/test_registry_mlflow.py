@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from raydetr.artifacts import ModelDirError
 from raydetr.config import MlflowConfig
 from raydetr.registry.errors import ModelLoadError, RegistryUnavailable
 from raydetr.registry.fetch import load_detector, parse_models_uri
@@ -121,5 +122,5 @@ def test_consumer_errors_without_a_registry(tmp_path, monkeypatch):
     uri = f"http://127.0.0.1:{_closed_port()}"
     with pytest.raises(RegistryUnavailable, match=uri):
         load_detector("models:/raydetr@champion", tracking_uri=uri)
-    with pytest.raises(ModelLoadError, match="not a model directory"):
+    with pytest.raises(ModelDirError, match="not a model directory"):
         load_detector(str(tmp_path))

@@ -118,7 +118,7 @@ def test_weights_that_do_not_match_meta(winner_dir, tmp_path):
     import json
     import shutil
 
-    from raydetr.registry.errors import ModelLoadError
+    from raydetr.artifacts import ModelDirError
 
     bad = tmp_path / "bad"
     shutil.copytree(winner_dir, bad)
@@ -130,8 +130,8 @@ def test_weights_that_do_not_match_meta(winner_dir, tmp_path):
         else:
             changed["model"][key] = value
         (bad / "meta.json").write_text(json.dumps(changed))
-        with pytest.raises(ModelLoadError, match="does not match the architecture"):
+        with pytest.raises(ModelDirError, match="does not match the architecture"):
             Detector.from_dir(bad)
     (bad / "meta.json").write_text("{}")
-    with pytest.raises(ModelLoadError, match="missing keys"):
+    with pytest.raises(ModelDirError, match="missing keys"):
         Detector.from_dir(bad)

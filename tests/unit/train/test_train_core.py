@@ -10,14 +10,15 @@ import pytest
 import torch
 from detr_shapes import batches, make_images
 
+from raydetr.artifacts import load_weights
 from raydetr.config import LossConfig, ModelConfig, OptimConfig
 from raydetr.ema.ema import ModelEma
 from raydetr.ema.shadow import Shadow
 from raydetr.model.build import build
 from raydetr.stopping.rule import EarlyStopping, replay
-from raydetr.train.checkpoint import BestWeightsCache, load_weights, update_bests, write_checkpoint
+from raydetr.train.checkpoint import BestWeightsCache, update_bests, write_checkpoint
 from raydetr.train.engine import predict_records
-from raydetr.train.evaluation import ShadowEvaluator, variant_name
+from raydetr.train.evaluation import ShadowEvaluator
 from raydetr.train.optim import build_lr_scheduler, build_optimizer
 from raydetr.train.pretrained import load_pretrained, resolve_pretrained
 from raydetr.train.record import Bests, EpochResult, epoch_number, winner
@@ -138,8 +139,8 @@ def test_one_eval_model_for_every_shadow(k, capsys):
     got = evaluator.predict(post, batches(items, 2, size=64), torch.device("cpu"), None)
 
     copies = {"regular": model}
-    for i, d in enumerate(decays):
-        copies[variant_name(d)] = ema.load_into(copy.deepcopy(model), i)
+    for shadow in ema.shadows:
+        copies[shadow.label] = ema.load_into(copy.deepcopy(model), shadow.index)
     want = predict_records(copies, post, batches(items, 2, size=64), "cpu")
     for name in want:
         for a, b in zip(got[name], want[name]):
@@ -187,7 +188,7 @@ def test_pretrained_takes_the_winner_from_a_checkpoint(tmp_path):
 
 
 def test_pretrained_winner_dir_and_errors(tmp_path):
-    from raydetr.train.checkpoint import save_weights
+    from raydetr.artifacts import save_weights
     from raydetr.train.pretrained import PretrainedError
 
     model, _, _ = _tiny()
