@@ -19,6 +19,7 @@ from typing import Any
 from ray.tune import Callback
 
 from raydetr.config import Config
+from raydetr.registry.tracking import quiet_mlflow_loggers
 from raydetr.train.record import format_report_line
 
 log = logging.getLogger("raydetr.train")
@@ -27,8 +28,7 @@ log = logging.getLogger("raydetr.train")
 def configure_console(verbose: bool) -> None:
     """raydetr's own lines at INFO; other libraries' INFO chatter (MLflow's database set-up,
     Ray's and Tune's progress, tensorboardX) only when ``verbose``."""
-    import mlflow  # noqa: F401 - it sets its loggers' levels when first imported; ours win
-
+    quiet_mlflow_loggers()  # MLflow sets its loggers' levels when first imported; ours win
     logging.getLogger("raydetr").setLevel(logging.INFO)
     level = logging.INFO if verbose else logging.WARNING
     for name in ("mlflow", "ray", "alembic"):

@@ -31,12 +31,7 @@ from raydetr.ema.schedules import schedule_accepts
 from raydetr.fit.driver import live_runs, run_dir_of, run_trials
 from raydetr.fit.postfit import finalize
 from raydetr.fit.trial_progress import TrialProgress
-from raydetr.registry.tracking import (
-    check_reachable,
-    ensure_experiment,
-    mlflow_session,
-    resolve_tracking_uri,
-)
+from raydetr.registry.search import log_search_parent
 from raydetr.stopping.decisions import board_name, post_decision
 from raydetr.stopping.scheduler import EarlyStoppingScheduler
 from raydetr.train.checkpoint import latest_checkpoint, read_bests, read_state
@@ -230,7 +225,7 @@ def _publish_search(cfg, run_dir, rows, best, table, info, finalize, live
     parent_id = None
     if cfg.mlflow.enabled:
         try:
-            parent_id = _log_parent(cfg, live.run_id("parent") if live else None, rows, table)
+            parent_id = log_search_parent(cfg, live.run_id("parent") if live else None, rows, table)
         except Exception as exc:  # noqa: BLE001 - registry outage must not lose the search
             log.error("MLflow unavailable (%s); winners stay on disk under %s/results", exc, run_dir)
     for row in rows:
@@ -245,26 +240,3 @@ def _publish_search(cfg, run_dir, rows, best, table, info, finalize, live
         if is_best:
             registered = res.registered
     return registered
-
-
-def _log_parent(cfg: Config, parent_id: str | None, rows, table: str) -> str:
-    """The results table and trials into the search's parent run (created live when the search
-    started; created here when live logging could not reach MLflow then)."""
-    import mlflow
-
-
-    output_dir = Path(cfg.run.output_dir).resolve()
-    uri = resolve_tracking_uri(cfg.mlflow, output_dir)
-    check_reachable(uri)
-    with mlflow_session(uri):
-        client = mlflow.MlflowClient(tracking_uri=uri)
-        if parent_id is None:
-            exp_id = ensure_experiment(client, cfg.mlflow.experiment, uri, output_dir)
-            parent_id = client.create_run(exp_id, run_name=f"{cfg.run.name}-search",
-                                          tags={"raydetr.kind": "search"}).info.run_id
-        client.log_text(parent_id, table, "search_results.txt")
-        client.log_dict(parent_id, {"search_space": cfg.tune.search_space,
-                                    "trials": [{k: v for k, v in r.items()
-                                                if k not in ("history", "train_dir")}
-                                               for r in rows]}, "search_results.json")
-    return parent_id

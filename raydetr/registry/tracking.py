@@ -108,6 +108,12 @@ def ensure_experiment(client: Any, name: str, uri: str, output_dir: str | Path) 
         return exp.experiment_id
 
 
+def quiet_mlflow_loggers() -> None:
+    """Import MLflow once so that it sets its loggers' levels now, before the caller sets its
+    own (MLflow configures them when first imported)."""
+    import mlflow  # noqa: F401
+
+
 @contextlib.contextmanager
 def quiet_mlflow() -> Iterator[None]:
     """MLflow draws a tqdm bar per artifact file it downloads (a model from code has dozens of
