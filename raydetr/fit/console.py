@@ -20,7 +20,7 @@ from ray.tune import Callback
 
 from raydetr.config import Config
 from raydetr.registry.tracking import quiet_mlflow_loggers
-from raydetr.train.record import format_report_line
+from raydetr.train.record import EpochResult
 
 log = logging.getLogger("raydetr.train")
 
@@ -82,16 +82,17 @@ class EpochLines(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
-        if "epoch" not in result or "map" not in result:
+        record = EpochResult.from_result(result)
+        if record is None:
             return
-        epoch = int(result["epoch"])
+        epoch = record.epoch
         now = time.monotonic()
         # ETA from the epochs this session has seen (a resumed run starts counting afresh)
         first = self.first_epoch.setdefault(trial.trial_id, (epoch, self.started))
         done = epoch - first[0] + 1
         per_epoch = (now - first[1]) / max(done, 1)
         eta = per_epoch * (self.epochs - epoch)  # epochs are numbered from 1
-        line = format_report_line(result, self.epochs, self.patience)
+        line = record.format_line(self.epochs, self.patience)
         prefix = f"[{trial.trial_id}] " if self.search else ""
         log.info("%s%s  %s elapsed  ETA %s", prefix, line, _duration(now - self.started),
                  _duration(eta))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
 
 
 class EarlyStopping:
@@ -78,38 +77,15 @@ class EarlyStopping:
         return improved, self.stopped
 
 
-def monitored_value(result: dict[str, Any], *, use_ema: bool, ema_enabled: bool) -> float | None:
-    """The mAP the rule watches in one Tune result, or None when the result has no ``map``.
-
-    EMA mAP: ``map_ema``; with several EMA decays and no plain ``map_ema``, the best of the
-    ``map_ema@<decay>`` keys. ``use_ema``: the EMA mAP (the regular ``map`` when the result has
-    none). Otherwise ``max(map, EMA mAP)``, ignoring NaN/None entries (NaN if all are).
-    """
-    regular = _as_float(result.get("map"))
-    if regular is None:
-        return None
-    if not ema_enabled:
-        return regular
-    ema = _as_float(result.get("map_ema"))
-    if ema is None:
-        per_decay = [_as_float(v) for k, v in result.items() if k.startswith("map_ema@")]
-        finite = [v for v in per_decay if v is not None and not math.isnan(v)]
-        ema = max(finite) if finite else None
-    if ema is None:
-        return regular
+def monitored_value(map_regular: float, map_ema: float | None, *, use_ema: bool) -> float:
+    """The mAP the rule watches: ``max(map, map_ema)`` ignoring NaN (NaN if both are), or the
+    EMA mAP alone with ``use_ema``; the regular mAP when there is no EMA mAP."""
+    if map_ema is None:
+        return float(map_regular)
     if use_ema:
-        return ema
-    finite = [v for v in (regular, ema) if not math.isnan(v)]
+        return float(map_ema)
+    finite = [v for v in (float(map_regular), float(map_ema)) if not math.isnan(v)]
     return max(finite) if finite else math.nan
-
-
-def _as_float(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def replay(history: Iterable[tuple[int, float]], patience: int, min_delta: float,

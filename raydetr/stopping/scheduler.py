@@ -45,6 +45,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from raydetr.config import ConfigError, EarlyStoppingConfig
 from raydetr.stopping.decisions import post_decision
 from raydetr.stopping.rule import EarlyStopping, monitored_value, replay
+from raydetr.train.record import EpochResult
 
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
@@ -167,13 +168,16 @@ class EarlyStoppingScheduler(FIFOScheduler):
         return decision
 
     def _decide(self, trial: Trial, result: dict[str, Any]) -> str:
-        value = monitored_value(result, use_ema=self.use_ema, ema_enabled=self.ema_enabled)
-        if value is None:
+        record = EpochResult.from_result(result)
+        if record is None:  # not an epoch's report (e.g. Tune's final result)
             return TrialScheduler.CONTINUE
+        value = monitored_value(record.regular["map"],
+                                record.map_ema if self.ema_enabled else None,
+                                use_ema=self.use_ema)
         self._ensure_loaded()
         trial_id = trial.trial_id
         state = self._trials.setdefault(trial_id, _TrialState())
-        epoch = _epoch_of(result, default=len(state.history) + 1)  # numbered from 1
+        epoch = record.epoch  # numbered from 1
         if state.history and epoch <= state.history[-1][0]:
             logger.info(
                 "Epoch %d reported again for trial %s (retried from a checkpoint): "

@@ -1,8 +1,10 @@
 """One typed record per epoch, and the one winner rule.
 
-Everything downstream of an epoch reads :class:`EpochResult`: the Tune metric (its flat
-``to_report()`` dict), the early-stopping rule (``monitored``), the bests written into the
-checkpoint, the log line, post-fit (the history rows) and MLflow.
+Everything downstream of an epoch reads :class:`EpochResult`. It crosses to the driver inside
+Ray's report: ``to_report()`` is the flat dict Tune and MLflow need (the metrics contract), with
+the typed record itself under ``"record"`` (``to_dict``); the driver's scheduler and console
+read it back with ``EpochResult.from_result`` instead of parsing flat names. The history rows in
+a checkpoint are the flat rows (what MLflow, the plot and post-fit log), without the record.
 
 Epochs are numbered from 1 everywhere a person reads one (``EpochResult.epoch``, ``Best.epoch``,
 the report's ``epoch`` / ``best_map_epoch``, history rows, MLflow steps, ``epoch_NNNN`` folders,
@@ -21,6 +23,7 @@ from raydetr.ema.shadow import Shadow
 
 Variant = Literal["regular", "ema"]
 METRIC_KEYS = ("map", "map50", "map75", "mar")
+RECORD_KEY = "record"  # the typed record inside Ray's report (EpochResult.to_dict)
 
 
 def epoch_number(index: int) -> int:
@@ -111,9 +114,45 @@ class EpochResult:
     def winner(self) -> Variant:
         return self.bests.winner()
 
-    def to_report(self) -> dict[str, Any]:
-        """The flat metrics dict (ARCHITECTURE.md contract) for ``ray.train.report``, Tune, the
-        history rows in the checkpoint, post-fit and MLflow."""
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON- and ``torch.load(weights_only=True)``-safe) of the whole record."""
+        return {"epoch": self.epoch, "step": self.step, "regular": dict(self.regular),
+                "ema": [{"shadow": s.to_dict(), "metrics": dict(m)} for s, m in self.ema.items()],
+                "bests": self.bests.to_dict(), "score": self.score, "monitored": self.monitored,
+                "train": dict(self.train), "ema_decay_now": self.ema_decay_now,
+                "early_stopping_counter": self.early_stopping_counter}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EpochResult:
+        # .get: a flattened result (Tune's) has no entry for an empty dict or list
+        return cls(epoch=int(d["epoch"]), step=int(d["step"]), regular=dict(d["regular"]),
+                   ema={Shadow.from_dict(e["shadow"]): dict(e["metrics"])
+                        for e in d.get("ema", [])},
+                   bests=Bests.from_dict(d["bests"]), score=float(d["score"]),
+                   monitored=float(d["monitored"]), train=dict(d.get("train", {})),
+                   ema_decay_now=d.get("ema_decay_now"),
+                   early_stopping_counter=d.get("early_stopping_counter"))
+
+    @classmethod
+    def from_result(cls, result: dict[str, Any]) -> EpochResult | None:
+        """The record inside a Tune result (None for a result without one). Tune hands its
+        schedulers the result flattened (``record/bests/regular/map``): both forms are read."""
+        record = result.get(RECORD_KEY)
+        if not isinstance(record, dict):
+            prefix = RECORD_KEY + "/"
+            record = {}
+            for key, value in result.items():
+                if key.startswith(prefix):
+                    node = record
+                    *parents, leaf = key[len(prefix):].split("/")
+                    for part in parents:
+                        node = node.setdefault(part, {})
+                    node[leaf] = value
+        return cls.from_dict(record) if record else None
+
+    def to_report(self, *, with_record: bool = True) -> dict[str, Any]:
+        """The flat metrics dict (ARCHITECTURE.md contract) for ``ray.train.report``, Tune and
+        MLflow, plus the record under ``"record"`` (``with_record=False``: a history row)."""
         m: dict[str, Any] = {"epoch": self.epoch, "step": self.step}
         m.update({k: float(self.regular[k]) for k in METRIC_KEYS})
         best = self.best_shadow
@@ -135,28 +174,24 @@ class EpochResult:
         if self.early_stopping_counter is not None:
             m["early_stopping_counter"] = self.early_stopping_counter
         m.update({k: float(v) for k, v in self.train.items()})
+        if with_record:
+            m[RECORD_KEY] = self.to_dict()
         return m
 
     def format_line(self, epochs: int, patience: int | None = None) -> str:
-        """The one log line of an epoch (see ``format_report_line``)."""
-        return format_report_line(self.to_report(), epochs, patience)
-
-
-def format_report_line(m: dict[str, Any], epochs: int, patience: int | None = None) -> str:
-    """The one log line of an epoch, from its flat report (``EpochResult.to_report()``, as Tune
-    receives it): both mAPs with their bests, the early-stopping counter, speed, lr, winner.
-    Its epochs are already numbered from 1 (``epoch_number``)."""
-    parts = [
-        f"epoch {int(m['epoch'])}/{epochs}",
-        f"loss {m.get('train_loss', math.nan):.4f}",
-        f"mAP {m['map']:.4f} (best {m['best_map']:.4f} @{int(m['best_map_epoch'])})",
-    ]
-    if "map_ema" in m:
-        parts.append(f"mAP_ema {m['map_ema']:.4f} (best {m['best_map_ema']:.4f} "
-                     f"@{int(m['best_map_ema_epoch'])})")
-    if patience is not None and "early_stopping_counter" in m:
-        parts.append(f"early-stop {int(m['early_stopping_counter'])}/{patience}")
-    parts.append(f"{m.get('images_per_s', math.nan):.1f} img/s")
-    parts.append(f"lr {m.get('lr', math.nan):.2e}")
-    parts.append(f"winner {'ema' if m.get('winner_is_ema') else 'regular'}")
-    return "  ".join(parts)
+        """The one log line of an epoch: both mAPs with their bests, the early-stopping counter,
+        speed, lr, winner. Its epochs are numbered from 1 (``epoch_number``)."""
+        b = self.bests
+        parts = [
+            f"epoch {self.epoch}/{epochs}",
+            f"loss {self.train.get('train_loss', math.nan):.4f}",
+            f"mAP {self.regular['map']:.4f} (best {b.regular.map:.4f} @{b.regular.epoch})",
+        ]
+        if self.map_ema is not None:
+            parts.append(f"mAP_ema {self.map_ema:.4f} (best {b.ema.map:.4f} @{b.ema.epoch})")
+        if patience is not None and self.early_stopping_counter is not None:
+            parts.append(f"early-stop {self.early_stopping_counter}/{patience}")
+        parts.append(f"{self.train.get('images_per_s', math.nan):.1f} img/s")
+        parts.append(f"lr {self.train.get('lr', math.nan):.2e}")
+        parts.append(f"winner {self.winner}")
+        return "  ".join(parts)

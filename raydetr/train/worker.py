@@ -280,8 +280,7 @@ class Recipe:
             ema_weights=(partial(ema.shadow_state_dict, best.index)
                          if best is not None else None))
         es = self.cfg.early_stopping
-        monitored = monitored_value({"map": regular["map"], "map_ema": map_ema},
-                                    use_ema=es.use_ema, ema_enabled=ema is not None)
+        monitored = monitored_value(regular["map"], map_ema, use_ema=es.use_ema)
         pairs = [(int(h["epoch"]), float(h["monitored"])) for h in s.history]
         rule = replay([*pairs, (epoch, monitored)], es.patience, es.min_delta, es.skip_epochs)
         train = {"train_loss": stats["train_loss"], "lr": stats["lr"],
@@ -334,7 +333,7 @@ class Recipe:
             self.state.epoch = epoch
             if result is not None:
                 metrics = result.to_report()
-                self.state.history.append(metrics)
+                self.state.history.append(result.to_report(with_record=False))
                 log.info(result.format_line(epochs, patience))
             ray.train.report(metrics, checkpoint=self.save_checkpoint(result) if result else None,
                              checkpoint_dir_name=f"epoch_{epoch:04d}",

@@ -10,7 +10,10 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
 from raydetr.config import ConfigError, EarlyStoppingConfig
-from raydetr.stopping.scheduler import EarlyStopping, EarlyStoppingScheduler, monitored_value
+from raydetr.ema.shadow import Shadow
+from raydetr.stopping.rule import monitored_value
+from raydetr.stopping.scheduler import EarlyStopping, EarlyStoppingScheduler
+from raydetr.train.record import Bests, EpochResult
 
 STOP, CONTINUE = TrialScheduler.STOP, TrialScheduler.CONTINUE
 
@@ -24,15 +27,18 @@ def feed(scheduler: EarlyStoppingScheduler, trial: Trial, rows: list[dict]) -> l
     return [scheduler.on_trial_result(None, trial, row) for row in rows]
 
 
+def report(epoch: int, m: float, ema: float | None = None) -> dict:
+    """One epoch's result as a worker reports it (``EpochResult.to_report()``), epoch from 1."""
+    per = {"map50": 0.0, "map75": 0.0, "mar": 0.0}
+    shadows = {Shadow(0, 0.99, 0.99): {**per, "map": ema}} if ema is not None else {}
+    record = EpochResult(epoch=epoch, step=10 * epoch, regular={**per, "map": m}, ema=shadows,
+                         bests=Bests(), score=m, monitored=m)
+    return {**record.to_report(), "training_iteration": epoch}
+
+
 def rows_from(maps: list[float], ema: list[float] | None = None, start: int = 1) -> list[dict]:
     """Results as the workers report them: ``epoch`` numbered from 1."""
-    rows = []
-    for i, m in enumerate(maps):
-        row = {"epoch": start + i, "map": m, "training_iteration": i + 1}
-        if ema is not None:
-            row["map_ema"] = ema[i]
-        rows.append(row)
-    return rows
+    return [report(start + i, m, ema[i] if ema is not None else None) for i, m in enumerate(maps)]
 
 
 # ---- pure rule -------------------------------------------------------------------------------
@@ -120,19 +126,26 @@ def test_invalid_arguments_name_the_key(kwargs):
 
 
 def test_monitored_value_variants():
-    row = {"map": 0.30, "map_ema": 0.35}
-    assert monitored_value(row, use_ema=False, ema_enabled=True) == 0.35  # max of both
-    assert monitored_value({"map": 0.4, "map_ema": 0.35}, use_ema=False, ema_enabled=True) == 0.4
-    assert monitored_value({"map": 0.4, "map_ema": 0.35}, use_ema=True, ema_enabled=True) == 0.35
-    assert monitored_value(row, use_ema=False, ema_enabled=False) == 0.30  # EMA off
-    assert monitored_value({"map": 0.3}, use_ema=True, ema_enabled=True) == 0.3  # no EMA key
-    assert monitored_value({"map_ema": 0.3}, use_ema=True, ema_enabled=True) is None
-    assert monitored_value({"epoch": 3}, use_ema=False, ema_enabled=True) is None
-    assert (
-        monitored_value({"map": 0.2, "map_ema": math.nan}, use_ema=False, ema_enabled=True) == 0.2
-    )
-    several = {"map": 0.2, "map_ema@0.99": 0.25, "map_ema@0.999": 0.31}
-    assert monitored_value(several, use_ema=True, ema_enabled=True) == 0.31
+    assert monitored_value(0.30, 0.35, use_ema=False) == 0.35  # max of both
+    assert monitored_value(0.4, 0.35, use_ema=False) == 0.4
+    assert monitored_value(0.4, 0.35, use_ema=True) == 0.35
+    assert monitored_value(0.3, None, use_ema=True) == 0.3  # no EMA mAP: the regular one
+    assert monitored_value(0.2, math.nan, use_ema=False) == 0.2
+    assert math.isnan(monitored_value(math.nan, math.nan, use_ema=False))
+
+
+def test_scheduler_reads_the_best_shadow_of_the_record():
+    """Several shadows: the record's EMA mAP is its best shadow's (``map_ema@<decay>`` keys are
+    for Tune and MLflow; nothing parses them back)."""
+    per = {"map50": 0.0, "map75": 0.0, "mar": 0.0}
+    record = EpochResult(epoch=1, step=1, regular={**per, "map": 0.2},
+                         ema={Shadow(0, 0.99, 0.99): {**per, "map": 0.25},
+                              Shadow(1, 0.999, 0.999): {**per, "map": 0.31}},
+                         bests=Bests(), score=0.31, monitored=0.31)
+    sched = EarlyStoppingScheduler(patience=1, use_ema=True)
+    trial = make_trial()
+    sched.on_trial_result(None, trial, record.to_report())
+    assert sched.state(trial)["best"] == 0.31
 
 
 # ---- scheduler with real ray.tune Trial objects ----------------------------------------------
@@ -209,11 +222,11 @@ def test_scheduler_trials_are_independent():
     assert set(sched.states()) == {a.trial_id, b.trial_id}
 
 
-def test_results_without_map_are_ignored():
+def test_results_without_a_record_are_ignored():
     sched = EarlyStoppingScheduler(patience=1)
     trial = make_trial()
-    sched.on_trial_result(None, trial, {"epoch": 1, "map": 0.5})
-    for row in ({"epoch": 2, "train_loss": 3.0}, {"done": True}, {"map": None, "epoch": 2}):
+    sched.on_trial_result(None, trial, report(1, 0.5))
+    for row in ({"epoch": 2, "train_loss": 3.0}, {"done": True}, {"map": 0.9, "epoch": 2}):
         assert sched.on_trial_result(None, trial, row) == CONTINUE
     assert sched.state(trial)["counter"] == 0
     assert sched.state(trial)["epochs_seen"] == 1
@@ -255,7 +268,7 @@ def test_save_restore_round_trip(tmp_path):
     fresh = EarlyStoppingScheduler(patience=3)
     fresh.restore(str(path))
     assert fresh.states() == sched.states()
-    assert fresh.on_trial_result(None, a, {"epoch": 4, "map": 0.2}) == STOP
+    assert fresh.on_trial_result(None, a, report(4, 0.2)) == STOP
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="bad.json"):
         fresh.restore(str(tmp_path / "bad.json"))
@@ -270,7 +283,7 @@ def test_state_path_survives_unpickled_fresh_scheduler(tmp_path):
     trial = make_trial()
     feed(sched, trial, rows_from([0.3, 0.3]))
     restored = pickle.loads(blank)
-    assert restored.on_trial_result(None, trial, {"epoch": 3, "map": 0.3}) == STOP
+    assert restored.on_trial_result(None, trial, report(3, 0.3)) == STOP
     # The driver's own object (never used by Tune after a restore) reads the file.
     driver_copy = EarlyStoppingScheduler(patience=2, state_path=path)
     assert driver_copy.state(trial.trial_id)["stopped"] is True

@@ -21,10 +21,19 @@ EMA = [0.05, 0.25, 0.31, 0.311, 0.300, 0.310, 0.30, 0.55, 0.65, 0.75]
 def test_tuner_stops_trial_at_expected_epoch(tmp_path):
     def scripted_trainable(config: dict) -> None:
         # Defined here so Ray pickles it by value (the test module is not importable in workers).
-        # A row without `map` (like Train-internal rows) must be ignored, not crash.
+        # What the workers report: EpochResult.to_report() (flat keys + the typed record).
+        from raydetr.ema.shadow import Shadow
+        from raydetr.train.record import Bests, EpochResult
+
+        # A row without a record (like Train-internal rows) must be ignored, not crash.
         tune.report({"epoch": -1, "note": 1.0})
+        per = {"map50": 0.0, "map75": 0.0, "mar": 0.0}
         for epoch, (m, e) in enumerate(zip(REGULAR, EMA), start=1):  # numbered from 1
-            tune.report({"epoch": epoch, "map": m + config["rise"] * epoch, "map_ema": e})
+            m = m + config["rise"] * epoch
+            record = EpochResult(epoch=epoch, step=epoch, regular={**per, "map": m},
+                                 ema={Shadow(0, 0.99, 0.99): {**per, "map": e}}, bests=Bests(),
+                                 score=max(m, e), monitored=max(m, e))
+            tune.report(record.to_report())
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
