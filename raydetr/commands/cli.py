@@ -131,8 +131,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _print_fit(result) -> None:
     meta = result.meta
-    print(f"\nwinner: {meta['variant']} weights, epoch {meta['epoch']}, "
-          f"mAP {meta['metrics']['map'] or 0:.4f} -> {result.winner_dir}")
+    print(f"\nwinner: {meta.variant} weights, epoch {meta.epoch}, "
+          f"mAP {meta.metrics['map'] or 0:.4f} -> {result.winner_dir}")
     if result.registered:
         r = result.registered
         print(f"registered: {r.get('model_uri')} (version {r.get('version')}, alias {r.get('alias')})")
