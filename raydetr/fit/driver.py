@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import math
 import os
@@ -25,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from raydetr.artifacts import RunDir, atomic_write_json
 from raydetr.config import Config, with_overrides
 from raydetr.data.parquet import (
     has_info,
@@ -196,7 +196,7 @@ def max_concurrent(cfg: Config) -> int:
 # --------------------------------------------------------------------------- tune + train
 def train_name(single: bool, trial_id: str) -> str:
     """The Train run's folder under the run dir: ``train`` (plain fit) or ``trials/<id>``."""
-    return "train" if single else f"trials/{trial_id}"
+    return RunDir.train_name(single, trial_id)
 
 
 def _trial_fn(base: Config, prepared: str, classes: list[str], train_images: int,
@@ -253,13 +253,14 @@ def _train_loop(loop_config: dict[str, Any]):
 def has_checkpoints(run_dir: Path) -> bool:
     """True once any epoch of the run (a plain fit or any trial of a search) was saved."""
 
-    return any(checkpoint_dirs(d) for d in [run_dir / "train", *(run_dir / "trials").glob("*")])
+    return any(checkpoint_dirs(d) for d in RunDir(run_dir).train_dirs())
 
 
 def _clear_failed_start(run_dir: Path) -> None:
     """A start that never finished an epoch left only Tune/Train bookkeeping: nothing to resume,
     so it must not block the next attempt with the same run.name."""
-    stale = [run_dir / n for n in ("tune", "train", "trials", "early_stopping.json")]
+    run = RunDir(run_dir)
+    stale = [run.tune, run.train, run.trials, run.early_stopping]
     stale = [p for p in stale if p.exists()]
     log.info("run '%s' at %s never finished an epoch: starting it afresh (removing %s)",
              run_dir.name, run_dir, ", ".join(p.name for p in stale))
@@ -284,7 +285,7 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
 
     run_dir = run_dir_of(cfg)
     single = not param_space
-    tune_dir = run_dir / "tune"
+    tune_dir = RunDir(run_dir).tune
     if tune_dir.exists() and not resume and not has_checkpoints(run_dir):
         _clear_failed_start(run_dir)
     if tune_dir.exists() and not resume:
@@ -309,7 +310,7 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
                        live.tracking_uri if live is not None else None):
         log.info(line)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    atomic_write_json(RunDir(run_dir).config, cfg.to_dict())
     board = None
     if getattr(scheduler, "decision_board", None):
 
@@ -365,7 +366,7 @@ def _shipped_schedule(cfg: Config):
 def _cleanup(run_dir: Path, board: str | None) -> None:
     """After the fit, however it ended: the best-weights caches of every Train run (a STOP
     kills the workers before their own cleanup) and the decision board."""
-    for train_dir in [run_dir / "train", *(run_dir / "trials").glob("*")]:
+    for train_dir in RunDir(run_dir).train_dirs():
         shutil.rmtree(best_cache_dir(str(train_dir)), ignore_errors=True)
     if board is not None:
 
@@ -381,14 +382,14 @@ def fit(cfg: Config, *, resume: bool = False, pretrain_weights: str | None = Non
         # copies share their counters through this file.
         scheduler = EarlyStoppingScheduler.from_config(
             cfg.early_stopping, cfg.ema.enabled,
-            state_path=run_dir_of(cfg) / "early_stopping.json",
+            state_path=RunDir(run_dir_of(cfg)).early_stopping,
             decision_board=board_name(run_dir_of(cfg)))
     live = live_runs(cfg, search=False)
     try:
         grid, run_dir, info = run_trials(cfg, scheduler=scheduler, resume=resume,
                                          pretrain_weights=pretrain_weights, live=live)
         result = grid[0]
-        train_dir = run_dir / "train"
+        train_dir = RunDir(run_dir).train
         stopped_early = bool(
             scheduler is not None and scheduler.state(Path(result.path).name).get("stopped"))
         if result.error is not None and not stopped_early:

@@ -118,9 +118,9 @@ def publish_winner(cfg: Config, run_dir: Path, winner_dir: Path, history: list[d
                    run_id: str | None = None) -> dict[str, Any] | None:
     """Log + register (into the fit's live MLflow run ``run_id`` when there is one); if MLflow is
     unreachable the fit still succeeds and says how to retry."""
-    tags = {"variant": meta.variant, "map": f"{meta.metrics['map'] or 0:.4f}",
-            "epoch": str(meta.epoch), "dataset": meta.dataset,
-            "stopped_early": str(stopped_early).lower()}
+    # run tags; publish adds raydetr.dataset and raydetr.variant (model-version tags: its own)
+    tags = {"raydetr.map": f"{meta.metrics['map'] or 0:.4f}", "raydetr.epoch": str(meta.epoch),
+            "raydetr.stopped_early": str(stopped_early).lower()}
     try:
         return publish(
             winner_dir, history=history, params=cfg.flat(), mlflow_cfg=cfg.mlflow,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raydetr.artifacts import RunDir
 from raydetr.fit.driver import init_ray
 from raydetr.fit.posthoc import (
     METRIC_KEYS,
@@ -46,7 +47,7 @@ def _trainable(run_path: str, step: int | None):
         torch.set_num_threads(1)
         run = open_run(Path(run_path))
         model_dir, = write_profiles(run, [float(config["sigma_rel"])], step,
-                                    run.run_dir / "posthoc" / "tune")
+                                    RunDir(run.run_dir).posthoc / "tune")
         tune.report(evaluate_profile(model_dir, run.prepared, run.val_split))
 
     return trial
@@ -67,7 +68,7 @@ def posthoc_search(run_path: Path, bounds: tuple[float, float], num_samples: int
     if num_samples < 1:
         raise PosthocError(f"--num-samples must be >= 1, got {num_samples}")
     run = open_run(run_path)  # fails fast on a run without snapshots / a missing step
-    write_profiles(run, [lo], step, run.run_dir / "posthoc" / "tune")
+    write_profiles(run, [lo], step, RunDir(run.run_dir).posthoc / "tune")
     init_ray(run.cfg)
     if grid:
         space = {"sigma_rel": tune.grid_search(sigma_rel_grid(lo, hi, num_samples))}
@@ -92,7 +93,7 @@ def posthoc_search(run_path: Path, bounds: tuple[float, float], num_samples: int
     rows = [{k: r[k] for k in ("sigma_rel", "gamma", *METRIC_KEYS, "profile_residual", "step",
                                "model_dir")} for r in rows]
     best = max(rows, key=lambda r: r["map"])
-    out = run.run_dir / "posthoc" / "tune_results.json"
+    out = RunDir(run.run_dir).posthoc / "tune_results.json"
     out.write_text(json.dumps({"rows": rows, "best": best}, indent=2))
     lines = [f"post-hoc Tune search over sigma_rel in [{lo:g}, {hi:g}] ({len(rows)} trials, "
              f"step {best['step']}):", "  ".join(f"{h:>10}" for h in ("sigma_rel", *METRIC_KEYS))]

@@ -26,6 +26,7 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler
 
+from raydetr.artifacts import RunDir
 from raydetr.config import Config, ConfigError, build_config, set_dotted, with_overrides
 from raydetr.ema.schedules import schedule_accepts
 from raydetr.fit.driver import live_runs, run_dir_of, run_trials
@@ -132,7 +133,7 @@ def _scheduler(cfg: Config):
 
         return EarlyStoppingScheduler.from_config(
             cfg.early_stopping, cfg.ema.enabled,
-            state_path=run_dir_of(cfg) / "early_stopping.json", decision_board=board)
+            state_path=RunDir(run_dir_of(cfg)).early_stopping, decision_board=board)
     if cfg.tune.scheduler == "asha":
         # Prunes on the same score the best trial is chosen by (EpochResult.score).
         return GatedASHAScheduler(time_attr="training_iteration", metric="score", mode="max",
@@ -189,7 +190,7 @@ def _search(cfg: Config, keys: list[str], resume: bool, live, run_trials, finali
     rows: list[dict[str, Any]] = []
     for result in grid_result:
         trial_id = Path(result.path).name
-        train_dir = run_dir / "trials" / trial_id
+        train_dir = RunDir(run_dir).trial(trial_id)
         try:
             ckpt = latest_checkpoint(train_dir)
         except Exception as exc:  # noqa: BLE001 - a trial that never finished an epoch

@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
+from raydetr.artifacts import RunDir, atomic_write_json
 from raydetr.config import Config, with_overrides
 from raydetr.registry.plots import metric_key
 from raydetr.registry.tracking import (
@@ -38,7 +38,6 @@ from raydetr.registry.tracking import (
 
 log = logging.getLogger("raydetr.mlflow")
 
-IDS_FILE = "mlflow_runs.json"
 PLAIN_KEY = "train"
 PARENT_KEY = "parent"
 # Keys Tune adds to every result; everything else numeric in a report is ours (EpochResult).
@@ -74,13 +73,10 @@ class LiveRuns(Callback):
 
     # ------------------------------------------------------------------ plumbing
     def _ids_path(self) -> Path:
-        return self.run_dir / IDS_FILE
+        return RunDir(self.run_dir).mlflow_ids
 
     def _save_ids(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._ids_path().with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.ids, indent=2))
-        os.replace(tmp, self._ids_path())
+        atomic_write_json(self._ids_path(), self.ids)
 
     def _guard(self, what: str, fn, *args) -> Any:
         """Run an MLflow call; on the first failure say so once and stop trying."""

@@ -24,11 +24,10 @@ log = logging.getLogger("raydetr.posthoc")
 
 def _training_run_id(run: RunDir) -> str | None:
     """The MLflow run the training published (fit.json / registered.json), if any."""
-    for name in ("fit.json", "registered.json"):
-        path = run.root / name
+    for path in (run.fit_info, run.registered):
         if path.is_file():
             data = json.loads(path.read_text())
-            reg = data.get("registered", data) if name == "fit.json" else data
+            reg = data.get("registered", data) if path == run.fit_info else data
             if isinstance(reg, dict) and reg.get("run_id"):
                 return str(reg["run_id"])
     return None
