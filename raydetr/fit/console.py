@@ -19,8 +19,8 @@ from typing import Any
 from ray.tune import Callback
 
 from raydetr.config import Config
+from raydetr.record import EpochResult
 from raydetr.registry.tracking import quiet_mlflow_loggers
-from raydetr.train.record import EpochResult
 
 log = logging.getLogger("raydetr.train")
 

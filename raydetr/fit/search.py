@@ -32,11 +32,11 @@ from raydetr.ema.schedules import schedule_accepts
 from raydetr.fit.driver import live_runs, run_dir_of, run_trials
 from raydetr.fit.postfit import finalize
 from raydetr.fit.trial_progress import TrialProgress
+from raydetr.record import score_of
 from raydetr.registry.search import log_search_parent
 from raydetr.stopping.decisions import board_name, post_decision
 from raydetr.stopping.scheduler import EarlyStoppingScheduler
 from raydetr.train.checkpoint import latest_checkpoint, read_bests, read_state
-from raydetr.train.record import score_of
 
 log = logging.getLogger("raydetr.search")
 

@@ -43,9 +43,9 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from raydetr.config import ConfigError, EarlyStoppingConfig
+from raydetr.record import EpochResult
 from raydetr.stopping.decisions import post_decision
 from raydetr.stopping.rule import EarlyStopping, monitored_value, replay
-from raydetr.train.record import EpochResult
 
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController

@@ -32,7 +32,7 @@ import torch
 
 from raydetr.artifacts import atomic_write_json, save_weights
 from raydetr.ema.shadow import Shadow
-from raydetr.train.record import Best, Bests
+from raydetr.record import Best, Bests
 
 STATE_FILE = "state.pt"
 BEST_FILES = {"regular": "best_regular.safetensors", "ema": "best_ema.safetensors"}

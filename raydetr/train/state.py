@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from raydetr.record import Bests
 from raydetr.train.checkpoint import rng_state, set_rng_state
-from raydetr.train.record import Bests
 
 
 @dataclass

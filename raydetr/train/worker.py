@@ -36,6 +36,7 @@ from raydetr.ema.scaling import scale_for_batch
 from raydetr.ema.schedules import register_schedule
 from raydetr.eval.coco import coco_metrics
 from raydetr.model.build import build, resolve_model_config
+from raydetr.record import METRIC_KEYS, EpochResult, epoch_number, score_of
 from raydetr.stopping.decisions import wait_decision
 from raydetr.stopping.rule import monitored_value, replay
 from raydetr.train.checkpoint import (
@@ -49,7 +50,6 @@ from raydetr.train.engine import train_one_epoch
 from raydetr.train.evaluation import ShadowEvaluator, gather_records
 from raydetr.train.optim import build_lr_scheduler, build_optimizer
 from raydetr.train.pretrained import load_pretrained
-from raydetr.train.record import METRIC_KEYS, EpochResult, epoch_number, score_of
 from raydetr.train.state import TrainState
 
 log = logging.getLogger("raydetr.train")

@@ -58,6 +58,7 @@ LAYERS = [
     ("serve",),
     ("train",),
     ("stopping",),
+    ("record",),
     ("model",),
     ("loss", "data", "eval"),
     ("ops", "artifacts", "config"),

@@ -11,9 +11,9 @@ from raydetr.config import MlflowConfig, load_config
 from raydetr.ema.shadow import Shadow
 from raydetr.fit.postfit import finalize
 from raydetr.model.build import build
+from raydetr.record import Bests
 from raydetr.registry.publish import register_run_dir
 from raydetr.train.checkpoint import BestWeightsCache, update_bests, write_checkpoint
-from raydetr.train.record import Bests
 
 
 def test_search_trial_results_dir_can_be_registered(tmp_path):

@@ -11,9 +11,9 @@ from ray.tune.schedulers import TrialScheduler
 
 from raydetr.config import ConfigError, EarlyStoppingConfig
 from raydetr.ema.shadow import Shadow
+from raydetr.record import Bests, EpochResult
 from raydetr.stopping.rule import monitored_value
 from raydetr.stopping.scheduler import EarlyStopping, EarlyStoppingScheduler
-from raydetr.train.record import Bests, EpochResult
 
 STOP, CONTINUE = TrialScheduler.STOP, TrialScheduler.CONTINUE
 

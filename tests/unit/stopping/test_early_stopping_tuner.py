@@ -23,7 +23,7 @@ def test_tuner_stops_trial_at_expected_epoch(tmp_path):
         # Defined here so Ray pickles it by value (the test module is not importable in workers).
         # What the workers report: EpochResult.to_report() (flat keys + the typed record).
         from raydetr.ema.shadow import Shadow
-        from raydetr.train.record import Bests, EpochResult
+        from raydetr.record import Bests, EpochResult
 
         # A row without a record (like Train-internal rows) must be ignored, not crash.
         tune.report({"epoch": -1, "note": 1.0})

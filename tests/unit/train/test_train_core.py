@@ -15,13 +15,13 @@ from raydetr.config import LossConfig, ModelConfig, OptimConfig
 from raydetr.ema.ema import ModelEma
 from raydetr.ema.shadow import Shadow
 from raydetr.model.build import build
+from raydetr.record import Bests, EpochResult, epoch_number, winner
 from raydetr.stopping.rule import EarlyStopping, replay
 from raydetr.train.checkpoint import BestWeightsCache, update_bests, write_checkpoint
 from raydetr.train.engine import predict_records
 from raydetr.train.evaluation import ShadowEvaluator
 from raydetr.train.optim import build_lr_scheduler, build_optimizer
 from raydetr.train.pretrained import load_pretrained, resolve_pretrained
-from raydetr.train.record import Bests, EpochResult, epoch_number, winner
 from raydetr.train.state import TrainState
 
 
