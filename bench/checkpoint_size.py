@@ -99,15 +99,15 @@ def bench_preset(preset: str, decays: list[float], repeats: int, work: Path) -> 
         else:
             shutil.rmtree(d)
     files = {p.name: p.stat().st_size for p in sorted(ckpt.iterdir())}
-    meta = strip_winner(ckpt, work / f"winner-{preset}", dataset="bench")
+    stripped = strip_winner(ckpt, work / f"winner-{preset}", dataset="bench")
     winner_files = {p.name: p.stat().st_size for p in sorted((work / f"winner-{preset}").iterdir())}
     n_params = sum(p.numel() for p in model.parameters())
     return {"preset": preset, "parameters": n_params, "ema_shadows": len(decays),
             "state_parts_bytes": parts, "checkpoint_files_bytes": files,
-            "checkpoint_bytes": meta["checkpoint_bytes"], "winner_files_bytes": winner_files,
-            "winner_bytes": meta["winner_bytes"],
-            "full_over_stripped": meta["checkpoint_bytes"] / meta["winner_bytes"],
-            "state_pt_over_stripped": files["state.pt"] / meta["winner_bytes"],
+            "checkpoint_bytes": stripped.checkpoint_bytes, "winner_files_bytes": winner_files,
+            "winner_bytes": stripped.winner_bytes,
+            "full_over_stripped": stripped.checkpoint_bytes / stripped.winner_bytes,
+            "state_pt_over_stripped": files["state.pt"] / stripped.winner_bytes,
             "write_checkpoint_s": write_s, "best_files_write_s": best_write_s,
             "write_mb_per_s": files["state.pt"] / 1e6 / common.median(write_s)}
 

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     import json
 
     sh_hist = json.loads((fit_res.run_dir / "history.json").read_text())
-    n_classes = fit_res.meta["num_classes"]
+    n_classes = fit_res.meta.num_classes
     sh_weights = _ema_shadows(latest_checkpoint(fit_res.run_dir / "train"), sh_cfg, n_classes)
 
     rows, per_decay = [], {}
