@@ -88,42 +88,53 @@ def accumulate(matches: Matches) -> COCOeval:
     rec_thrs = np.asarray(p.recThrs)
     by_cat = np.argsort(matches.det_cat, kind="stable")
     bounds = np.searchsorted(matches.det_cat[by_cat], np.arange(k_n + 1))
-    bits = a_n * t_n
+    cols = a_n * t_n  # one column per (area range, IoU threshold), area-major
     for k in range(k_n):
-        if not (matches.gt_counted[k] > 0).any():
+        npig = matches.gt_counted[k]  # [A]
+        if not (npig > 0).any():
             continue  # pycocotools leaves -1 where no ground truth counts
         idx = by_cat[bounds[k]:bounds[k + 1]]
         order = idx[np.lexsort((matches.det_rank[idx], matches.det_image[idx],
                                 -matches.det_score[idx]))]
         rank, score = matches.det_rank[order], matches.det_score[order]
-        dtm = np.unpackbits(matches.det_matched[order], axis=1, count=bits).astype(bool)
-        dti = np.unpackbits(matches.det_ignored[order], axis=1, count=bits).astype(bool)
-        dtm, dti = dtm.reshape(-1, a_n, t_n), dti.reshape(-1, a_n, t_n)
-        for a in range(a_n):
-            npig = int(matches.gt_counted[k, a])
-            if npig == 0:
-                continue
-            for m, max_det in enumerate(p.maxDets):
-                keep = rank < max_det
-                nd = int(keep.sum())
-                if nd == 0:
+        # [A*T, D]: each (area range, IoU threshold) row contiguous, like pycocotools' [T, D]
+        dtm = np.ascontiguousarray(
+            np.unpackbits(matches.det_matched[order], axis=1, count=cols).view(bool).T)
+        dti = np.ascontiguousarray(
+            np.unpackbits(matches.det_ignored[order], axis=1, count=cols).view(bool).T)
+        npig_col = np.repeat(npig, t_n)[:, None]  # [A*T, 1]
+        for m, max_det in enumerate(p.maxDets):
+            keep = rank < max_det
+            nd = int(keep.sum())
+            if nd == 0:
+                for a in np.flatnonzero(npig > 0):
                     recall[:, k, a, m] = 0
                     precision[:, :, k, a, m] = scores[:, :, k, a, m] = 0
+                continue
+            m_cd, i_cd = dtm[:, keep], dti[:, keep]  # [A*T, nd]
+            # the counts pycocotools forms (bool cumsum -> float), exact integers; int32 is the
+            # fast cumsum here
+            tp_sum = np.cumsum(m_cd & ~i_cd, axis=1, dtype=np.int32).astype(np.float64)
+            fp_sum = np.cumsum(~m_cd & ~i_cd, axis=1, dtype=np.int32).astype(np.float64)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rc = tp_sum / npig_col
+            pr = tp_sum / (fp_sum + tp_sum + np.spacing(1))
+            sorted_scores = score[keep]
+            for a in range(a_n):
+                if npig[a] == 0:
                     continue
-                m_td, i_td = dtm[keep, a, :].T, dti[keep, a, :].T  # [T, nd]
-                tp_sum = np.cumsum(m_td & ~i_td, axis=1).astype(dtype=float)
-                fp_sum = np.cumsum(~m_td & ~i_td, axis=1).astype(dtype=float)
-                rc = tp_sum / npig
-                pr = tp_sum / (fp_sum + tp_sum + np.spacing(1))
-                recall[:, k, a, m] = rc[:, -1]
-                pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]
-                sorted_scores = score[keep]
                 for t in range(t_n):
-                    inds = np.searchsorted(rc[t], rec_thrs, side="left")
-                    ok = inds < nd
+                    c = a * t_n + t
+                    recall[t, k, a, m] = rc[c, -1]
+                    inds = np.searchsorted(rc[c], rec_thrs, side="left")
+                    at = inds[inds < nd]  # pycocotools leaves 0 beyond the last detection
                     q, ss = np.zeros(r_n), np.zeros(r_n)
-                    q[ok] = pr[t, inds[ok]]
-                    ss[ok] = sorted_scores[inds[ok]]
+                    if len(at):
+                        # precision made monotone from the right, read at ``at``: the max of
+                        # pr[at[j]:] = suffix max over the segments [at[j], at[j+1])
+                        seg = np.maximum.reduceat(pr[c], at)
+                        q[:len(at)] = np.maximum.accumulate(seg[::-1])[::-1]
+                        ss[:len(at)] = sorted_scores[at]
                     precision[t, :, k, a, m], scores[t, :, k, a, m] = q, ss
     ev.eval = {"params": p, "counts": [t_n, r_n, k_n, a_n, m_n], "precision": precision,
                "recall": recall, "scores": scores}

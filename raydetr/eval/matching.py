@@ -183,9 +183,9 @@ def _last_argmax(cand: np.ndarray, iou: np.ndarray) -> tuple[np.ndarray, np.ndar
 def _match_groups(flat: Flat, d_idx: np.ndarray, g_idx: np.ndarray, thr: np.ndarray,
                   area_rng: np.ndarray, matched: np.ndarray, ignored: np.ndarray) -> None:
     """Greedy matching of a chunk of (image, category) groups: ``d_idx`` [n, Dm] kept
-    detections in score order (-1 pad; rows sorted by detection count, most first), ``g_idx``
+    detections in score order (-1 pad), ``g_idx``
     [n, Gm] ground truth in annotation order (-1 pad). Writes matched/ignored [D, A, T]."""
-    n, dm = d_idx.shape
+    n = len(d_idx)
     a_n, t_n = len(area_rng), len(thr)
     g_ok = g_idx >= 0
     g_safe = np.where(g_ok, g_idx, 0)
@@ -196,8 +196,21 @@ def _match_groups(flat: Flat, d_idx: np.ndarray, g_idx: np.ndarray, thr: np.ndar
     d_safe = np.where(d_idx >= 0, d_idx, 0)
     iou = _box_iou(flat.dt_xywh[d_safe], flat.gt_xywh[g_safe], crowd)  # [n, Dm, Gm]
     iou = np.where(g_ok[:, None, :], iou, -1.0)
+    # Only detections with IoU >= the lowest threshold to some ground truth can match; the others
+    # are unmatched at every threshold and change nothing for the rest: leave them out, keeping
+    # the score order, and put the rows with the most candidates first.
+    cand = (iou >= thr.min()).any(axis=2) & (d_idx >= 0)
+    if not cand.any():
+        return
+    first = np.argsort(~cand, axis=1, kind="stable")
+    d_idx = np.where(np.take_along_axis(cand, first, 1), np.take_along_axis(d_idx, first, 1), -1)
+    iou = np.take_along_axis(iou, first[:, :, None], 1)
+    counts = (d_idx >= 0).sum(axis=1)
+    rows = np.argsort(-counts, kind="stable")
+    dm = int(counts.max())
+    d_idx, iou, crowd, g_ign = d_idx[rows, :dm], iou[rows, :dm], crowd[rows], g_ign[rows]
     taken = np.zeros((n, a_n, t_n, g_idx.shape[1]), bool)
-    active = (d_idx >= 0).sum(axis=0)  # rows with a detection at each rank (a prefix)
+    active = (d_idx >= 0).sum(axis=0)  # rows with a candidate at each step (a prefix)
     for r in range(dm):
         k = int(active[r])
         if k == 0:
@@ -273,7 +286,6 @@ def match_flat(flat: Flat, params: Any) -> Matches:
             while hi < len(by_size) and (hi - lo + 1) * gc[by_size[hi]] * a_n * t_n <= _CHUNK:
                 hi += 1
             sel = by_size[lo:hi]
-            sel = sel[np.argsort(-d_count[d_pos[sel]], kind="stable")]
             _match_groups(flat, _pad(d_start[d_pos[sel]], d_count[d_pos[sel]], kept),
                           _pad(g_start[g_pos[sel]], g_count[g_pos[sel]], g_order), thr,
                           area_rng, matched, ignored)
