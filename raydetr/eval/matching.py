@@ -297,8 +297,8 @@ def match_flat(flat: Flat, params: Any) -> Matches:
     out.det_image = flat.dt_image[kept].astype(np.int64)
     out.det_rank = rank.astype(np.int32)
     out.det_score = flat.dt_score[kept]
-    out.det_matched = np.packbits(matched[kept].reshape(len(kept), -1), axis=1)
-    out.det_ignored = np.packbits(ignored[kept].reshape(len(kept), -1), axis=1)
+    out.det_matched = np.packbits(matched[kept].reshape(len(kept), a_n * t_n), axis=1)
+    out.det_ignored = np.packbits(ignored[kept].reshape(len(kept), a_n * t_n), axis=1)
     return out
 
 

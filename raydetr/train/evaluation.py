@@ -65,22 +65,6 @@ class ShadowEvaluator:
                    for t in (*self.eval_model.parameters(), *self.eval_model.buffers()))
 
 
-def gather_records(records: dict[str, list[dict]], rank: int,
-                   world: int) -> dict[str, list[dict]] | None:
-    """Every rank's records, merged on rank 0 (None on the other ranks)."""
-    if world == 1:
-        return records
-    gathered: list[Any] | None = [None] * world if rank == 0 else None
-    dist.gather_object(records, gathered, dst=0)
-    if rank != 0:
-        return None
-    merged: dict[str, list[dict]] = {k: [] for k in records}
-    for part in gathered:
-        for k, v in part.items():
-            merged[k].extend(v)
-    return merged
-
-
 def gather_matches(parts: dict[Any, Matches], rank: int,
                    world: int) -> dict[Any, list[Matches]] | None:
     """Every rank's per-variant :class:`Matches`, as lists in rank order on rank 0 (None on the

@@ -153,6 +153,8 @@ def format_report_line(m: dict[str, Any], epochs: int, patience: int | None = No
     if patience is not None and "early_stopping_counter" in m:
         parts.append(f"early-stop {int(m['early_stopping_counter'])}/{patience}")
     parts.append(f"{m.get('images_per_s', math.nan):.1f} img/s")
+    if "eval_seconds" in m:  # predict + match + gather + accumulate, every variant
+        parts.append(f"eval {m['eval_seconds']:.1f}s")
     parts.append(f"lr {m.get('lr', math.nan):.2e}")
     parts.append(f"winner {'ema' if m.get('winner_is_ema') else 'regular'}")
     return "  ".join(parts)

@@ -4,9 +4,10 @@ save_checkpoint -> report -> wait for the scheduler's decision.
     train_loop_per_worker({"cfg": Config, "classes": [...], "train_images": N, ...})
 
 Per epoch: train (DDP; EMA updated after every optimizer step) -> evaluate the regular weights
-and every EMA shadow on this worker's share of the val split -> gather detections to rank 0 ->
-COCOeval there -> one :class:`EpochResult` -> rank 0 writes ``epoch_NNNN`` -> every rank calls
-``ray.train.report`` -> every rank waits for the scheduler's verdict on that epoch.
+and every EMA shadow on this worker's share of the val split -> match them to the ground truth
+there (COCO's per-image step) -> gather the matches to rank 0 -> accumulate there -> one
+:class:`EpochResult` -> rank 0 writes ``epoch_NNNN`` -> every rank calls ``ray.train.report``
+-> every rank waits for the scheduler's verdict on that epoch.
 """
 
 from __future__ import annotations
@@ -256,19 +257,19 @@ class Recipe:
 
     def evaluate(self, epoch: int, stats: dict[str, float]) -> EpochResult | None:
         """Every variant on the val split; rank 0 returns the record of epoch number ``epoch``."""
-        from raydetr.eval.coco import coco_metrics
-        from raydetr.train.evaluation import gather_records, variant_name
+        from raydetr.train.evaluation import evaluate_matches, variant_name
         from raydetr.tune.rule import monitored_value, replay
 
         t0 = time.perf_counter()
         self.model.eval()
         records = self.evaluator.predict(self.postprocessor, self.val_batches(), self.device,
                                          self.amp_dtype)
-        records = gather_records(records, self.rank, self.world)
-        if records is None:
+        predict_seconds = time.perf_counter() - t0
+        # each rank matches its own images; rank 0 accumulates (raydetr.eval.distributed)
+        res, coco_seconds = evaluate_matches(records, self.args.classes, self.rank, self.world)
+        if res is None:
             return None
-        res = {name: coco_metrics(recs, self.args.classes) for name, recs in records.items()}
-        eval_seconds = time.perf_counter() - t0  # predict + gather + COCOeval, not the bests
+        eval_seconds = time.perf_counter() - t0  # predict + match + gather + accumulate
         regular = {k: float(res["regular"][k]) for k in METRIC_KEYS}
         s, ema = self.state, self.state.ema
         per_decay = ({d: {k: float(res[variant_name(d)][k]) for k in METRIC_KEYS}
@@ -287,7 +288,8 @@ class Recipe:
         rule = replay([*pairs, (epoch, monitored)], es.patience, es.min_delta, es.skip_epochs)
         train = {"train_loss": stats["train_loss"], "lr": stats["lr"],
                  "images_per_s": stats["images_per_s"], "train_seconds": stats["seconds"],
-                 "eval_seconds": eval_seconds}
+                 "eval_seconds": eval_seconds, "eval_predict_seconds": predict_seconds,
+                 **coco_seconds}
         return EpochResult(
             epoch=epoch, step=s.step, regular=regular, ema=per_decay, bests=s.bests,
             score=score_of(regular["map"], map_ema, self.cfg.tune.metric), monitored=monitored,
