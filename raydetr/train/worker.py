@@ -109,6 +109,7 @@ class Recipe:
                 f"{n} training images cannot fill one global batch of {self.global_batch} "
                 f"(optim.batch_size {cfg.optim.batch_size} x {world} workers): lower either")
         self.steps_per_epoch = math.ceil(batches / cfg.optim.grad_accum_steps)
+        self.total_steps = self.steps_per_epoch * cfg.optim.epochs
         self.train_data = SplitReader(self.args.prepared, cfg.data.train_split, cfg.data)
         self.val_data = SplitReader(self.args.prepared, cfg.data.val_split, cfg.data)
         log.info("rank %d of %d on node %s", self.rank, world,
@@ -145,7 +146,7 @@ class Recipe:
         return ModelEma(model, tau=scaled.tau, decays=scaled.decays, schedule=e.schedule,
                         schedule_kwargs=e.schedule_kwargs, average_buffers=e.average_buffers,
                         device=e.device, nan_guard=e.nan_guard,
-                        total_steps=self.steps_per_epoch * self.cfg.optim.epochs)
+                        total_steps=self.total_steps)
 
     def setup_state(self) -> None:
         """Optimizer, LR schedule, EMA -> TrainState, restored from Ray's checkpoint if any."""
@@ -191,14 +192,14 @@ class Recipe:
             return None
         import ray.train
 
-        from raydetr.ema.posthoc import PosthocTracker
+        from raydetr.ema.posthoc import PosthocTracker, snapshot_every
 
         ph = self.cfg.ema.posthoc
         storage = ray.train.get_context().get_storage()
         if getattr(storage.storage_filesystem, "type_name", "local") != "local":
             raise ValueError("ema.posthoc needs run.output_dir on a local or shared (NFS) file "
                              f"system; this run stores to {storage.storage_filesystem.type_name}")
-        every = ph.every_steps or max(1, self.steps_per_epoch // 4)
+        every = ph.every_steps or snapshot_every(self.total_steps, ph.snapshots)
         return PosthocTracker(self.model, ph.sigma_rels, every,
                               Path(storage.experiment_fs_path) / "posthoc", bf16=ph.bf16,
                               device=self.cfg.ema.device)
@@ -213,8 +214,11 @@ class Recipe:
                  self.ema_scaling().describe() if self.state.ema else "EMA off")
         ph = self.state.posthoc
         if ph is not None:
-            log.info("post-hoc EMA: sigma_rels %s, snapshots every %d steps into %s",
-                     ph.sigma_rels, ph.every_steps, ph.out_dir)
+            n_bytes = ph.run_nbytes(self.total_steps)
+            log.info("post-hoc EMA: sigma_rels %s, a snapshot every %d steps and at step %d: "
+                     "%d files, %d bytes (%.2f GB, %s) into %s", ph.sigma_rels, ph.every_steps,
+                     self.total_steps, n_bytes // ph.snapshot_nbytes(), n_bytes, n_bytes / 1e9,
+                     "bf16" if ph.bf16 else "float32", ph.out_dir)
 
     # ------------------------------------------------------------------ per epoch
     def train_batches(self, epoch: int):
@@ -251,8 +255,8 @@ class Recipe:
             clip_max_norm=o.clip_max_norm, ema=s.ema, amp_dtype=self.amp_dtype,
             log_every=self.cfg.run.log_every_steps, on_step=on_step)
         s.step += stats["steps"]
-        if s.posthoc is not None:
-            s.posthoc.snapshot(s.step)  # every epoch ends with one, whatever every_steps is
+        if s.posthoc is not None and s.step == self.total_steps:
+            s.posthoc.snapshot(s.step)  # the run's last step has one, whatever every_steps is
         return stats
 
     def evaluate(self, epoch: int, stats: dict[str, float]) -> EpochResult | None:
