@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from raydetr.ema.ema import ModelEma
 from raydetr.config import PosthocConfig
+from raydetr.ema.ema import ModelEma
 from raydetr.ema.posthoc import (
     PosthocTracker,
     gamma_to_sigma_rel,
