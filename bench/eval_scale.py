@@ -13,7 +13,8 @@ index), the rest random boxes whose classes follow the same category mix, scores
 are raydetr's eval-record contract (raydetr.eval.coco), the same the workers produce.
 
 Today (before this change): rank 0 runs ``coco_metrics`` (pycocotools evaluate + accumulate +
-summarize) once per variant, serially, on every image; measured per variant.
+summarize) once per variant, serially, on every image; ``--today-variants`` of them are timed
+(minutes each at 5000 images) and a K-variant epoch today is K x their mean.
 Now: ``--workers`` W real processes (torch.distributed, gloo, on this machine) each run
 ``raydetr.eval.distributed.match_records`` for their own images (every W-th) and every variant,
 the compact :class:`Matches` are gathered to rank 0 (``gather_matches``, as the training worker
@@ -111,14 +112,16 @@ def make_records(ref: dict[str, Any], image_ids: range | list[int], variants: in
 
 # --------------------------------------------------------------------------- today
 def today(ref: dict[str, Any], images: int, variants: int) -> dict[str, Any]:
-    """Serial rank-0 pycocotools, one coco_metrics per variant on every image."""
+    """Serial rank-0 pycocotools, one coco_metrics per variant on every image (the first
+    ``variants`` variants)."""
     from raydetr.eval.coco import coco_metrics
 
-    records = make_records(ref, range(1, images + 1), variants)
     seconds, metrics = [], []
     for v in range(variants):
+        records = make_records(ref, range(1, images + 1), v + 1)  # not timed
         t0 = time.perf_counter()
         metrics.append(coco_metrics(records[v], ref["classes"]))
+        del records
         seconds.append(time.perf_counter() - t0)
         print(f"  today: variant {v}: {seconds[-1]:.2f} s", flush=True)
     return {"seconds_per_variant": seconds, "metrics": metrics}
@@ -198,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", type=int, nargs="+", default=[2, 4])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--reference", type=Path, default=REFERENCE)
+    p.add_argument("--today-variants", type=int, default=1,
+                   help="variants timed with today's path (each ~minutes at 5000 images); a "
+                        "K-variant epoch today = K x their mean (variants cost alike)")
     args = p.parse_args(argv)
     images = args.images or (200 if args.quick else 5000)
     work = common.workdir_of(args) / "eval_scale"
@@ -207,14 +213,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{images} synthetic COCO images, {DETS_PER_IMAGE} detections per image, "
           f"{len(ref['classes'])} classes; {cores} CPUs (shared)", flush=True)
 
-    # Variants are evaluated one after another and cost alike, so the largest count is run and
-    # the smaller epochs are its first K variants (today) / their own runs (now).
-    base = today(ref, images, most)
+    # Today's path evaluates the variants one after another and each costs alike: time
+    # --today-variants of them; a K-variant epoch today is K x their mean. Now: every K is run.
+    base = today(ref, images, min(args.today_variants, most))
+    today_per_variant = float(np.mean(base["seconds_per_variant"]))
     runs: dict[int, dict[int, dict[str, Any]]] = {k: {} for k in args.variants}
     for k in args.variants:
         for w in args.workers:
             r = now(args.reference, images, k, w, work)
-            r["max_abs_diff_vs_today"] = _max_diff(r["metrics"], base["metrics"][:k])
+            n = min(k, len(base["metrics"]))
+            r["max_abs_diff_vs_today"] = _max_diff(r["metrics"][:n], base["metrics"][:n])
             runs[k][w] = r
             print(f"  now: {k} variants, {w} workers: {r['wall_s']:.2f} s (match "
                   f"{r['match_s_slowest_rank']:.2f}, gather {r['gather_s']:.2f}, accumulate "
@@ -237,8 +245,9 @@ def main(argv: list[str] | None = None) -> None:
 
     rows, summary = [], []
     for k in args.variants:
-        today_s = sum(base["seconds_per_variant"][:k])
-        rows.append([k, "today (rank 0, serial)", 1, today_s, "-", 1.0, "-"])
+        today_s = today_per_variant * k
+        rows.append([k, f"today (rank 0, serial; {len(base['metrics'])} timed)", 1, today_s,
+                     "-", 1.0, "-"])
         for w, r in runs[k].items():
             rows.append([k, "now (per-rank matching)", w, r["wall_s"], predicted(k, w) or "-",
                          r["wall_s"] / today_s, r["gathered_bytes"] / 1e6])
@@ -252,7 +261,6 @@ def main(argv: list[str] | None = None) -> None:
         for n in (8, 16, 32):
             print(f"model: {most} variants on {n} workers with {n} cores: "
                   f"{model['per_image_s'] * images * most / n + model['fixed_s_per_variant'] * most:.2f} s")
-    today_per_variant = float(np.median(base["seconds_per_variant"]))
     print(f"today: eval seconds per variant, {images} images, rank 0 serial: "
           f"{today_per_variant:.2f}")
     if one is not None:
@@ -266,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
                                           "<= 1", ratio <= 1.0, "x"))
     for w in args.workers:
         if w > 1 and w in runs[most]:
-            ratio_w = runs[most][w]["wall_s"] / sum(base["seconds_per_variant"][:most])
+            ratio_w = runs[most][w]["wall_s"] / (today_per_variant * most)
             print(f"eval seconds per epoch, {most} variants, {w} workers / today: {ratio_w:.3f}")
             summary.append(common.summary_row(
                 f"eval per epoch, {most} variants, {w} workers / today", ratio_w, "info", None,
