@@ -1,7 +1,7 @@
 """``make bench``: every benchmark in one run, then one summary table.
 
-    .venv/bin/python bench/run_all.py                  # the suite (~25-30 min on 2 shared cores;
-                                                       # eval_scale alone ~10 min at 5000 images)
+    .venv/bin/python bench/run_all.py                  # the suite (~15-20 min on 2 shared cores
+                                                       # before eval_scale, which adds its own)
     .venv/bin/python bench/run_all.py --quick          # smoke run, results under the workdir
     .venv/bin/python bench/run_all.py --only ema checkpoint_size
     .venv/bin/python bench/run_all.py --with-tune      # also tune_vs_shadows (4 more fits, ~10 min)
