@@ -6,12 +6,14 @@
 Tune:      raydetr.fit.search.search over ema.decay (grid of 8 decays, fifo, one trial at a
            time: on 2 shared cores concurrent trials only compete): 8 full trainings.
 Post-hoc:  one training with ema.posthoc.enabled=true (snapshots of sigma_rel 0.05 and 0.10,
-           default every_steps = 4 per epoch), then raydetr.commands.posthoc.sweep over 8 sigma_rels
-           log-spaced in [0.03, 0.25] (reconstruct on the driver, evaluate as Ray tasks).
+           default: ema.posthoc.snapshots per profile over the run), then
+           raydetr.fit.posthoc.sweep over 8 sigma_rels log-spaced in [0.03, 0.25] (reconstruct
+           on the driver, evaluate as Ray tasks).
 Printed: wall times, `post-hoc sweep / Tune sweep wall time: R` (the sweep alone, the target
 <= 0.15), the same ratio with the post-hoc run's own training included, and the snapshot
-storage in bytes per epoch (float32, and bf16 = half). MLflow off. Ray is started here with
-address="local" so no other Ray cluster on the machine is used.
+storage in bytes per epoch (float32, and bf16 = half), and per run next to what the former
+default (4 per epoch + each epoch's end) writes for the same run. MLflow off. Ray is started
+here with address="local" so no other Ray cluster on the machine is used.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     from raydetr.config import load_config
-    from raydetr.ema.posthoc import list_snapshots, snapshot_bytes
+    from raydetr.ema.posthoc import list_snapshots, snapshot_bytes, snapshot_steps
     from raydetr.fit.driver import fit
     from raydetr.fit.posthoc import sigma_rel_grid, sweep
     from raydetr.fit.search import search
@@ -82,6 +84,14 @@ def main(argv: list[str] | None = None) -> None:
     snaps = list_snapshots(snap_dir)
     n_bytes = snapshot_bytes(snap_dir)
     per_epoch = n_bytes / sizes["epochs"]
+    # Today's default before issue 24 (every steps_per_epoch // 4 steps and at every epoch's
+    # end, float32): the same files, counted at those steps.
+    total_steps = max(s.step for s in snaps)
+    spe = total_steps // sizes["epochs"]
+    today_steps = set(snapshot_steps(total_steps, max(1, spe // 4))) | {
+        spe * e for e in range(1, sizes["epochs"] + 1)}
+    per_file = n_bytes / len(snaps)
+    today_bytes = per_file * len(today_steps) * len({s.sigma_rel for s in snaps})
     ratio = sweep_wall / tune_wall
     ratio_incl = (train_wall + sweep_wall) / tune_wall
 
@@ -101,12 +111,17 @@ def main(argv: list[str] | None = None) -> None:
           f"{sw.best['map']:.4f} at sigma_rel {sw.best['sigma_rel']:g}")
     print(f"snapshots: {len(snaps)} files, {n_bytes} bytes, {per_epoch:.0f} bytes per epoch "
           f"(float32; ema.posthoc.bf16=true halves it)")
+    print(f"post-hoc snapshot bytes per run: now {n_bytes} ({len(snaps)} files, "
+          f"ema.posthoc.snapshots per profile); today's default (4 per epoch + each epoch's end) "
+          f"{today_bytes:.0f} ({len(today_steps) * 2} files) over these {sizes['epochs']} epochs")
     print(f"post-hoc (training + sweep) / Tune sweep wall time: {ratio_incl:.3f}")
     print(f"post-hoc sweep / Tune sweep wall time: {ratio:.3f}")
     summary = [
         common.summary_row("post-hoc sweep / Tune sweep wall time (8 vs 8)", ratio, "<= 0.15",
                            ratio <= 0.15, "x"),
         common.summary_row("post-hoc snapshot bytes per epoch", per_epoch, "info", None, "B"),
+        common.summary_row("post-hoc snapshot bytes per run (today's default: "
+                           f"{today_bytes:.3g} B)", n_bytes, "info", None, "B"),
     ]
     common.write_json("posthoc", args, {
         "sizes": sizes, "decays": DECAYS, "sigma_rels": sigma_rels,
@@ -114,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         "posthoc_sweep_wall_s": sweep_wall, "ratio_sweep_over_tune": ratio,
         "ratio_train_plus_sweep_over_tune": ratio_incl,
         "snapshot_files": len(snaps), "snapshot_bytes": n_bytes,
-        "snapshot_bytes_per_epoch": per_epoch,
+        "snapshot_bytes_per_epoch": per_epoch, "today_default_snapshot_bytes": today_bytes,
+        "today_default_snapshot_files": len(today_steps) * 2,
         "posthoc_rows": sw.rows, "tune_rows": [
             {k: v for k, v in r.items() if k not in ("history", "train_dir")}
             for r in tune_res.rows],

@@ -1,6 +1,7 @@
 """``make bench``: every benchmark in one run, then one summary table.
 
-    .venv/bin/python bench/run_all.py                  # the suite (~15-20 min on 2 shared cores)
+    .venv/bin/python bench/run_all.py                  # the suite (~15-20 min on 2 shared cores
+                                                       # before eval_scale, which adds its own)
     .venv/bin/python bench/run_all.py --quick          # smoke run, results under the workdir
     .venv/bin/python bench/run_all.py --only ema checkpoint_size
     .venv/bin/python bench/run_all.py --with-tune      # also tune_vs_shadows (4 more fits, ~10 min)
@@ -29,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
-ORDER = ["ema", "checkpoint_size", "ray_overhead", "scaling", "eval_cost", "data_path",
-         "tune_vs_shadows"]
+ORDER = ["ema", "checkpoint_size", "ray_overhead", "scaling", "eval_cost", "eval_scale",
+         "posthoc_snapshots", "data_path", "tune_vs_shadows"]
 
 
 def ema_args(quick: bool, presets: list[str]) -> list[str]:

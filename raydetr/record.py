@@ -192,6 +192,8 @@ class EpochResult:
         if patience is not None and self.early_stopping_counter is not None:
             parts.append(f"early-stop {self.early_stopping_counter}/{patience}")
         parts.append(f"{self.train.get('images_per_s', math.nan):.1f} img/s")
+        if "eval_seconds" in self.train:  # predict + match + gather + accumulate, every variant
+            parts.append(f"eval {self.train['eval_seconds']:.1f}s")
         parts.append(f"lr {self.train.get('lr', math.nan):.2e}")
         parts.append(f"winner {self.winner}")
         return "  ".join(parts)

@@ -31,7 +31,8 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# ../shared/data beside the repo; RAYDETR_SHARED_DATA points elsewhere (e.g. from a git worktree)
+SHARED_DATA = Path(os.environ.get("RAYDETR_SHARED_DATA", REPO.parent / "shared" / "data"))
 THERMAL = SHARED_DATA / "thermal-dogs-people"
 COCO_REFERENCE = SHARED_DATA / "coco-reference"
 

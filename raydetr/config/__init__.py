@@ -150,8 +150,14 @@ class PosthocConfig(_Strict):
         default_factory=lambda: [0.05, 0.10],
         description="Relative widths of the tracked power-function EMAs (EDM2: 0.05, 0.10).",
     )
+    snapshots: int = Field(
+        16, ge=2, description="Snapshots per profile over the whole run: every "
+        "ceil(total steps / snapshots) optimizer steps, and one at the run's last step "
+        "(bench/posthoc_snapshots.py measures the reconstruction error against this count).",
+    )
     every_steps: int | None = Field(
-        None, gt=0, description="Snapshot every N optimizer steps; None: 4 per epoch."
+        None, gt=0, description="Snapshot every N optimizer steps instead (more snapshots: "
+        "finer steps to reconstruct at, more bytes); None: from `snapshots`."
     )
     bf16: bool = Field(False, description="Store snapshots in bfloat16 (half the bytes).")
 

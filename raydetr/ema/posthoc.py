@@ -236,6 +236,21 @@ def reconstruct_many(snaps: Sequence[Snapshot], sigma_rels: Sequence[float],
     return out
 
 
+# ----------------------------------------------------------------------------- budget
+def snapshot_every(total_steps: int, snapshots: int) -> int:
+    """Steps between snapshots so a run of ``total_steps`` writes ``snapshots`` per profile
+    (the grid's last point may fall short of the end; the run's last step adds one there)."""
+    if snapshots < 1:
+        raise ValueError(f"ema.posthoc.snapshots must be >= 1, got {snapshots}")
+    return max(1, math.ceil(max(total_steps, 1) / snapshots))
+
+
+def snapshot_steps(total_steps: int, every_steps: int) -> list[int]:
+    """The optimizer steps a run of ``total_steps`` writes snapshots at: every ``every_steps``
+    and its last step."""
+    return sorted(set(range(every_steps, total_steps + 1, every_steps)) | {total_steps})
+
+
 # ----------------------------------------------------------------------------- tracker
 class PosthocTracker:
     """Two (or more) power-function EMAs of a model plus periodic snapshots of them.
@@ -310,6 +325,17 @@ class PosthocTracker:
             paths.append(path)
         self.written.append(step)
         return paths
+
+    def snapshot_nbytes(self) -> int:
+        """Tensor bytes of one profile's snapshot file (its header, a few KB, not counted)."""
+        size = 2 if self.bf16 else None
+        return sum(v.numel() * (size if size and v.is_floating_point() else v.element_size())
+                   for v in self._emas[0].shadow_state_dict(0).values())
+
+    def run_nbytes(self, total_steps: int) -> int:
+        """Tensor bytes of every snapshot of a run of ``total_steps`` optimizer steps."""
+        steps = snapshot_steps(total_steps, self.every_steps)
+        return len(steps) * len(self.sigma_rels) * self.snapshot_nbytes()
 
     def state_dict(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "sigma_rels": list(self.sigma_rels),

@@ -127,6 +127,35 @@ def _xyxy_to_xywh(boxes: np.ndarray, where: str) -> np.ndarray:
     return out
 
 
+def record_arrays(rec: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    """One eval record, checked, as float64 xywh boxes: image_id, width, height, gt_xywh [N,4],
+    gt_labels i64[N], det_xywh [K,4], det_labels i64[K], scores f64[K]. Errors name the image."""
+    image_id = int(rec["image_id"])
+    out: dict[str, Any] = {"image_id": image_id, "width": int(rec["width"]),
+                           "height": int(rec["height"])}
+    for kind, box_key, label_key in (("gt", "gt_boxes", "gt_labels"), ("det", "boxes", "labels")):
+        labels = np.asarray(rec[label_key], dtype=np.int64).reshape(-1)
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(
+                f"eval records: image_id {image_id} has {kind} label(s) "
+                f"{sorted(set(labels[(labels < 0) | (labels >= num_classes)].tolist()))} "
+                f"outside 0..{num_classes - 1} ({num_classes} classes)"
+            )
+        xywh = _xyxy_to_xywh(rec[box_key], f"eval records: image_id {image_id} {box_key}")
+        if len(xywh) != len(labels):
+            raise ValueError(
+                f"eval records: image_id {image_id}: {len(xywh)} {box_key} but "
+                f"{len(labels)} {label_key}"
+            )
+        out[f"{kind}_xywh"], out[f"{kind}_labels"] = xywh, labels
+    scores = np.asarray(rec["scores"], dtype=np.float64).reshape(-1)
+    if len(scores) != len(out["det_labels"]):
+        raise ValueError(f"eval records: image_id {image_id}: {len(scores)} scores but "
+                         f"{len(out['det_labels'])} labels")
+    out["scores"] = scores
+    return out
+
+
 def records_to_coco(
     records: Sequence[dict[str, Any]], classes: Sequence[str]
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -134,60 +163,23 @@ def records_to_coco(
 
     Category id = class index + 1. Boxes become xywh absolute pixels; GT area = w*h.
     """
-    num_classes = len(classes)
     images, annotations, results = [], [], []
     seen: set[int] = set()
     for rec in records:
-        image_id = int(rec["image_id"])
+        r = record_arrays(rec, len(classes))
+        image_id = r["image_id"]
         if image_id in seen:
             raise ValueError(f"eval records: image_id {image_id} appears more than once")
         seen.add(image_id)
-        images.append({"id": image_id, "width": int(rec["width"]), "height": int(rec["height"])})
-        for kind, box_key, label_key in (
-            ("gt", "gt_boxes", "gt_labels"),
-            ("det", "boxes", "labels"),
-        ):
-            labels = np.asarray(rec[label_key], dtype=np.int64).reshape(-1)
-            if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-                raise ValueError(
-                    f"eval records: image_id {image_id} has {kind} label(s) "
-                    f"{sorted(set(labels[(labels < 0) | (labels >= num_classes)].tolist()))} "
-                    f"outside 0..{num_classes - 1} ({num_classes} classes)"
-                )
-            xywh = _xyxy_to_xywh(rec[box_key], f"eval records: image_id {image_id} {box_key}")
-            if len(xywh) != len(labels):
-                raise ValueError(
-                    f"eval records: image_id {image_id}: {len(xywh)} {box_key} but "
-                    f"{len(labels)} {label_key}"
-                )
-            if kind == "gt":
-                for box, label in zip(xywh.tolist(), labels.tolist()):
-                    annotations.append(
-                        {
-                            "id": len(annotations) + 1,
-                            "image_id": image_id,
-                            "category_id": label + 1,
-                            "bbox": box,
-                            "area": box[2] * box[3],
-                            "iscrowd": 0,
-                        }
-                    )
-            else:
-                scores = np.asarray(rec["scores"], dtype=np.float64).reshape(-1)
-                if len(scores) != len(labels):
-                    raise ValueError(
-                        f"eval records: image_id {image_id}: {len(scores)} scores but "
-                        f"{len(labels)} labels"
-                    )
-                for box, label, score in zip(xywh.tolist(), labels.tolist(), scores.tolist()):
-                    results.append(
-                        {
-                            "image_id": image_id,
-                            "category_id": label + 1,
-                            "bbox": box,
-                            "score": score,
-                        }
-                    )
+        images.append({"id": image_id, "width": r["width"], "height": r["height"]})
+        for box, label in zip(r["gt_xywh"].tolist(), r["gt_labels"].tolist()):
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                "category_id": label + 1, "bbox": box,
+                                "area": box[2] * box[3], "iscrowd": 0})
+        for box, label, score in zip(r["det_xywh"].tolist(), r["det_labels"].tolist(),
+                                     r["scores"].tolist()):
+            results.append({"image_id": image_id, "category_id": label + 1, "bbox": box,
+                            "score": score})
     categories = [{"id": i + 1, "name": str(name)} for i, name in enumerate(classes)]
     return {"images": images, "annotations": annotations, "categories": categories}, results
 
@@ -221,9 +213,14 @@ def coco_metrics(records: Sequence[dict[str, Any]], classes: Sequence[str]) -> d
         log.warning("coco_metrics: no ground-truth boxes in %d images; metrics are 0", len(records))
         return out
     coco_gt = coco_from_dataset(gt)
-    ev = run_cocoeval(coco_gt, load_results(coco_gt, results))
-    for key, idx in _METRIC_KEYS.items():
-        out[key] = max(0.0, float(ev.stats[idx]))
+    return metrics_of_cocoeval(run_cocoeval(coco_gt, load_results(coco_gt, results)), classes)
+
+
+def metrics_of_cocoeval(ev: COCOeval, classes: Sequence[str]) -> dict[str, Any]:
+    """The :func:`coco_metrics` dict of an accumulated and summarized COCOeval (category id =
+    class index + 1); -1 (undefined) becomes 0.0."""
+    out: dict[str, Any] = {key: max(0.0, float(ev.stats[idx])) for key, idx in _METRIC_KEYS.items()}
+    out["per_class"] = {str(name): 0.0 for name in classes}
     for cat_id, ap in zip(ev.params.catIds, per_class_ap(ev)):
         out["per_class"][str(classes[cat_id - 1])] = max(0.0, float(ap))
     return out

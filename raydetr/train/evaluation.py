@@ -1,4 +1,5 @@
-"""Epoch-end evaluation on the workers: every variant through one decode, records to rank 0.
+"""Epoch-end evaluation on the workers: every variant through one decode; each rank matches
+its own images (raydetr.eval.distributed) and only the compact matches go to rank 0.
 
 The EMA shadows are evaluated through ONE eval model whose weights are swapped in per variant,
 so K decays cost one model copy on the model's device, not K (and with ``ema.device=cpu`` the
@@ -8,13 +9,16 @@ shadows themselves stay off the accelerator).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from raydetr.eval.distributed import coco_metrics_of_matches, match_records
+from raydetr.eval.matching import DEFAULT_MAX_DETS, Matches
 from raydetr.train.engine import predict_records
 
 
@@ -59,17 +63,35 @@ class ShadowEvaluator:
                    for t in (*self.eval_model.parameters(), *self.eval_model.buffers()))
 
 
-def gather_records(records: dict[str, list[dict]], rank: int,
-                   world: int) -> dict[str, list[dict]] | None:
-    """Every rank's records, merged on rank 0 (None on the other ranks)."""
+def gather_matches(parts: dict[Any, Matches], rank: int,
+                   world: int) -> dict[Any, list[Matches]] | None:
+    """Every rank's per-variant :class:`Matches`, as lists in rank order on rank 0 (None on the
+    other ranks). Numpy arrays only: a few bytes per kept detection, not the detections."""
     if world == 1:
-        return records
+        return {k: [v] for k, v in parts.items()}
     gathered: list[Any] | None = [None] * world if rank == 0 else None
-    dist.gather_object(records, gathered, dst=0)
+    dist.gather_object(parts, gathered, dst=0)
     if rank != 0:
         return None
-    merged: dict[str, list[dict]] = {k: [] for k in records}
-    for part in gathered:
-        for k, v in part.items():
-            merged[k].extend(v)
-    return merged
+    return {k: [part[k] for part in gathered] for k in parts}
+
+
+def evaluate_matches(records: dict[str, list[dict]], classes: list[str], rank: int, world: int,
+                     max_dets: Sequence[int] = DEFAULT_MAX_DETS
+                     ) -> tuple[dict[str, dict[str, Any]] | None, dict[str, float]]:
+    """COCO metrics per variant of every rank's records: match here, accumulate on rank 0.
+
+    Returns (rank 0: {variant: coco_metrics dict}, else None) and this rank's seconds:
+    ``eval_match_seconds`` (its matching), ``eval_gather_seconds`` (waiting for the slowest
+    rank + the transfer), ``eval_accumulate_seconds`` (rank 0)."""
+    t0 = time.perf_counter()
+    parts = {name: match_records(recs, classes, max_dets) for name, recs in records.items()}
+    t1 = time.perf_counter()
+    gathered = gather_matches(parts, rank, world)
+    t2 = time.perf_counter()
+    seconds = {"eval_match_seconds": t1 - t0, "eval_gather_seconds": t2 - t1}
+    if gathered is None:
+        return None, seconds
+    metrics = {name: coco_metrics_of_matches(p, classes) for name, p in gathered.items()}
+    seconds["eval_accumulate_seconds"] = time.perf_counter() - t2
+    return metrics, seconds

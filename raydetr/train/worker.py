@@ -4,9 +4,10 @@ save_checkpoint -> report -> wait for the scheduler's decision.
     train_loop_per_worker({"cfg": Config, "classes": [...], "train_images": N, ...})
 
 Per epoch: train (DDP; EMA updated after every optimizer step) -> evaluate the regular weights
-and every EMA shadow on this worker's share of the val split -> gather detections to rank 0 ->
-COCOeval there -> one :class:`EpochResult` -> rank 0 writes ``epoch_NNNN`` -> every rank calls
-``ray.train.report`` -> every rank waits for the scheduler's verdict on that epoch.
+and every EMA shadow on this worker's share of the val split -> match them to the ground truth
+there (COCO's per-image step) -> gather the matches to rank 0 -> accumulate there -> one
+:class:`EpochResult` -> rank 0 writes ``epoch_NNNN`` -> every rank calls ``ray.train.report``
+-> every rank waits for the scheduler's verdict on that epoch.
 """
 
 from __future__ import annotations
@@ -31,10 +32,9 @@ from raydetr.config.presets import preset_family, resolution_multiple
 from raydetr.data.collate import rfdetr_scales
 from raydetr.data.loader import SplitReader, steps_per_epoch
 from raydetr.ema.ema import ModelEma
-from raydetr.ema.posthoc import PosthocTracker
+from raydetr.ema.posthoc import PosthocTracker, snapshot_every
 from raydetr.ema.scaling import scale_for_batch
 from raydetr.ema.schedules import register_schedule
-from raydetr.eval.coco import coco_metrics
 from raydetr.model.build import build, resolve_model_config
 from raydetr.record import METRIC_KEYS, EpochResult, epoch_number, score_of
 from raydetr.stopping.decisions import wait_decision
@@ -47,7 +47,7 @@ from raydetr.train.checkpoint import (
     write_checkpoint,
 )
 from raydetr.train.engine import train_one_epoch
-from raydetr.train.evaluation import ShadowEvaluator, gather_records
+from raydetr.train.evaluation import ShadowEvaluator, evaluate_matches
 from raydetr.train.optim import build_lr_scheduler, build_optimizer
 from raydetr.train.pretrained import load_pretrained
 from raydetr.train.state import TrainState
@@ -119,6 +119,7 @@ class Recipe:
                 f"{n} training images cannot fill one global batch of {self.global_batch} "
                 f"(optim.batch_size {cfg.optim.batch_size} x {world} workers): lower either")
         self.steps_per_epoch = math.ceil(batches / cfg.optim.grad_accum_steps)
+        self.total_steps = self.steps_per_epoch * cfg.optim.epochs
         self.train_data = SplitReader(self.args.prepared, cfg.data.train_split, cfg.data)
         self.val_data = SplitReader(self.args.prepared, cfg.data.val_split, cfg.data)
         log.info("rank %d of %d on node %s", self.rank, world,
@@ -151,7 +152,7 @@ class Recipe:
         return ModelEma(model, tau=scaled.tau, shadows=scaled.shadows(), schedule=e.schedule,
                         schedule_kwargs=e.schedule_kwargs, average_buffers=e.average_buffers,
                         device=e.device, nan_guard=e.nan_guard,
-                        total_steps=self.steps_per_epoch * self.cfg.optim.epochs)
+                        total_steps=self.total_steps)
 
     def setup_state(self) -> None:
         """Optimizer, LR schedule, EMA -> TrainState, restored from Ray's checkpoint if any."""
@@ -200,7 +201,7 @@ class Recipe:
         if getattr(storage.storage_filesystem, "type_name", "local") != "local":
             raise ValueError("ema.posthoc needs run.output_dir on a local or shared (NFS) file "
                              f"system; this run stores to {storage.storage_filesystem.type_name}")
-        every = ph.every_steps or max(1, self.steps_per_epoch // 4)
+        every = ph.every_steps or snapshot_every(self.total_steps, ph.snapshots)
         return PosthocTracker(self.model, ph.sigma_rels, every,
                               Path(storage.experiment_fs_path) / "posthoc", bf16=ph.bf16,
                               device=self.cfg.ema.device)
@@ -215,8 +216,11 @@ class Recipe:
                  self.ema_scaling().describe() if self.state.ema else "EMA off")
         ph = self.state.posthoc
         if ph is not None:
-            log.info("post-hoc EMA: sigma_rels %s, snapshots every %d steps into %s",
-                     ph.sigma_rels, ph.every_steps, ph.out_dir)
+            n_bytes = ph.run_nbytes(self.total_steps)
+            log.info("post-hoc EMA: sigma_rels %s, a snapshot every %d steps and at step %d: "
+                     "%d files, %d bytes (%.2f GB, %s) into %s", ph.sigma_rels, ph.every_steps,
+                     self.total_steps, n_bytes // ph.snapshot_nbytes(), n_bytes, n_bytes / 1e9,
+                     "bf16" if ph.bf16 else "float32", ph.out_dir)
 
     # ------------------------------------------------------------------ per epoch
     def train_batches(self, epoch: int):
@@ -252,8 +256,8 @@ class Recipe:
             clip_max_norm=o.clip_max_norm, ema=s.ema, amp_dtype=self.amp_dtype,
             log_every=self.cfg.run.log_every_steps, on_step=on_step)
         s.step += stats["steps"]
-        if s.posthoc is not None:
-            s.posthoc.snapshot(s.step)  # every epoch ends with one, whatever every_steps is
+        if s.posthoc is not None and s.step == self.total_steps:
+            s.posthoc.snapshot(s.step)  # the run's last step has one, whatever every_steps is
         return stats
 
     def evaluate(self, epoch: int, stats: dict[str, float]) -> EpochResult | None:
@@ -263,11 +267,12 @@ class Recipe:
         self.model.eval()
         records = self.evaluator.predict(self.postprocessor, self.val_batches(), self.device,
                                          self.amp_dtype)
-        records = gather_records(records, self.rank, self.world)
-        if records is None:
+        predict_seconds = time.perf_counter() - t0
+        # each rank matches its own images; rank 0 accumulates (raydetr.eval.distributed)
+        res, coco_seconds = evaluate_matches(records, self.args.classes, self.rank, self.world)
+        if res is None:
             return None
-        res = {name: coco_metrics(recs, self.args.classes) for name, recs in records.items()}
-        eval_seconds = time.perf_counter() - t0  # predict + gather + COCOeval, not the bests
+        eval_seconds = time.perf_counter() - t0  # predict + match + gather + accumulate
         regular = {k: float(res["regular"][k]) for k in METRIC_KEYS}
         s, ema = self.state, self.state.ema
         per_shadow = ({sh: {k: float(res[sh.label][k]) for k in METRIC_KEYS}
@@ -285,7 +290,8 @@ class Recipe:
         rule = replay([*pairs, (epoch, monitored)], es.patience, es.min_delta, es.skip_epochs)
         train = {"train_loss": stats["train_loss"], "lr": stats["lr"],
                  "images_per_s": stats["images_per_s"], "train_seconds": stats["seconds"],
-                 "eval_seconds": eval_seconds}
+                 "eval_seconds": eval_seconds, "eval_predict_seconds": predict_seconds,
+                 **coco_seconds}
         return EpochResult(
             epoch=epoch, step=s.step, regular=regular, ema=per_shadow, bests=s.bests,
             score=score_of(regular["map"], map_ema, self.cfg.tune.metric), monitored=monitored,

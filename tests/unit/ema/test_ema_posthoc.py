@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from raydetr.config import PosthocConfig
 from raydetr.ema.ema import ModelEma
 from raydetr.ema.posthoc import (
     PosthocTracker,
@@ -18,6 +19,8 @@ from raydetr.ema.posthoc import (
     load_snapshot,
     profile_inner,
     reconstruct,
+    snapshot_every,
+    snapshot_steps,
     solve_coefficients,
 )
 from raydetr.ema.schedules import sigma_rel_to_gamma
@@ -99,15 +102,21 @@ def _train(tracker: PosthocTracker, direct: ModelEma, steps: int) -> nn.Module:
 
 
 def test_reconstruction_matches_directly_tracked_power_ema(tmp_path):
+    """With the default snapshot count (ema.posthoc.snapshots over the run's 400 steps)."""
     torch.manual_seed(0)
     model = _Tiny()
-    tracker = PosthocTracker(model, (0.05, 0.10), every_steps=10, out_dir=tmp_path)
+    every = snapshot_every(400, PosthocConfig().snapshots)
+    tracker = PosthocTracker(model, (0.05, 0.10), every_steps=every, out_dir=tmp_path)
     tracker._model_for_test = model  # type: ignore[attr-defined]
     direct = ModelEma(model, decay=1 - 1e-15, schedule="power",
                       schedule_kwargs={"sigma_rel": 0.07})
     _train(tracker, direct, 400)
+    tracker.snapshot(400)  # the run's last step (the worker writes it)
     snaps = list_snapshots(tmp_path)
-    assert len(snaps) == 80 and {s.sigma_rel for s in snaps} == {0.05, 0.10}
+    assert len(snaps) == 2 * PosthocConfig().snapshots == 2 * len(snapshot_steps(400, every))
+    assert {s.sigma_rel for s in snaps} == {0.05, 0.10}
+    assert sum(p.stat().st_size for p in tmp_path.iterdir()) == pytest.approx(
+        tracker.run_nbytes(400), abs=len(snaps) * 4096)  # + one small header per file
     weights, info = reconstruct(snaps, 0.07)
     assert sum(info["coefficients"]) == pytest.approx(1.0)
     target = direct.shadow_state_dict(0)
@@ -148,3 +157,13 @@ def test_bf16_snapshots_halve_bytes(tmp_path):
     w = load_snapshot(next((tmp_path / "b16").glob("*.safetensors")))
     assert w["lin.weight"].dtype == torch.bfloat16
     assert w["bn.num_batches_tracked"].dtype == torch.int64
+
+
+def test_snapshot_budget_is_bounded_by_the_count_not_the_epochs():
+    assert snapshot_every(400, 16) == 25 and len(snapshot_steps(400, 25)) == 16
+    # 100 epochs x 1234 steps: 16 per profile, the last at the run's end
+    steps = snapshot_steps(123_400, snapshot_every(123_400, 16))
+    assert len(steps) == 16 and steps[-1] == 123_400
+    assert snapshot_steps(10, 4) == [4, 8, 10]  # the grid falls short: the end adds one
+    with pytest.raises(ValueError, match="snapshots"):
+        snapshot_every(10, 0)
