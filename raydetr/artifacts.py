@@ -103,7 +103,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 class ModelMeta:
     """meta.json of a model dir. ``variant``: ema | regular | posthoc_ema.
 
-    ``shadow``: for an EMA winner, which shadow won (``ShadowId.to_dict()``: index, label,
+    ``shadow``: for an EMA winner, which shadow won (``raydetr.ema.shadow.Shadow.to_dict()``: index, label,
     configured and effective decay); ``ema_decay`` is its effective decay (kept for readers of
     older dirs). ``source``: what made the dir beyond a raydetr fit (``converted_from``,
     ``posthoc``), under their own keys.

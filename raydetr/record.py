@@ -117,7 +117,10 @@ class EpochResult:
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON- and ``torch.load(weights_only=True)``-safe) of the whole record."""
         return {"epoch": self.epoch, "step": self.step, "regular": dict(self.regular),
-                "ema": [{"shadow": s.to_dict(), "metrics": dict(m)} for s, m in self.ema.items()],
+                # keyed by the shadow's index, not a list: every leaf is a number or a string,
+                # which Tune's loggers take as they are (a list of dicts they reject)
+                "ema": {str(s.index): {"shadow": s.to_dict(), "metrics": dict(m)}
+                        for s, m in self.ema.items()},
                 "bests": self.bests.to_dict(), "score": self.score, "monitored": self.monitored,
                 "train": dict(self.train), "ema_decay_now": self.ema_decay_now,
                 "early_stopping_counter": self.early_stopping_counter}
@@ -127,7 +130,7 @@ class EpochResult:
         # .get: a flattened result (Tune's) has no entry for an empty dict or list
         return cls(epoch=int(d["epoch"]), step=int(d["step"]), regular=dict(d["regular"]),
                    ema={Shadow.from_dict(e["shadow"]): dict(e["metrics"])
-                        for e in d.get("ema", [])},
+                        for _, e in sorted(d.get("ema", {}).items(), key=lambda kv: int(kv[0]))},
                    bests=Bests.from_dict(d["bests"]), score=float(d["score"]),
                    monitored=float(d["monitored"]), train=dict(d.get("train", {})),
                    ema_decay_now=d.get("ema_decay_now"),

@@ -121,9 +121,7 @@ def test_scripted_sequence_under_ray(tmp_path):
     assert (bests.regular.epoch, bests.ema.epoch, bests.winner()) == (2, 6, "ema")
     # The post-fit strips that winner: the EMA weights of epoch 6.
     winner = tmp_path / "winner"
-    import raydetr.model.build  # noqa: F401 - strip_winner resolves the preset's resolution
-
-    meta = strip_winner(last, winner, dataset="scripted")
-    assert meta["variant"] == "ema" and meta["epoch"] == 6
+    meta = strip_winner(last, winner, dataset="scripted").meta
+    assert meta.variant == "ema" and meta.epoch == 6
     assert load_weights(winner / "model.safetensors")["w"][0, 0] == 106
-    assert meta["metrics"]["map"] == pytest.approx(0.60)
+    assert meta.metrics["map"] == pytest.approx(0.60)

@@ -62,7 +62,7 @@ def test_finetune_from_rfdetr_checkpoint_registers_winner(tmp_path, local_ray, m
     result = fit(cfg, pretrain_weights=str(pth))
 
     meta = result.meta
-    assert meta["model"]["preset"] == "rfdetr-nano" and meta["num_classes"] == 3
+    assert meta.preset == "rfdetr-nano" and meta.num_classes == 3
     winner = load_file(result.winner_dir / "model.safetensors")
     # class heads tiled 91 -> 3 rows (the synthetic classes); the backbone started from the file's EMA weights (the
     # fixture's EMA = 0.5 x model) and moved by at most a few small AdamW steps

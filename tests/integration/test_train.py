@@ -190,12 +190,12 @@ def test_early_stop_waits_for_a_slow_scheduler_registers_and_leaves_nothing_runn
     assert len(history) == 2, "patience 2 with an unreachable min_delta stops after 2 epochs"
     assert [h["epoch"] for h in history] == [1, 2], "an epoch after the STOP reached the result"
     assert latest_checkpoint(result.train_dir).name == "epoch_0002"
-    assert result.meta["epoch"] in (1, 2) and result.meta["epochs_run"] == 2
+    assert result.meta.epoch in (1, 2) and result.meta.epochs_run == 2
     assert not best_cache_dir(str(result.train_dir)).exists()
     assert result.registered is not None
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     version = client.get_model_version_by_alias("es-model", "champion")
-    assert version.tags["variant"] == result.meta["variant"]
+    assert version.tags["variant"] == result.meta.variant
     assert client.get_run(version.run_id).info.status == "FINISHED"
 
     # Ray Train removes a killed run's placement group asynchronously (its cleaner polls).
