@@ -10,8 +10,10 @@ model (``mlflow.log_metrics(model_id=...)``) and summarised as model-version tag
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -19,16 +21,31 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from raydetr.config import DataConfig, MlflowConfig
+from raydetr.data.formats import DatasetError
+from raydetr.data.loader import iter_local_batches
+from raydetr.data.parquet import has_info, load_info, prepare_dataset, verify_shards
+from raydetr.errors import UserError
+from raydetr.eval.coco import coco_metrics
 from raydetr.registry.errors import RegistryError
 from raydetr.registry.plots import metric_key
+from raydetr.registry.tracking import (
+    check_reachable,
+    default_tracking_uri,
+    ensure_experiment,
+    mlflow_session,
+)
+from raydetr.serve.detector import Detector
+from raydetr.train.engine import predict_records
 
 SCALAR_KEYS = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "mar", "mar1",
                "mar10")
 BATCH_SIZE = 8
 
 
-class EvaluateError(ValueError):
+class EvaluateError(UserError, ValueError):
     """A dataset/model mismatch a user can fix."""
 
 
@@ -47,14 +64,6 @@ def format_table(metrics: dict[str, Any], title: str) -> str:
 def run_evaluation(detector: Any, prepared: Path, split: str) -> dict[str, Any]:
     """coco_metrics of ``detector`` over ``split`` of a prepared dataset (batch 8, no threshold:
     COCO uses the top-100 detections per image)."""
-    from tqdm import tqdm
-
-    from raydetr.config import DataConfig
-    from raydetr.data.loader import iter_local_batches
-    from raydetr.data.parquet import load_info, verify_shards
-    from raydetr.eval.coco import coco_metrics
-    from raydetr.train.engine import predict_records
-
     info = load_info(prepared)
     if split not in info["splits"]:
         raise EvaluateError(f"{prepared}: no split '{split}' (has: {sorted(info['splits'])})")
@@ -99,8 +108,6 @@ def run_evaluation(detector: Any, prepared: Path, split: str) -> dict[str, Any]:
 
 
 def _prepared(data: Path, tmp: str) -> Path:
-    from raydetr.data.parquet import has_info, prepare_dataset
-
     if has_info(data):  # damaged shards are reported by run_evaluation's verify_shards
         return data
     if not data.exists():
@@ -113,18 +120,8 @@ def _prepared(data: Path, tmp: str) -> Path:
 def log_evaluation(detector: Any, metrics: dict[str, Any], *, data: str, split: str,
                    tracking_uri: str | None = None, experiment: str | None = None) -> str:
     """An MLflow run holding the metrics, tagged (and linked) to the evaluated model; run id."""
-    import os
-
     import mlflow
     from mlflow import MlflowClient
-
-    from raydetr.config import MlflowConfig
-    from raydetr.registry.tracking import (
-        check_reachable,
-        default_tracking_uri,
-        ensure_experiment,
-        mlflow_session,
-    )
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     check_reachable(uri)
@@ -154,13 +151,14 @@ def log_evaluation(detector: Any, metrics: dict[str, Any], *, data: str, split: 
     return run.info.run_id
 
 
+def run(args: argparse.Namespace) -> int:
+    return evaluate_command(args.model, args.data, args.split, args.mlflow)
+
+
 def evaluate_command(model: str, data: str | Path, split: str = "val", log_to_mlflow: bool = False,
                      *, out: str | Path | None = None, tracking_uri: str | None = None) -> int:
     """Print overall + per-class COCO metrics; ``out``: also write them as JSON. 0, or 2 on a
     user error (unknown model, missing dataset/split, class mismatch)."""
-    from raydetr.data.formats import DatasetError
-    from raydetr.serve.detector import Detector
-
     try:
         detector = Detector.from_uri(model, tracking_uri=tracking_uri)
         with tempfile.TemporaryDirectory(prefix="raydetr-eval-") as tmp:

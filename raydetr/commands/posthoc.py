@@ -12,6 +12,7 @@ Results: ``<run>/posthoc/results.json`` and one model dir per profile next to it
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raydetr.fit.driver import init_ray
+from raydetr.fit.postfit import publish_winner
 from raydetr.fit.posthoc import (
     METRIC_KEYS,
     PosthocError,
@@ -29,6 +32,13 @@ from raydetr.fit.posthoc import (
     open_run,
     sigma_rel_grid,
     write_profiles,
+)
+from raydetr.registry.tracking import (
+    check_reachable,
+    ensure_experiment,
+    mlflow_session,
+    quiet_mlflow,
+    resolve_tracking_uri,
 )
 
 log = logging.getLogger("raydetr.posthoc")
@@ -61,8 +71,6 @@ def sweep(run_path: Path, sigma_rels: list[float], *, step: int | None = None,
           register: bool = False, use_mlflow: bool = True) -> SweepResult:
     """Reconstruct + evaluate every sigma_rel; see the module docstring."""
     import ray
-
-    from raydetr.fit.driver import init_ray
 
     start = time.perf_counter()
     bad = [s for s in sigma_rels if not 0 < s < 0.28]
@@ -129,14 +137,6 @@ def _log_nested(run: PosthocRun, rows: list[dict[str, Any]]) -> str | None:
     import mlflow
     from mlflow.entities import Metric, Param
 
-    from raydetr.registry.tracking import (
-        check_reachable,
-        ensure_experiment,
-        mlflow_session,
-        quiet_mlflow,
-        resolve_tracking_uri,
-    )
-
     output_dir = Path(run.cfg.run.output_dir)
     try:
         uri = resolve_tracking_uri(run.cfg.mlflow, output_dir)
@@ -173,8 +173,6 @@ def _log_nested(run: PosthocRun, rows: list[dict[str, Any]]) -> str | None:
 def _register_best(run: PosthocRun, best: dict[str, Any], winner_map: float | None
                    ) -> dict[str, Any] | None:
     """Publish the best profile (stripped, registered with the alias) if it beats the winner."""
-    from raydetr.fit.postfit import publish_winner
-
     if winner_map is not None and not best["map"] > winner_map:
         print(f"not registered: best post-hoc mAP {best['map']:.4f} does not beat the run's "
               f"winner ({winner_map:.4f})")
@@ -196,6 +194,11 @@ def _register_best(run: PosthocRun, best: dict[str, Any], winner_map: float | No
           f"{best['sigma_rel']:g}, mAP {best['map']:.4f}"
           + (f" > winner {winner_map:.4f}" if winner_map is not None else ""))
     return reg
+
+
+def run(args: argparse.Namespace) -> int:
+    return command(args.run, args.sigma_rel, args.sigma_rel_range, args.step, args.register,
+                   args.no_mlflow)
 
 
 def command(run: str, sigma_rels: list[float] | None, sigma_rel_range: list[str] | None,

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from raydetr.config import Config, with_overrides
+from raydetr.errors import UserError
 from raydetr.train.checkpoint import best_cache_dir
 from raydetr.fit.postfit import FitResult, finalize
 
@@ -34,7 +35,7 @@ log = logging.getLogger("raydetr.driver")
 TRIAL_MEMORY_BYTES = 64 * 1024 * 1024  # lets the Tune trial actor take no CPU (see ARCHITECTURE)
 
 
-class FitError(RuntimeError):
+class FitError(UserError, RuntimeError):
     """A fit could not start or did not finish; the message says what to do."""
 
 
@@ -132,6 +133,12 @@ def init_ray(cfg: Config) -> None:
     # and a dead worker are seen up to 2 s late. On a local Ray a 0.5 s poll costs nothing.
     # The controller inherits it from this environment.
     os.environ.setdefault(LOCAL_POLL_ENV, LOCAL_POLL_S)
+    # A new local Ray turns token auth on and warns about it on every run unless RAY_AUTH_MODE
+    # is set. Saying "token" is what it would do anyway, minus the warning; its config was read
+    # when ray was imported, so it is re-read (as Ray itself does when it turns auth on).
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        ray._raylet.Config.initialize("")
     # Local: logical CPUs for the workers plus one to spare (each worker decodes in its own
     # loader threads; nothing else needs a CPU).
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker

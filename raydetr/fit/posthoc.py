@@ -26,12 +26,13 @@ import numpy as np
 import raydetr
 from raydetr.config import Config, build_config
 from raydetr.ema.posthoc import Snapshot, list_snapshots, reconstruct_many, select_snapshots
+from raydetr.errors import UserError
 
 SNAPSHOT_DIR = "posthoc"  # under a Train run's storage (<run_dir>/train/posthoc)
 METRIC_KEYS = ("map", "map50", "map75", "mar")
 
 
-class PosthocError(ValueError):
+class PosthocError(UserError, ValueError):
     """The run cannot be post-processed as asked; the message says why and what to do."""
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from raydetr.data.coco_categories import coco_class_list, unused_name
+from raydetr.errors import UserError
 from raydetr.model.rfdetr.presets import RFDETR_PRESETS
 
 _PATCH_KEY = "backbone.0.encoder.encoder.embeddings.patch_embeddings.projection.weight"
@@ -41,7 +42,7 @@ _CLASS_HEAD = re.compile(r"^(class_embed|transformer\.enc_out_class_embed\.\d+)\
 Variant = Literal["ema", "regular"]
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError, ValueError):
     """A checkpoint that cannot be converted; the message names the file and what to do."""
 
 

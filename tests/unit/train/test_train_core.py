@@ -1,5 +1,6 @@
-"""The training core without Ray: TrainState, EpochResult, the winner rule, the early-stop
-rule, one eval model for every EMA shadow, and what --pretrain-weights resolves to."""
+"""The training core without Ray: TrainState, EpochResult, the winner rule, one eval model
+for every EMA shadow, and what --pretrain-weights resolves to (the early-stopping rule and its
+replay: tests/unit/stopping)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from raydetr.train.optim import build_lr_scheduler, build_optimizer
 from raydetr.train.pretrained import load_pretrained, resolve_pretrained
 from raydetr.train.record import Bests, EpochResult, epoch_number, winner
 from raydetr.train.state import TrainState
-from raydetr.stopping.rule import EarlyStopping, replay
 
 
 def _tiny():
@@ -66,15 +66,6 @@ def test_epoch_result_report_and_winner():
     assert (m["epoch"], m["best_map_epoch"], m["best_map_ema_epoch"]) == (1, 1, 1)
     line = r.format_line(3)
     assert line.startswith("epoch 1/3") and "@1)" in line and "@0)" not in line
-
-
-def test_replay_is_the_scheduler_rule():
-    values = [0.1, 0.2, 0.2, 0.25, 0.25, 0.24]
-    rule = EarlyStopping(patience=2, min_delta=0.01)
-    for e, v in enumerate(values):
-        rule.update(v, e)
-    again = replay(list(enumerate(values)), 2, 0.01)
-    assert vars(again) == vars(rule) and again.stopped
 
 
 # ------------------------------------------------------------------ defect 9
