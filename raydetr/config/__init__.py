@@ -12,7 +12,6 @@ from raydetr.config.loading import (
     build_config,
     config_from_json,
     load_config,
-    section_model,
     set_dotted,
     with_overrides,
 )
@@ -37,5 +36,5 @@ __all__ = [
     "RENAMED", "RFDETR_DEFAULTS", "Config", "ConfigError", "DataConfig", "EarlyStoppingConfig",
     "EmaConfig", "LossConfig", "MlflowConfig", "ModelConfig", "OptimConfig", "PosthocConfig",
     "RunConfig", "ScalingConfig", "TuneConfig", "build_config", "config_from_json", "load_config",
-    "section_model", "set_dotted", "with_overrides",
+    "set_dotted", "with_overrides",
 ]

@@ -40,7 +40,7 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 RENAMED = {"ema.decays": "ema.decay (now a list; a single number is shorthand)"}
 
 
-def section_model(key: str) -> type[BaseModel] | None:
+def _section_model(key: str) -> type[BaseModel] | None:
     """The config model of a dotted section key (``"ema.posthoc"`` -> PosthocConfig), or None
     when ``key`` is not a section."""
     model: type[BaseModel] = Config
@@ -56,7 +56,7 @@ def section_model(key: str) -> type[BaseModel] | None:
 def _enabled_shorthand(key: str, value: Any) -> str:
     """``ema.posthoc=true`` means ``ema.posthoc.enabled=true``: a section that has an
     ``enabled`` switch accepts a bool for it. Returns the key the value belongs to."""
-    model = section_model(key) if isinstance(value, bool) else None
+    model = _section_model(key) if isinstance(value, bool) else None
     return f"{key}.enabled" if model is not None and "enabled" in model.model_fields else key
 
 
