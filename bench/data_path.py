@@ -140,7 +140,7 @@ def today_supply(prepared: Path, resolution: int, batch_size: int, epochs: int) 
 
     from raydetr.config import Config
     from raydetr.data.parquet import split_files
-    from raydetr.fit.driver import init_ray
+    from raydetr.fit.cluster import init_ray
 
     init_ray(Config())  # as the driver does for a 1-worker fit
     _today_context()

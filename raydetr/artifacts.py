@@ -34,13 +34,14 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import raydetr
+from raydetr.errors import UserError
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
 METRIC_NAMES = ("map", "map50", "map75", "mar")
 
 
-class ModelDirError(ValueError):
+class ModelDirError(UserError, ValueError):
     """A model dir is missing a file, or its meta.json cannot be read."""
 
 

@@ -20,7 +20,7 @@ SESSION_TMP = Path(tempfile.mkdtemp(prefix="rdt", dir="/tmp"))
 os.environ["TMPDIR"] = str(SESSION_TMP)
 tempfile.tempdir = None  # recomputed from TMPDIR
 
-from raydetr.fit.driver import LOCAL_POLL_ENV, LOCAL_POLL_S  # noqa: E402
+from raydetr.fit.cluster import LOCAL_POLL_ENV, LOCAL_POLL_S  # noqa: E402
 
 # What raydetr's own local Ray uses (init_ray), also for the Ray clusters the tests start
 # themselves: Ray Train sees reports and finished workers within 0.5 s, not 2 s.

@@ -1,4 +1,4 @@
-"""The ``raydetr`` command.
+"""Train DETR-family object detectors with EMA weights on Ray; register, evaluate and use them.
 
     raydetr demo                                   built-in dataset, local Ray, local MLflow
     raydetr prepare SRC OUT [--format coco|yolo|voc] [--shard-size N] [--row-group-size N]
@@ -7,54 +7,70 @@
     raydetr tune  [--config FILE] [key=value ...]
     raydetr tune  --posthoc RUN [--sigma-rel-range LO HI] [--num-samples N] [--search-alg random|grid]
     raydetr posthoc RUN --sigma-rel S [S ...] | --sigma-rel-range LO HI N [--step K] [--register]
-    raydetr register RUN_DIR
+    raydetr register RUN_DIR [key=value ...]
     raydetr predict --model URI|DIR IMAGES... --out DIR [--threshold T]
     raydetr evaluate --model URI|DIR --data DATASET [--split val] [--mlflow]
     raydetr convert-checkpoint SRC.pth OUT_DIR [--preset P] [--variant ema|regular]
+    raydetr config [--preset P] [KEY-PREFIX]       every config key: type, default, description
 
-``key=value`` overrides use dotted config keys (see raydetr/config.py), e.g. ``optim.lr=2e-4
-ema.decay=[0.99,0.999] scaling.num_workers=2``.
+``key=value`` overrides use dotted config keys, e.g. ``optim.lr=2e-4 ema.decay=[0.99,0.999]
+scaling.num_workers=2``; ``raydetr config`` lists them all.
+
+This module holds the parsers only. Each command lives in ``raydetr/commands/<module>.py`` as
+``run(args) -> int`` and is imported when it runs (``COMMANDS``): an exception to imports at
+the top, so that ``raydetr --help`` answers without importing torch, Ray or MLflow.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import logging
+import os
 import sys
-from pathlib import Path
 
-from raydetr.config import ConfigError, load_config
+from raydetr import __version__
+from raydetr.errors import UserError
 
-# The demo's embedded defaults: small enough for a laptop CPU, large enough to learn.
-DEMO_OVERRIDES = [
-    "run.name=demo",
-    "model.resolution=128",
-    "optim.epochs=8",
-    "optim.batch_size=8",
-    "data.synthetic_train_images=256",
-    "data.synthetic_val_images=64",
-    "data.multi_scale=false",
-    "scaling.num_workers=1",
-]
+# command -> module under raydetr.commands that runs it
+COMMANDS = {
+    "demo": "train",
+    "train": "train",
+    "tune": "tune",
+    "prepare": "prepare",
+    "make-synthetic": "prepare",
+    "posthoc": "posthoc",
+    "register": "register",
+    "predict": "predict",
+    "evaluate": "evaluate",
+    "convert-checkpoint": "convert",
+    "config": "config",
+}
+PRESETS = ["rtdetr-r18", "rtdetr-r34", "rtdetr-r50", "rfdetr-nano", "rfdetr-small",
+           "rfdetr-medium", "rfdetr-base"]
+OVERRIDES_HELP = "dotted config overrides, e.g. optim.lr=2e-4; `raydetr config` lists every key"
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config (configs/*.yaml); defaults: raydetr/config.py")
+    p.add_argument("--config", help="YAML config (configs/*.yaml); every key: `raydetr config`")
     p.add_argument("--verbose", action="store_true", help="also show Ray's, Tune's, MLflow's "
                    "and COCOeval's own output (run.verbose=true)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raydetr", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raydetr", description=__doc__.split("\n\n")[0],
+        epilog="`raydetr COMMAND --help` for a command's arguments; `raydetr config` for every "
+        "key=value a config file or override can set.")
+    parser.add_argument("--version", action="version", version=f"raydetr {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="train on the built-in dataset with local Ray and MLflow")
     p.add_argument("--output-dir", default="runs")
     p.add_argument("--verbose", action="store_true", help="also show Ray's, Tune's, MLflow's "
                    "and COCOeval's own output")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
     p = sub.add_parser("prepare", help="validate a COCO/YOLO/VOC dataset, write Parquet shards")
     p.add_argument("src")
@@ -93,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("posthoc", help="reconstruct + evaluate post-hoc EMA profiles of a run")
     p.add_argument("run", help="<run.output_dir>/<run.name> of a run trained with "
-                   "ema.posthoc.enabled=true (or a trial's Train storage dir)")
+                   "ema.posthoc=true (or a trial's Train storage dir)")
     p.add_argument("--sigma-rel", nargs="+", type=float, help="profile widths to evaluate")
     p.add_argument("--sigma-rel-range", nargs=3, metavar=("LO", "HI", "N"),
                    help="N widths log-spaced from LO to HI")
@@ -104,7 +120,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("register", help="register a finished run's winner in MLflow")
     p.add_argument("run_dir")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. mlflow.model_name=x")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="mlflow.* keys, e.g. mlflow.tracking_uri=http://host:5000 "
+                   "mlflow.model_name=x (default: the run's own)")
 
     p = sub.add_parser("predict", help="detect objects in images")
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a winner dir")
@@ -122,147 +140,35 @@ def _parser() -> argparse.ArgumentParser:
                        help="RF-DETR .pth -> model dir (model.safetensors + meta.json)")
     p.add_argument("src", help="RF-DETR checkpoint file, e.g. checkpoint_best_total.pth")
     p.add_argument("out_dir")
-    p.add_argument("--preset", choices=["rfdetr-nano", "rfdetr-small", "rfdetr-medium",
-                                        "rfdetr-base"], help="default: inferred from the keys")
+    p.add_argument("--preset", choices=[p for p in PRESETS if p.startswith("rfdetr-")],
+                   help="default: inferred from the keys")
     p.add_argument("--variant", choices=["ema", "regular"],
                    help="default: ema when the file has ema_model, else regular")
+
+    p = sub.add_parser("config", help="every config key with its type, default and description")
+    p.add_argument("prefix", nargs="?", default="", metavar="KEY-PREFIX",
+                   help="only keys under this section or key, e.g. ema or optim.lr")
+    p.add_argument("--preset", choices=PRESETS,
+                   help="the defaults under model.preset=P, and which values it changes")
     return parser
-
-
-def _print_fit(result) -> None:
-    meta = result.meta
-    print(f"\nwinner: {meta.variant} weights, epoch {meta.epoch}, "
-          f"mAP {meta.metrics['map'] or 0:.4f} -> {result.winner_dir}")
-    if result.registered:
-        r = result.registered
-        print(f"registered: {r.get('model_uri')} (version {r.get('version')}, alias {r.get('alias')})")
-    else:
-        print(f"not registered; run `raydetr register {result.run_dir}` once MLflow is reachable")
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("raydetr").setLevel(logging.INFO)  # our lines; others' only --verbose
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if getattr(args, "verbose", False):
         args.overrides = [*args.overrides, "run.verbose=true"]
         logging.getLogger().setLevel(logging.INFO)
     try:
-        return _dispatch(args)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        command = importlib.import_module(f"raydetr.commands.{COMMANDS[args.command]}")
+        return command.run(args)
+    except (UserError, FileNotFoundError) as exc:  # errors meant for users carry their message
+        print(f"{getattr(exc, 'kind', 'error')}: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # errors meant for users carry their own message
-        from raydetr.artifacts import ModelDirError
-        from raydetr.fit.driver import FitError
-        from raydetr.fit.posthoc import PosthocError
-        from raydetr.model.convert import ConvertError
-        from raydetr.registry.errors import RegistryError
-
-        # RegistryError: `raydetr register` on a dir that is not a run, MLflow unreachable.
-        known: tuple[type[BaseException], ...] = (FitError, FileNotFoundError, PosthocError,
-                                                  ConvertError, RegistryError, ModelDirError)
-        try:
-            from raydetr.data.formats import DatasetError
-
-            known += (DatasetError,)
-        except ImportError:
-            pass
-        if isinstance(exc, known):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
-
-
-def _dispatch(args: argparse.Namespace) -> int:
-    cmd = args.command
-    if cmd == "prepare":
-        from raydetr.data.parquet import prepare_dataset
-
-        prepare_dataset(Path(args.src), Path(args.out), shard_size=args.shard_size,
-                        row_group_size=args.row_group_size,
-                        fmt=args.format, overwrite=args.overwrite)
+    except BrokenPipeError:  # e.g. `raydetr config | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    if cmd == "make-synthetic":
-        from raydetr.data.synthetic import make_synthetic
-
-        out = make_synthetic(Path(args.out), train_images=args.train_images,
-                             val_images=args.val_images, image_size=args.image_size,
-                             seed=args.seed)
-        print(f"synthetic dataset written to {out}")
-        return 0
-    if cmd in ("demo", "train"):
-        from raydetr.fit.driver import fit
-
-        if cmd == "demo":
-            cfg = load_config(None, DEMO_OVERRIDES + [f"run.output_dir={args.output_dir}"]
-                              + list(args.overrides))
-            print("demo: built-in synthetic dataset, local Ray, MLflow at "
-                  f"{Path(cfg.run.output_dir).resolve() / 'mlflow.db'}\n"
-                  "      overrides: " + " ".join(DEMO_OVERRIDES))
-            resume = (Path(cfg.run.output_dir) / cfg.run.name / "tune").exists()
-            if resume:
-                cfg = load_config(None, DEMO_OVERRIDES + [f"run.output_dir={args.output_dir}",
-                                  "run.name=demo-" + _stamp()] + list(args.overrides))
-            result = fit(cfg)
-        else:
-            overrides = list(args.overrides)
-            if args.early_stopping:
-                overrides.append("early_stopping.enabled=true")
-            cfg = load_config(args.config, overrides)
-            result = fit(cfg, resume=args.resume, pretrain_weights=args.pretrain_weights)
-        _print_fit(result)
-        return 0
-    if cmd == "tune" and args.posthoc:
-        from raydetr.fit.posthoc_search import posthoc_search
-
-        if args.overrides or args.config or args.resume:
-            raise ConfigError("tune --posthoc takes no config, overrides or --resume: the run's "
-                              "own config is used")
-        posthoc_search(Path(args.posthoc), tuple(args.sigma_rel_range), args.num_samples,
-                       step=args.step, grid=args.search_alg == "grid")
-        return 0
-    if cmd == "posthoc":
-        from raydetr.commands.posthoc import command
-
-        return command(args.run, args.sigma_rel, args.sigma_rel_range, args.step,
-                       args.register, args.no_mlflow)
-    if cmd == "tune":
-        from raydetr.fit.search import search
-
-        cfg = load_config(args.config, list(args.overrides))
-        search(cfg, resume=args.resume)
-        return 0
-    if cmd == "register":
-        from raydetr.registry.publish import register_run_dir
-
-        mlflow_cfg = load_config(None, list(args.overrides)).mlflow if args.overrides else None
-        info = register_run_dir(Path(args.run_dir), mlflow_cfg)
-        print(json.dumps(info, indent=2, default=str))
-        return 0
-    if cmd == "predict":
-        from raydetr.commands.predict import predict_command
-
-        return predict_command(args.model, args.images, args.out, args.threshold)
-    if cmd == "evaluate":
-        from raydetr.commands.evaluate import evaluate_command
-
-        return evaluate_command(args.model, args.data, args.split, args.mlflow)
-    if cmd == "convert-checkpoint":
-        from raydetr.model.convert import convert_checkpoint
-
-        meta = convert_checkpoint(args.src, args.out_dir, preset=args.preset, variant=args.variant)
-        print(f"{meta.preset} ({meta.variant} weights, {meta.num_classes} "
-              f"logits, {meta.resolution} px) -> {args.out_dir}\n"
-              f"  raydetr predict --model {args.out_dir} IMAGES... --out DIR")
-        return 0
-    raise AssertionError(cmd)
-
-
-def _stamp() -> str:
-    import time
-
-    return time.strftime("%Y%m%d-%H%M%S")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ model (``mlflow.log_metrics(model_id=...)``) and summarised as model-version tag
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -26,6 +27,10 @@ from raydetr.serve.evaluation import (
     prepared_split_source,
     run_evaluation,
 )
+
+
+def run(args: argparse.Namespace) -> int:
+    return evaluate_command(args.model, args.data, args.split, args.mlflow)
 
 
 def evaluate_command(model: str, data: str | Path, split: str = "val", log_to_mlflow: bool = False,

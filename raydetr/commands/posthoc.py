@@ -12,10 +12,16 @@ Results: ``<run>/posthoc/results.json`` and one model dir per profile next to it
 
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
 from raydetr.fit.posthoc import PosthocError, sigma_rel_grid, sweep
+
+
+def run(args: argparse.Namespace) -> int:
+    return command(args.run, args.sigma_rel, args.sigma_rel_range, args.step, args.register,
+                   args.no_mlflow)
 
 
 def command(run: str, sigma_rels: list[float] | None, sigma_rel_range: list[str] | None,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from raydetr.artifacts import ModelDirError
 from raydetr.registry.errors import RegistryError
@@ -63,6 +65,10 @@ def _output_names(paths: list[Path]) -> list[str]:
     return names
 
 
+def run(args: argparse.Namespace) -> int:
+    return predict_command(args.model, args.images, args.out, args.threshold)
+
+
 def predict_command(model: str, images: Sequence[str | Path], out: str | Path,
                     threshold: float = 0.5, *, batch_size: int = 8) -> int:
     """``raydetr predict``: detections.json + one drawn ``<name>.jpg`` per image in ``out``.
@@ -71,8 +77,6 @@ def predict_command(model: str, images: Sequence[str | Path], out: str | Path,
     ``detections.json`` last, so a failed run never leaves output that looks complete.
     Returns 0, or 2 on a user error (bad input, unknown model) after printing it.
     """
-    from tqdm import tqdm
-
     out = Path(out)
     try:
         paths = expand_image_paths(images)

@@ -29,13 +29,15 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from raydetr.errors import UserError
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SPLIT_DIRS = {"train": ("train",), "val": ("valid", "val", "validation"), "test": ("test",)}
 MAX_LISTED = 20
 CLIP_TOLERANCE_PX = 0.01  # float noise (e.g. YOLO 416.0000001) is clipped without being counted
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A problem in a dataset on disk that the user must fix; the message says where."""
 
 

@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import io
 import logging
-import math
 import os
 import shutil
 import sys
@@ -36,6 +35,7 @@ from raydetr.data.parquet import (
 )
 from raydetr.data.synthetic import make_synthetic
 from raydetr.ema.schedules import is_import_path, resolve_schedule
+from raydetr.fit.cluster import FitError, check_placeable, init_ray, max_concurrent
 from raydetr.fit.console import EpochLines, configure_console, header
 from raydetr.fit.postfit import FitResult, finalize
 from raydetr.registry.live import LiveRuns
@@ -48,10 +48,6 @@ from raydetr.train.worker import train_loop_per_worker
 log = logging.getLogger("raydetr.driver")
 
 TRIAL_MEMORY_BYTES = 64 * 1024 * 1024  # lets the Tune trial actor take no CPU (see ARCHITECTURE)
-
-
-class FitError(RuntimeError):
-    """A fit could not start or did not finish; the message says what to do."""
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -115,82 +111,6 @@ def dataset_info(prepared: Path | str, cfg: Config) -> dict[str, Any]:
     verify_shards(prepared, list(dict.fromkeys([cfg.data.train_split, cfg.data.val_split])),
                   checksums=cfg.data.verify_checksums)
     return info
-
-
-# --------------------------------------------------------------------------- ray
-LOCAL_POLL_ENV, LOCAL_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
-
-
-def init_ray(cfg: Config) -> None:
-    """Connect to $RAY_ADDRESS (``ray job submit`` sets it) or start a local Ray that listens on
-    loopback only. Workers' output reaches this console only with ``run.verbose``."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    quiet = dict(log_to_driver=cfg.run.verbose,
-                 logging_level=logging.INFO if cfg.run.verbose else logging.WARNING)
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(**quiet)
-        return
-    # Loopback only: Ray's local-only mode binds every server (GCS, raylet, workers, dashboard
-    # agent) to 127.0.0.1. Ray reads the switch when it is first imported (ray_constants) and
-    # its child processes read it from the environment, so both are set.
-    from ray._private import ray_constants
-
-    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    # Ray Train's controller polls its workers every 2 s by default: each epoch's report (and
-    # with early stopping the scheduler's decision the workers wait for), the end of the fit
-    # and a dead worker are seen up to 2 s late. On a local Ray a 0.5 s poll costs nothing.
-    # The controller inherits it from this environment.
-    os.environ.setdefault(LOCAL_POLL_ENV, LOCAL_POLL_S)
-    # Local: logical CPUs for the workers plus one to spare (each worker decodes in its own
-    # loader threads; nothing else needs a CPU).
-    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    # The dashboard (loopback only) serves the State API, which Ray Train's placement-group
-    # cleaner needs to notice a killed controller (early stop); without it PGs leak.
-    # address="local": start a new Ray even when another cluster runs on this machine (ray.init
-    # without an address would try to join it, and refuse num_cpus).
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 1),
-             include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
-
-
-def check_placeable(cfg: Config, trials: int = 1) -> None:
-    """Fail fast with a clear message instead of letting a worker group wait forever."""
-    import ray
-
-    total = ray.cluster_resources()
-    need_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    need_gpu = cfg.scaling.num_workers if cfg.scaling.use_gpu else 0
-    have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    if os.environ.get("RAYDETR_SKIP_PLACEMENT_CHECK") == "1":  # autoscaling clusters
-        return
-    problems = []
-    if need_cpu > have_cpu:
-        problems.append(f"{need_cpu:g} CPUs ({cfg.scaling.num_workers} workers x "
-                        f"{cfg.scaling.cpus_per_worker:g}) but the cluster has {have_cpu:g}")
-    if need_gpu > have_gpu:
-        problems.append(f"{need_gpu} GPUs but the cluster has {have_gpu:g}")
-    if problems:
-        raise FitError(
-            "the Train workers cannot be placed: need " + "; ".join(problems) + ". Lower "
-            "scaling.num_workers / scaling.cpus_per_worker, set scaling.use_gpu=false, or add "
-            "nodes (on an autoscaling cluster set RAYDETR_SKIP_PLACEMENT_CHECK=1)."
-        )
-
-
-def max_concurrent(cfg: Config) -> int:
-    import ray
-
-    if cfg.tune.max_concurrent_trials:
-        return cfg.tune.max_concurrent_trials
-    total = ray.cluster_resources()
-    per = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    n = int(total.get("CPU", 1) // per)
-    if cfg.scaling.use_gpu:
-        n = min(n, int(total.get("GPU", 0) // cfg.scaling.num_workers))
-    return max(1, n)
 
 
 # --------------------------------------------------------------------------- tune + train

@@ -26,7 +26,9 @@ import ray
 from raydetr.artifacts import ModelDir, ModelMeta, RunDir, atomic_write_json
 from raydetr.config import Config, build_config
 from raydetr.ema.posthoc import Snapshot, list_snapshots, reconstruct_many, select_snapshots
-from raydetr.fit.driver import ensure_prepared, init_ray
+from raydetr.errors import UserError
+from raydetr.fit.cluster import init_ray
+from raydetr.fit.driver import ensure_prepared
 from raydetr.fit.postfit import publish_winner
 from raydetr.model.build import resolve_model_config
 from raydetr.registry.posthoc import log_posthoc_runs
@@ -39,7 +41,7 @@ SNAPSHOT_DIR = "posthoc"  # under a Train run's storage (<run_dir>/train/posthoc
 METRIC_KEYS = ("map", "map50", "map75", "mar")
 
 
-class PosthocError(ValueError):
+class PosthocError(UserError, ValueError):
     """The run cannot be post-processed as asked; the message says why and what to do."""
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from raydetr.artifacts import RunDir
-from raydetr.fit.driver import init_ray
+from raydetr.fit.cluster import init_ray
 from raydetr.fit.posthoc import (
     METRIC_KEYS,
     PosthocError,

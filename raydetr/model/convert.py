@@ -29,6 +29,7 @@ from raydetr.artifacts import ModelDir, ModelMeta
 from raydetr.config import ModelConfig
 from raydetr.config.presets import resolution_multiple
 from raydetr.data.coco_categories import coco_class_list, unused_name
+from raydetr.errors import UserError
 from raydetr.model.rfdetr import build_rfdetr
 from raydetr.model.rfdetr.presets import RFDETR_PRESETS
 
@@ -42,7 +43,7 @@ _CLASS_HEAD = re.compile(r"^(class_embed|transformer\.enc_out_class_embed\.\d+)\
 Variant = Literal["ema", "regular"]
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError, ValueError):
     """A checkpoint that cannot be converted; the message names the file and what to do."""
 
 

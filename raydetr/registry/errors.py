@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 from raydetr.artifacts import ModelDirError
+from raydetr.errors import UserError
 
 
-class RegistryError(RuntimeError):
+class RegistryError(UserError, RuntimeError):
     """A registry/model problem a user can fix; the message says what and where."""
 
 

@@ -7,6 +7,10 @@ import math
 import re
 from pathlib import Path
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
 
 def metric_key(name: str) -> str:
     """MLflow-safe metric name: ``map_ema@0.999`` -> ``map_ema_at_0.999``."""
@@ -26,24 +30,34 @@ def history_metrics(history: list[dict]) -> list[tuple[str, float, int]]:
     return out
 
 
-def plot_map_curves(history: list[dict], path: str | Path) -> Path:
-    """PNG of regular vs EMA mAP (and every ``map_ema@<decay>``) per epoch. Headless (Agg)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    keys = ["map", "map_ema"] + sorted({k for row in history for k in row if k.startswith("map_ema@")})
-    labels = {"map": "regular", "map_ema": "EMA"}
-    fig = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for key in keys:
+def map_series(history: list[dict]) -> list[tuple[str, list[float], list[float]]]:
+    """(label, epochs, mAPs) of every curve to draw, each series once: the regular weights, then
+    one curve per EMA shadow (``map_ema@<decay>``; ``map_ema`` is the best of them each epoch,
+    so it is drawn only when a history has no per-shadow keys)."""
+    shadows = sorted({k for row in history for k in row if k.startswith("map_ema@")},
+                     key=lambda k: float(k.split("@", 1)[1]))
+    keys = [("map", "regular")]
+    if shadows:
+        keys += [(k, f"EMA decay {k.split('@', 1)[1]}") for k in shadows]
+    else:
+        keys.append(("map_ema", "EMA"))
+    out = []
+    for key, label in keys:
         pts = [(row.get("epoch", i + 1), row[key]) for i, row in enumerate(history)
                if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])]
         if pts:
             xs, ys = zip(*pts)
-            label = labels.get(key) or f"EMA decay {key.split('@', 1)[1]}"
-            ax.plot(xs, ys, marker="o", markersize=3, label=label)
+            out.append((label, list(xs), list(ys)))
+    return out
+
+
+def map_curves_figure(history: list[dict]) -> Figure:
+    """Regular vs EMA mAP per epoch (:func:`map_series`) on a headless (Agg) figure."""
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, xs, ys in map_series(history):
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("mAP@[.50:.95]")
@@ -51,7 +65,12 @@ def plot_map_curves(history: list[dict], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
+    return fig
+
+
+def plot_map_curves(history: list[dict], path: str | Path) -> Path:
+    """PNG of :func:`map_curves_figure`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    map_curves_figure(history).savefig(path, format="png")
     return path

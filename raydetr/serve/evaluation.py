@@ -16,6 +16,7 @@ from tqdm import tqdm
 from raydetr.config import DataConfig
 from raydetr.data.loader import iter_local_batches
 from raydetr.data.parquet import has_info, load_info, prepare_dataset, verify_shards
+from raydetr.errors import UserError
 from raydetr.eval.coco import coco_metrics
 from raydetr.serve.detector import Detector
 from raydetr.train.engine import predict_records
@@ -25,7 +26,7 @@ SCALAR_KEYS = ("map", "map50", "map75", "map_small", "map_medium", "map_large", 
 BATCH_SIZE = 8
 
 
-class EvaluateError(ValueError):
+class EvaluateError(UserError, ValueError):
     """A dataset/model mismatch a user can fix."""
 
 

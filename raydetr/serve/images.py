@@ -14,11 +14,12 @@ import pandas as pd
 from PIL import Image
 
 from raydetr.data.transforms import decode_image
+from raydetr.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-class ImageInputError(ValueError):
+class ImageInputError(UserError, ValueError):
     """An input image that cannot be read; the message names the file or the input index."""
 
 

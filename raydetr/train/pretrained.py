@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from raydetr.artifacts import WEIGHTS_FILE, ModelDir, RunDir, load_weights
+from raydetr.errors import UserError
 from raydetr.model.convert import (
     CLASS_KEY,
     ConvertError,
@@ -37,7 +38,7 @@ from raydetr.train.checkpoint import (
 )
 
 
-class PretrainedError(ValueError):
+class PretrainedError(UserError, ValueError):
     """The path given as pretrained weights is not something raydetr can load."""
 
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from raydetr.config import load_config
-from raydetr.fit.driver import FitError, fit, has_checkpoints
+from raydetr.fit.cluster import FitError
+from raydetr.fit.driver import fit, has_checkpoints
 from raydetr.train.checkpoint import best_cache_dir, latest_checkpoint, read_state
 
 pytestmark = pytest.mark.slow

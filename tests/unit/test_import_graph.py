@@ -62,7 +62,7 @@ LAYERS = [
     ("model",),
     ("loss", "data", "eval"),
     ("ops", "artifacts", "config"),
-    ("ema",),
+    ("ema", "errors"),
 ]
 # Function-level imports of raydetr modules that are not there to hide a cycle:
 # pyfunc.py is loaded by MLflow as model code; the package is on sys.path only when it runs.

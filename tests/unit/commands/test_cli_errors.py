@@ -11,6 +11,8 @@ from raydetr.commands.cli import main
     (["train", "data.path={tmp}/nope", "mlflow.enabled=false", "run.output_dir={tmp}"],
      "nope"),
     (["train", "optim.nope=1"], "optim.nope"),
+    (["train", "optim.lr=1e-4", "optim.lr_encoder=-1"], "from argument 'optim.lr_encoder=-1'"),
+    (["config", "--preset", "rfdetr-nano", "emma"], "no config key or section 'emma'"),
     (["train", "--config", "{tmp}/missing.yaml"], "missing.yaml"),
     (["train", "ema.schedule=no_such_schedule"], "ema.schedule"),
     (["train", "model.preset=nano"], "rtdetr-r18"),

@@ -157,3 +157,59 @@ def test_shipped_configs_need_nothing_outside_the_clone(path):
     data_path = load_config(path).data.path
     assert data_path is None or not (data_path.startswith("..") or data_path.startswith("/")), (
         f"{path.name}: data.path {data_path} is outside the repository")
+
+
+# ---- shorthand, where a bad value came from, descriptions ------------------------------------
+
+
+def test_enabled_shorthand_for_sections_with_a_switch(tmp_path):
+    cfg = load_config(None, ["ema.posthoc=true", "mlflow=false", "early_stopping=true"])
+    assert (cfg.ema.posthoc.enabled, cfg.mlflow.enabled, cfg.early_stopping.enabled) == (
+        True, False, True)
+    # The section's other keys stay, set before or after the shorthand.
+    cfg = load_config(None, ["ema.posthoc.sigma_rels=[0.03,0.2]", "ema.posthoc=true"])
+    assert cfg.ema.posthoc.enabled and cfg.ema.posthoc.sigma_rels == [0.03, 0.2]
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("ema:\n  posthoc: true\n  decay: 0.99\n")
+    cfg = load_config(yaml_file, ["ema.posthoc.every_steps=7"])
+    assert (cfg.ema.posthoc.enabled, cfg.ema.posthoc.every_steps) == (True, 7)
+    assert load_config(yaml_file, ["ema.posthoc=false"]).ema.posthoc.enabled is False
+    # Not a section with a switch: a bool there is still a type error, named.
+    with pytest.raises(ConfigError, match="optim: Input should be a valid dictionary"):
+        load_config(None, ["optim=true"])
+
+
+def test_errors_name_the_argument_or_file_the_value_came_from(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["optim.lr=1e-4", "ema.decay=1.5", "scaling.num_workers=2"])
+    text = str(err.value)
+    assert "ema.decay: " in text and "from argument 'ema.decay=1.5')" in text
+    assert "optim.lr=1e-4" not in text and "overrides" not in text
+    yaml_file = tmp_path / "bad.yaml"
+    yaml_file.write_text("optim:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=rf"optim.lr: .*from {yaml_file}\)"):
+        load_config(yaml_file)
+    # A later argument replaces the file's value, and is then the one named.
+    with pytest.raises(ConfigError, match=r"from argument 'optim.lr=-2'\)"):
+        load_config(yaml_file, ["optim.lr=-2"])
+    assert load_config(yaml_file, ["optim.lr=2e-4"]).optim.lr == 2e-4
+    # A check across keys names every argument that set one of them.
+    with pytest.raises(ConfigError, match="from argument 'model.preset=rfdetr-base', "
+                                          "argument 'model.resolution=576'"):
+        load_config(None, ["model.preset=rfdetr-base", "model.resolution=576"])
+    with pytest.raises(ConfigError, match=r"^argument 'optim.nope=1': unknown config key"):
+        load_config(None, ["optim.nope=1"])
+    with pytest.raises(ConfigError, match=rf"^{yaml_file}: unknown config key 'optim.nope'"):
+        yaml_file.write_text("optim:\n  nope: 1\n")
+        load_config(yaml_file)
+    from raydetr.config import with_overrides
+
+    with pytest.raises(ConfigError, match=r"from trial config ema.decay=2.0\)"):
+        with_overrides(load_config(None, []), {"ema.decay": 2.0}, "trial config")
+
+
+def test_every_key_has_a_description():
+    from raydetr.commands.config import iter_fields
+
+    missing = [key for key, _, _, description, _ in iter_fields() if not description]
+    assert not missing, f"keys without a description (raydetr config prints it): {missing}"

@@ -3,29 +3,46 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
 
 from raydetr.config import ConfigError, load_config
+from raydetr.ema.ema import ModelEma
 from raydetr.ema.scaling import scale_for_batch
 
 
-def _weight_on_images_ago(decay: float, batch: int, images: int) -> float:
-    return decay ** (images / batch)  # weight kept on the model `images` images ago
+def _shadow_after(decay: float, steps: int) -> float:
+    """A real ModelEma (constant decay) of a weight that jumps from 0 to 1 before the first
+    step: its shadow after ``steps`` updates."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = ModelEma(model, decays=[decay], schedule="constant")
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for _ in range(steps):
+        ema.update(model)
+    return ema.shadow_state_dict(0)["weight"].item()
 
 
-@pytest.mark.parametrize("decay", [0.99, 0.993, 0.9999])
-def test_one_and_two_workers_average_the_same_images(decay):
-    per_worker, ref = 4, 4
-    one = scale_for_batch([decay], 100, per_worker * 1, ref)
-    two = scale_for_batch([decay], 100, per_worker * 2, ref)
-    assert one.decays == [decay] and one.tau == 100
-    assert two.decays[0] == pytest.approx(decay**2) and two.tau == 50
-    for images in (8, 400, 4000):
-        assert _weight_on_images_ago(one.decays[0], 4, images) == pytest.approx(
-            _weight_on_images_ago(two.decays[0], 8, images), rel=1e-12)
-    # The averaging window 1 / (1 - d) in images is the same to first order.
-    w1, w2 = 4 / (1 - one.decays[0]), 8 / (1 - two.decays[0])
-    assert w2 == pytest.approx(w1, rel=2 * (1 - decay))
-    assert "k = 8/4 = 2" in two.describe()
+def test_known_scaled_decays_and_tau():
+    s = scale_for_batch([0.99, 0.999], 100, effective_batch=8, reference_batch=4)  # k = 2
+    assert s.decays == pytest.approx([0.9801, 0.998001], rel=1e-12) and s.tau == 50
+    assert "k = 8/4 = 2" in s.describe()
+    half = scale_for_batch([0.99], 100, effective_batch=2, reference_batch=4)  # k = 1/2
+    assert half.decays == pytest.approx([0.99498743710662], rel=1e-12) and half.tau == 200
+
+
+def test_one_and_two_workers_average_the_same_images():
+    # 400 images after the jump: one worker (batch 4) takes 100 steps at the reference decay
+    # 0.99, so the shadow holds 1 - 0.99**100 = 0.633968 of the new weight. Two workers
+    # (batch 8) take 50 steps; with ema.reference_batch=4 they use the scaled decay and land
+    # on the same value, while the unscaled decay would hold only 1 - 0.99**50 = 0.394994.
+    one = scale_for_batch([0.99], 100, effective_batch=4, reference_batch=4)
+    two = scale_for_batch([0.99], 100, effective_batch=8, reference_batch=4)
+    assert _shadow_after(one.decays[0], 100) == pytest.approx(0.633968, abs=1e-6)
+    assert _shadow_after(two.decays[0], 50) == pytest.approx(0.633968, abs=1e-6)
+    assert _shadow_after(0.99, 50) == pytest.approx(0.394994, abs=1e-6)
 
 
 def test_unset_reference_batch_changes_nothing():

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import http.server
+import math
 import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from raydetr.artifacts import ModelDirError
 from raydetr.config import MlflowConfig
 from raydetr.registry.errors import ModelLoadError, RegistryUnavailable
 from raydetr.registry.fetch import load_detector, parse_models_uri
-from raydetr.registry.plots import history_metrics, metric_key, plot_map_curves
+from raydetr.registry.plots import history_metrics, map_curves_figure, metric_key, plot_map_curves
 from raydetr.registry.tracking import check_reachable, resolve_tracking_uri
 
 
@@ -91,18 +93,43 @@ def test_metric_names_are_mlflow_safe():
     assert history_metrics([{"map": 0.5}]) == [("map", 0.5, 1)]
 
 
-def test_plot_map_curves(tmp_path):
-    history = [{"epoch": e, "map": 0.1 * e, "map_ema": 0.12 * e, "map_ema@0.99": 0.11 * e,
-                "map_ema@0.999": 0.09 * e} for e in range(1, 5)]
-    out = plot_map_curves(history, tmp_path / "plots" / "map.png")
-    data = out.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    from PIL import Image
+def _drawn(history: list[dict]) -> dict[str, tuple[list, list]]:
+    """label -> (x, y) of every line on the figure; the legend must name the same lines."""
+    ax = map_curves_figure(history).axes[0]
+    lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()}
+    assert len(lines) == len(ax.get_lines()), "two lines with one label"
+    legend = ax.get_legend()
+    if lines:
+        assert sorted(t.get_text() for t in legend.get_texts()) == sorted(lines)
+    else:
+        assert legend is None
+    return lines
 
+
+def test_map_curves_one_decay_draws_each_series_once():
+    # One shadow: map_ema is that shadow's mAP, so the figure has two lines, not three.
+    history = [{"epoch": 1, "map": 0.1, "map_ema": 0.2, "map_ema@0.993": 0.2},
+               {"epoch": 2, "map": 0.3, "map_ema": 0.25, "map_ema@0.993": 0.25}]
+    assert _drawn(history) == {"regular": ([1, 2], [0.1, 0.3]),
+                               "EMA decay 0.993": ([1, 2], [0.2, 0.25])}
+
+
+def test_map_curves_several_decays_one_line_each():
+    history = [{"epoch": 1, "map": 0.1, "map_ema": 0.3, "map_ema@0.999": 0.1, "map_ema@0.99": 0.3},
+               {"epoch": 2, "map": 0.2, "map_ema": 0.4, "map_ema@0.999": 0.4, "map_ema@0.99": 0.35}]
+    assert _drawn(history) == {"regular": ([1, 2], [0.1, 0.2]),
+                               "EMA decay 0.99": ([1, 2], [0.3, 0.35]),
+                               "EMA decay 0.999": ([1, 2], [0.1, 0.4])}
+
+
+def test_map_curves_gaps_and_edges(tmp_path):
+    # NaN / missing values leave a gap; a history without epochs numbers rows from 1.
+    history = [{"map": 0.1, "map_ema": math.nan}, {"map": 0.2, "map_ema": 0.3}]
+    assert _drawn(history) == {"regular": ([1, 2], [0.1, 0.2]), "EMA": ([2], [0.3])}
+    assert _drawn([{"epoch": 1, "map": 0.1}]) == {"regular": ([1], [0.1])}  # EMA off
+    assert _drawn([]) == {}
+    out = plot_map_curves([{"epoch": 1, "map": 0.1}], tmp_path / "plots" / "map.png")
     assert Image.open(out).size == (600, 400)
-    # EMA disabled / empty history: still a valid image, no crash
-    assert plot_map_curves([{"epoch": 1, "map": 0.1}], tmp_path / "a.png").is_file()
-    assert plot_map_curves([], tmp_path / "b.png").is_file()
 
 
 def test_models_uri_parsing():

@@ -12,7 +12,7 @@ from ray.tune.schedulers import TrialScheduler
 from raydetr.config import ConfigError, EarlyStoppingConfig
 from raydetr.ema.shadow import Shadow
 from raydetr.record import Bests, EpochResult
-from raydetr.stopping.rule import monitored_value
+from raydetr.stopping.rule import monitored_value, replay
 from raydetr.stopping.scheduler import EarlyStopping, EarlyStoppingScheduler
 
 STOP, CONTINUE = TrialScheduler.STOP, TrialScheduler.CONTINUE
@@ -146,6 +146,36 @@ def test_scheduler_reads_the_best_shadow_of_the_record():
     trial = make_trial()
     sched.on_trial_result(None, trial, record.to_report())
     assert sched.state(trial)["best"] == 0.31
+
+
+# ---- replay: the worker's log line replays the rule on its history -------------------------
+
+
+# Epoch:  1     2     3     4      5      6     (patience 2, min_delta 0.01)
+# 0.1 and 0.2 improve; 0.2 does not (counter 1); 0.25 > 0.2 + 0.01 improves (counter 0);
+# 0.25 and 0.24 do not: the second of them, epoch 6, stops the run; best 0.25 from epoch 4.
+KNOWN = [(1, 0.1), (2, 0.2), (3, 0.2), (4, 0.25), (5, 0.25), (6, 0.24)]
+
+
+def test_replay_known_sequence():
+    rule = replay(KNOWN, patience=2, min_delta=0.01)
+    assert (rule.best, rule.best_epoch, rule.counter, rule.stopped, rule.seen) == (
+        0.25, 4, 2, True, 6)
+    # Stopped one epoch earlier: not yet.
+    assert replay(KNOWN[:5], patience=2, min_delta=0.01).stopped is False
+    # skip_epochs=1: epoch 1's 0.9 is never the best, so 0.2 at epoch 2 is.
+    rule = replay([(1, 0.9), (2, 0.2), (3, 0.2)], patience=2, min_delta=0.0, skip_epochs=1)
+    assert (rule.best, rule.best_epoch, rule.counter, rule.stopped) == (0.2, 2, 1, False)
+    assert replay([], patience=2, min_delta=0.0).best_epoch is None
+
+
+def test_scheduler_stops_where_replay_says():
+    sched = EarlyStoppingScheduler(patience=2, min_delta=0.01, ema_enabled=False)
+    trial = make_trial()
+    decisions = feed(sched, trial, rows_from([v for _, v in KNOWN]))
+    assert decisions == [CONTINUE] * 5 + [STOP]
+    state = sched.state(trial)
+    assert (state["best"], state["best_epoch"], state["counter"]) == (0.25, 4, 2)
 
 
 # ---- scheduler with real ray.tune Trial objects ----------------------------------------------

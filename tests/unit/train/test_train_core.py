@@ -1,5 +1,6 @@
-"""The training core without Ray: TrainState, EpochResult, the winner rule, the early-stop
-rule, one eval model for every EMA shadow, and what --pretrain-weights resolves to."""
+"""The training core without Ray: TrainState, EpochResult, the winner rule, one eval model
+for every EMA shadow, and what --pretrain-weights resolves to (the early-stopping rule and its
+replay: tests/unit/stopping)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from raydetr.ema.ema import ModelEma
 from raydetr.ema.shadow import Shadow
 from raydetr.model.build import build
 from raydetr.record import Bests, EpochResult, epoch_number, winner
-from raydetr.stopping.rule import EarlyStopping, replay
 from raydetr.train.checkpoint import BestWeightsCache, update_bests, write_checkpoint
 from raydetr.train.engine import predict_records
 from raydetr.train.evaluation import ShadowEvaluator
@@ -72,15 +72,6 @@ def test_epoch_result_report_and_winner():
     assert (m["epoch"], m["best_map_epoch"], m["best_map_ema_epoch"]) == (1, 1, 1)
     line = r.format_line(3)
     assert line.startswith("epoch 1/3") and "@1)" in line and "@0)" not in line
-
-
-def test_replay_is_the_scheduler_rule():
-    values = [0.1, 0.2, 0.2, 0.25, 0.25, 0.24]
-    rule = EarlyStopping(patience=2, min_delta=0.01)
-    for e, v in enumerate(values):
-        rule.update(v, e)
-    again = replay(list(enumerate(values)), 2, 0.01)
-    assert vars(again) == vars(rule) and again.stopped
 
 
 # ------------------------------------------------------------------ defect 9
@@ -207,7 +198,8 @@ def test_bad_pretrain_path_fails_before_ray(tmp_path):
     import ray
 
     from raydetr.config import load_config
-    from raydetr.fit.driver import FitError, fit
+    from raydetr.fit.cluster import FitError
+    from raydetr.fit.driver import fit
 
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "mlflow.enabled=false"])
     with pytest.raises(FitError, match="--pretrain-weights .*nope: no such file"):
