@@ -7,10 +7,12 @@
     raydetr tune  [--config FILE] [key=value ...]
     raydetr tune  --posthoc RUN [--sigma-rel-range LO HI] [--num-samples N] [--search-alg random|grid]
     raydetr posthoc RUN --sigma-rel S [S ...] | --sigma-rel-range LO HI N [--step K] [--register]
-    raydetr register RUN_DIR
+    raydetr register RUN_DIR [mlflow.onnx=true]
     raydetr predict --model URI|DIR IMAGES... --out DIR [--threshold T]
     raydetr evaluate --model URI|DIR --data DATASET [--split val] [--mlflow]
     raydetr convert-checkpoint SRC.pth OUT_DIR [--preset P] [--variant ema|regular]
+    raydetr export MODEL --format onnx [OUT] [--batch dynamic|N] [--resolution R] [--opset K]
+                   [--postprocess] [--half] [--variant ema|regular]
 
 ``key=value`` overrides use dotted config keys (see raydetr/config.py), e.g. ``optim.lr=2e-4
 ema.decay=[0.99,0.999] scaling.num_workers=2``.
@@ -126,6 +128,19 @@ def _parser() -> argparse.ArgumentParser:
                                         "rfdetr-base"], help="default: inferred from the keys")
     p.add_argument("--variant", choices=["ema", "regular"],
                    help="default: ema when the file has ema_model, else regular")
+
+    p = sub.add_parser("export", help="export a model to ONNX (checked against torch)")
+    p.add_argument("model", help="model dir, run dir (its winner) or models:/NAME@ALIAS")
+    p.add_argument("out", nargs="?", help="default: model.onnx in the model dir (or here)")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--batch", default="dynamic", help="dynamic (default) or a fixed batch size")
+    p.add_argument("--resolution", type=int, help="input side in px (default: the model's)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--postprocess", action="store_true", help="top-k decode inside the graph: "
+                   "scores, labels, boxes_xyxy (normalised)")
+    p.add_argument("--half", action="store_true", help="float16 weights and compute; refused "
+                   "when its top detections differ from float32's")
+    p.add_argument("--variant", choices=["ema", "regular"], help="default: the model's winner")
     return parser
 
 
@@ -234,9 +249,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if cmd == "register":
         from raydetr.registry.publish import register_run_dir
+        from raydetr.serve.export import export_for_registry
 
         mlflow_cfg = load_config(None, list(args.overrides)).mlflow if args.overrides else None
-        info = register_run_dir(Path(args.run_dir), mlflow_cfg)
+        info = register_run_dir(Path(args.run_dir), mlflow_cfg, onnx_export=export_for_registry)
         print(json.dumps(info, indent=2, default=str))
         return 0
     if cmd == "predict":
@@ -255,6 +271,12 @@ def _dispatch(args: argparse.Namespace) -> int:
               f"logits, {meta['resolution']} px) -> {args.out_dir}\n"
               f"  raydetr predict --model {args.out_dir} IMAGES... --out DIR")
         return 0
+    if cmd == "export":
+        from raydetr.export_cmd import export_command
+
+        return export_command(args.model, args.out, fmt=args.format, batch=args.batch,
+                              resolution=args.resolution, opset=args.opset,
+                              postprocess=args.postprocess, half=args.half, variant=args.variant)
     raise AssertionError(cmd)
 
 

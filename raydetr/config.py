@@ -248,6 +248,8 @@ class MlflowConfig(_Strict):
     experiment: str = "raydetr"
     model_name: str = "raydetr"
     alias: str = "champion"
+    onnx: bool = Field(False, description="Also export the winner to ONNX (checked against "
+                       "torch) and attach model.onnx to the registered model version.")
 
 
 class RunConfig(_Strict):

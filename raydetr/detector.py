@@ -28,6 +28,7 @@ from raydetr.images import image_items, load_image
 from raydetr.registry.errors import ModelLoadError
 from raydetr.registry.fetch import download_model
 from raydetr.registry.modelfiles import read_meta
+from raydetr.serve.onnx import load_runtime
 
 DETECTION_COLUMNS = ["image_index", "class_id", "class_name", "score", "x1", "y1", "x2", "y2"]
 DEFAULT_TOP_K = 100
@@ -105,10 +106,19 @@ class Detector:
         )
 
     @classmethod
+    def from_onnx(cls, path: str | Path, *, threads: int | None = None) -> Detector:
+        """A ``raydetr export`` ONNX file, run by onnxruntime on the CPU (same pre/post-processing)."""
+        runtime, postprocessor, meta = load_runtime(path, threads=threads)
+        return cls(runtime, postprocessor, meta, source=str(path), device="cpu")
+
+    @classmethod
     def from_uri(cls, uri: str | Path, *, tracking_uri: str | None = None,
                  device: str | None = None) -> Detector:
-        """``models:/name@alias``, ``models:/name/3``, ``runs:/<id>/model`` or a local dir."""
+        """``models:/name@alias``, ``models:/name/3``, ``runs:/<id>/model``, a local dir or a
+        ``.onnx`` file (onnxruntime)."""
         text = str(uri)
+        if text.endswith(".onnx"):
+            return cls.from_onnx(text)
         if not text.startswith(("models:/", "runs:/", "mlflow-artifacts:/")) or Path(text).exists():
             return cls.from_dir(text, device=device)
         with tempfile.TemporaryDirectory(prefix="raydetr-model-") as tmp:
@@ -124,8 +134,7 @@ class Detector:
         """images float32[B,3,S,S] (normalised), orig_sizes_hw int64[B,2] ->
         per image dict(scores f32[K], labels i64[K], boxes f32[K,4] xyxy absolute pixels)."""
         outputs = self.model(images.to(self.device))
-        q, c = outputs["pred_logits"].shape[1:]
-        results = self.postprocessor(outputs, orig_sizes_hw.to(self.device), top_k=min(top_k, q * c))
+        results = self.postprocessor(outputs, orig_sizes_hw.to(self.device), top_k=top_k)
         return [{k: r[k].float().cpu().numpy() if k != "labels" else r[k].cpu().numpy()
                  for k in ("scores", "labels", "boxes")} for r in results]
 

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,8 @@ log = logging.getLogger("raydetr.publish")
 def publish(winner_dir: str | Path, *, history: list[dict], params: dict[str, Any],
             mlflow_cfg: MlflowConfig, output_dir: str | Path, run_name: str,
             tags: dict[str, Any] | None, dataset: str, parent_run_id: str | None = None,
-            nested: bool = False, register: bool = True, run_id: str | None = None
-            ) -> dict[str, Any]:
+            nested: bool = False, register: bool = True, run_id: str | None = None,
+            onnx: tuple[Path, int] | None = None) -> dict[str, Any]:
     """Log + register the winner. Returns dict(run_id, model_uri, version, alias, model_name,
     tracking_uri); ``model_uri`` is ``models:/<name>@<alias>``.
 
@@ -59,6 +60,9 @@ def publish(winner_dir: str | Path, *, history: list[dict], params: dict[str, An
 
     ``register=False`` (a search's other trials): the run gets params, metrics, the plot and
     meta.json, but no model is logged or registered (``version``/``model_uri`` are None).
+
+    ``onnx``: (path, opset) of the winner's checked ONNX export; the file becomes the model's
+    ``onnx`` artifact (``<model>/artifacts/model.onnx``) and the version is tagged ``onnx_opset``.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -109,7 +113,8 @@ def publish(winner_dir: str | Path, *, history: list[dict], params: dict[str, An
             shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_FILE),
-                artifacts={"weights": str(weights), "meta": str(meta_path)},
+                artifacts={"weights": str(weights), "meta": str(meta_path),
+                           **({"onnx": str(onnx[0])} if onnx else {})},
                 code_paths=[str(code)], signature=model_signature(),
                 input_example=input_example(), pip_requirements=serving_requirements(),
                 registered_model_name=name,
@@ -117,7 +122,10 @@ def publish(winner_dir: str | Path, *, history: list[dict], params: dict[str, An
             )
         version = str(info.registered_model_version)
         vtags = {"variant": meta.get("variant"), "map": (meta.get("metrics") or {}).get("map"),
-                 "epoch": meta.get("epoch"), "dataset": dataset}
+                 "epoch": meta.get("epoch"), "dataset": dataset,
+                 "resolution": meta.get("resolution"), "classes": json.dumps(meta["classes"])}
+        if onnx:
+            vtags["onnx_opset"] = onnx[1]
         for key, value in vtags.items():
             client.set_model_version_tag(name, version, key, "" if value is None else str(value))
         client.set_registered_model_alias(name, alias, version)
@@ -127,12 +135,17 @@ def publish(winner_dir: str | Path, *, history: list[dict], params: dict[str, An
 
 
 def register_run_dir(run_dir: str | Path, mlflow_cfg: MlflowConfig | None = None, *,
-                     output_dir: str | Path | None = None) -> dict[str, Any]:
+                     output_dir: str | Path | None = None,
+                     onnx_export: Callable[[Path], tuple[Path, int]] | None = None
+                     ) -> dict[str, Any]:
     """``raydetr register RUN_DIR``: publish ``<run_dir>/winner`` of a finished run.
 
     Reads ``config.json`` (Config.to_dict()) and ``history.json``; ``output_dir`` (for the default
     sqlite store) is the config's ``run.output_dir`` when ``run_dir`` lies inside it, else
     ``run_dir``'s parent. Writes ``<run_dir>/registered.json`` with the result.
+    With ``mlflow.onnx=true``, ``onnx_export(winner_dir) -> (onnx path, opset)`` makes the ONNX
+    file to attach (``raydetr.serve.export.export_for_registry``; passed in so this MLflow seam
+    imports no serving code).
     """
     from raydetr.config import build_config
 
@@ -151,8 +164,15 @@ def register_run_dir(run_dir: str | Path, mlflow_cfg: MlflowConfig | None = None
         configured = Path(cfg.run.output_dir).resolve()
         output_dir = configured if run_dir.resolve().is_relative_to(configured) else run_dir.parent
     meta = read_meta(run_dir / "winner" / "meta.json")
+    mlflow_cfg = mlflow_cfg or cfg.mlflow
+    onnx = None
+    if mlflow_cfg.onnx:
+        if onnx_export is None:
+            raise ModelLoadError("mlflow.onnx=true but no ONNX exporter was given to "
+                                 "register_run_dir (pass raydetr.serve.export.export_for_registry)")
+        onnx = onnx_export(run_dir / "winner")
     result = publish(run_dir / "winner", history=history, params=cfg.flat(),
-                     mlflow_cfg=mlflow_cfg or cfg.mlflow, output_dir=output_dir,
+                     mlflow_cfg=mlflow_cfg, output_dir=output_dir, onnx=onnx,
                      run_name=cfg.run.name, tags={"raydetr.registered_from": str(run_dir.resolve())},
                      dataset=str(meta.get("dataset", cfg.data.path or "synthetic")))
     tmp = run_dir / "registered.json.tmp"

@@ -1,0 +1,76 @@
+"""``raydetr export MODEL --format onnx [OUT]``: a checked ONNX file of a published detector.
+
+    raydetr export runs/demo --format onnx                        # -> runs/demo/winner/model.onnx
+    raydetr export models:/raydetr@champion --format onnx det.onnx --batch 4 --postprocess
+    raydetr predict --model det.onnx images/ --out preds          # the same detections, onnxruntime
+
+MODEL: a model dir (``model.safetensors`` + ``meta.json``), a run dir (its winner; ``--variant``
+picks the other variant's best weights from its last checkpoint) or ``models:/NAME@ALIAS``.
+OUT defaults to ``model.onnx`` inside a local MODEL (``model-<variant>.onnx`` for a non-winner
+variant of a run), else in the current directory.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from raydetr.registry.errors import RegistryError
+from raydetr.serve.export import detector_for_export, export_detector, is_run_dir
+from raydetr.serve.onnx import DEFAULT_OPSET, OnnxExportError
+
+
+def parse_batch(text: str) -> int | None:
+    """``dynamic`` -> None, else a positive int."""
+    if text == "dynamic":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"--batch must be 'dynamic' or a positive integer, got '{text}'")
+    return value
+
+
+def default_out(model: str, variant: str | None, held: str | None) -> Path:
+    path = Path(model)
+    name = "model.onnx" if variant in (None, held) else f"model-{variant}.onnx"
+    if path.is_dir():
+        return (path / "winner" if is_run_dir(path) else path) / name
+    return Path(name)
+
+
+def export_command(model: str, out: str | None = None, *, fmt: str = "onnx",
+                   batch: str = "dynamic", resolution: int | None = None,
+                   opset: int = DEFAULT_OPSET, postprocess: bool = False, half: bool = False,
+                   variant: str | None = None) -> int:
+    """Print what was written and how close it is to torch; 0, or 2 on a user error."""
+    try:
+        if fmt != "onnx":
+            raise ValueError(f"--format {fmt}: only onnx is supported")
+        fixed = parse_batch(batch)
+        det = detector_for_export(model, variant)  # type: ignore[arg-type]
+        held = det.meta.get("variant")
+        target = Path(out) if out else default_out(model, variant, held)
+        report = export_detector(det, target, batch=fixed, resolution=resolution, opset=opset,
+                                 postprocess=postprocess, half=half)
+    except (RegistryError, OnnxExportError, ValueError) as exc:
+        print(f"raydetr export: error: {exc}", file=sys.stderr)
+        return 2
+    preset = det.meta["model"].get("preset")
+    print(f"{preset} ({report['variant']} weights, {report['resolution']} px, batch "
+          f"{report['batch']}, opset {report['opset']}{', float16' if half else ''}) -> "
+          f"{report['path']} ({report['bytes'] / 1e6:.1f} MB)")
+    print(f"  input images float32[B,3,{report['resolution']},{report['resolution']}]; outputs "
+          + ", ".join(report["outputs"]))
+    check = report["check"]
+    if half:
+        print(f"  float16 check: top-{check['top_n']} detections of {check['images']} images all "
+              f"matched (same class, IoU > {check['min_iou']}); max score difference "
+              f"{check['max_score_diff']:.2e}")
+    else:
+        for b, diffs in check["batches"].items():
+            print(f"  onnxruntime vs torch, batch {b}: max abs difference "
+                  + ", ".join(f"{n} {d:.2e}" for n, d in diffs.items()))
+    return 0
