@@ -12,6 +12,7 @@ variant of a run), else in the current directory.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -33,12 +34,16 @@ def parse_batch(text: str) -> int | None:
     return value
 
 
-def default_out(model: str, variant: str | None, held: str | None) -> Path:
+def default_out(model: str, variant: str | None) -> Path:
+    """``model.onnx`` beside the weights (a run's winner/), ``model-<variant>.onnx`` for the
+    variant a run's winner is not; the current directory for a registry URI."""
     path = Path(model)
-    name = "model.onnx" if variant in (None, held) else f"model-{variant}.onnx"
-    if path.is_dir():
-        return (path / "winner" if is_run_dir(path) else path) / name
-    return Path(name)
+    if not path.is_dir():
+        return Path("model.onnx")
+    if not is_run_dir(path):
+        return path / "model.onnx"
+    winner = json.loads((path / "winner" / "meta.json").read_text()).get("variant")
+    return path / "winner" / ("model.onnx" if variant in (None, winner) else f"model-{variant}.onnx")
 
 
 def export_command(model: str, out: str | None = None, *, fmt: str = "onnx",
@@ -51,8 +56,7 @@ def export_command(model: str, out: str | None = None, *, fmt: str = "onnx",
             raise ValueError(f"--format {fmt}: only onnx is supported")
         fixed = parse_batch(batch)
         det = detector_for_export(model, variant)  # type: ignore[arg-type]
-        held = det.meta.get("variant")
-        target = Path(out) if out else default_out(model, variant, held)
+        target = Path(out) if out else default_out(model, variant)
         report = export_detector(det, target, batch=fixed, resolution=resolution, opset=opset,
                                  postprocess=postprocess, half=half)
     except (RegistryError, OnnxExportError, ValueError) as exc:

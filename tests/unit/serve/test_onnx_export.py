@@ -308,3 +308,35 @@ def test_rfdetr_nano_onnxruntime_equals_torch(tmp_path, rgb_images):
     assert_same_detections(det.predict(rgb_images, threshold=0.0, max_detections=every),
                            Detector.from_uri(report["path"]).predict(
                                rgb_images, threshold=0.0, max_detections=every))
+
+
+def test_a_run_dir_exports_its_winner_or_the_other_variant(rtdetr_dir, tmp_path, capsys):
+    """RUN_DIR: the winner by default; --variant regular: the best regular weights of the run's
+    last checkpoint (a different model here: another seed)."""
+    from raydetr.train.checkpoint import BEST_FILES, BESTS_FILE, STATE_FILE
+    from raydetr.train.record import Best, Bests
+
+    run = tmp_path / "run"
+    write_model_dir(run / "winner", ModelConfig(preset="rtdetr-r18", resolution=64, num_queries=20,
+                                                num_denoising=0), 64)
+    other = write_model_dir(tmp_path / "other", ModelConfig(
+        preset="rtdetr-r18", resolution=64, num_queries=20, num_denoising=0), 64, seed=1)
+    ckpt = run / "train" / "epoch_0002"
+    ckpt.mkdir(parents=True)
+    (ckpt / STATE_FILE).write_bytes(b"")  # only its presence marks a complete checkpoint here
+    (ckpt / BEST_FILES["regular"]).write_bytes((other / "model.safetensors").read_bytes())
+    bests = Bests(regular=Best(map=0.2, epoch=1), ema=Best(map=0.25, epoch=2, decay=0.993))
+    (ckpt / BESTS_FILE).write_text(json.dumps(bests.to_dict()))
+
+    assert main(["export", str(run), "--format", "onnx"]) == 0
+    assert "(ema weights" in capsys.readouterr().out
+    assert main(["export", str(run), "--format", "onnx", "--variant", "regular"]) == 0
+    assert "(regular weights" in capsys.readouterr().out
+    regular = run / "winner" / "model-regular.onnx"
+    meta = json.loads({p.key: p.value for p in onnx.load(str(regular)).metadata_props}[META_KEY])
+    assert meta["variant"] == "regular" and meta["epoch"] == 1
+    images = check_images(64, 1)
+    with torch.no_grad():
+        expected = Detector.from_dir(other, device="cpu").model(images)["pred_logits"].numpy()
+    got = _session_outputs(regular, images)["pred_logits"]
+    assert np.abs(got - expected).max() <= 1e-4
