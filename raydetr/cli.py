@@ -158,7 +158,12 @@ def _print_fit(result) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("raydetr").setLevel(logging.INFO)  # our lines; others' only --verbose
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "export" and args.out is None and len(extra) == 1:
+        args.out = extra[0]  # `export MODEL --format onnx OUT`: OUT after the options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "verbose", False):
         args.overrides = [*args.overrides, "run.verbose=true"]
         logging.getLogger().setLevel(logging.INFO)

@@ -66,7 +66,8 @@ def export_command(model: str, out: str | None = None, *, fmt: str = "onnx",
     print(f"{preset} ({report['variant']} weights, {report['resolution']} px, batch "
           f"{report['batch']}, opset {report['opset']}{', float16' if half else ''}) -> "
           f"{report['path']} ({report['bytes'] / 1e6:.1f} MB)")
-    print(f"  input images float32[B,3,{report['resolution']},{report['resolution']}]; outputs "
+    b = "B" if fixed is None else fixed
+    print(f"  input images float32[{b},3,{report['resolution']},{report['resolution']}]; outputs "
           + ", ".join(report["outputs"]))
     check = report["check"]
     if half:

@@ -101,6 +101,11 @@ def test_register_attaches_the_onnx_file(client, mlflow_server, tmp_path, capsys
     onnx_file = _check_version(client, version, tmp_path / "download")
     _same_predictions(run_dir / "winner", onnx_file)
 
+    # `raydetr export models:/NAME/VERSION`: the registered torch model, exported here
+    out = tmp_path / "from-registry.onnx"
+    assert main(["export", f"models:/{NAME}/{version}", str(out), "--format", "onnx"]) == 0
+    _same_predictions(run_dir / "winner", out)
+
 
 def test_post_fit_attaches_the_onnx_file(client, mlflow_server, tmp_path):
     from raydetr.train.postfit import publish_winner
