@@ -153,7 +153,10 @@ def main() -> None:
         case = r["cases"][f"batch{args.batch}_t2"]["images_per_s"]
         ratios[r["preset"]] = case["onnxruntime"] / case["torch"]
         print(f"onnxruntime / torch images/s, {r['preset']}: {ratios[r['preset']]:.2f}")
-    common.write_json("export", args, {"results": results, "ratio_images_per_s": ratios})
+    summary = [common.summary_row(f"onnxruntime / torch images/s, {k} (batch {args.batch})", v,
+                                  "info", None, "x") for k, v in ratios.items()]
+    common.write_json("export", args, {"results": results, "ratio_images_per_s": ratios,
+                                       "summary": summary})
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import common  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 ORDER = ["ema", "checkpoint_size", "ray_overhead", "scaling", "eval_cost", "data_path",
-         "tune_vs_shadows"]
+         "export", "tune_vs_shadows"]
 
 
 def ema_args(quick: bool, presets: list[str]) -> list[str]:
