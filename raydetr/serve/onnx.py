@@ -21,11 +21,15 @@ predict`` / ``evaluate``. onnx and onnxruntime are imported where used (optional
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import os
+import sys
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +49,8 @@ RAW_OUTPUTS = ("pred_logits", "pred_boxes", "pred_masks")
 DECODED_OUTPUTS = ("scores", "labels", "boxes_xyxy", "masks")
 META_KEY = "raydetr.meta"
 DEFAULT_OPSET = 17
+MIN_OPSET = 16  # GridSample (both families' deformable attention) is in ONNX from opset 16
+MAX_OPSET = 20  # the last opset torch's TorchScript-based exporter writes
 DEFAULT_TOP_K = 100
 FP32_ATOL = 1e-4  # the contract: max |onnxruntime - torch| of logits and boxes in float32
 HALF_TOP_N = 10  # --half: every one of float32's top-N detections per image must be found ...
@@ -104,6 +110,9 @@ def export_onnx(model: nn.Module, path: str | Path, *, resolution: int, meta: di
     """
     import onnx
 
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise OnnxExportError(f"--opset {opset}: choose {MIN_OPSET}..{MAX_OPSET} (GridSample needs "
+                              f"{MIN_OPSET}; torch's TorchScript exporter writes up to {MAX_OPSET})")
     path = Path(path)
     model = model.eval().float()
     names = output_names(model, resolution, postprocess)
@@ -118,7 +127,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, resolution: int, meta: di
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), _quiet_stderr():
             # the tracer's notes on Python-side shape arithmetic: the checks below are the proof
             warnings.simplefilter("ignore")
             torch.onnx.export(wrapper, (dummy,), str(tmp), input_names=[INPUT_NAME],
@@ -144,6 +153,21 @@ def export_onnx(model: nn.Module, path: str | Path, *, resolution: int, meta: di
     onnx.save(graph, str(path))
     tmp.unlink(missing_ok=True)
     return path, opset
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 for the block: on a failure torch's exporter writes its whole
+    IR graph there (thousands of lines); the error raised after it says what went wrong."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def fixed_input_size(model: nn.Module, resolution: int) -> nn.Module:
