@@ -7,10 +7,12 @@
     raydetr tune  [--config FILE] [key=value ...]
     raydetr tune  --posthoc RUN [--sigma-rel-range LO HI] [--num-samples N] [--search-alg random|grid]
     raydetr posthoc RUN --sigma-rel S [S ...] | --sigma-rel-range LO HI N [--step K] [--register]
-    raydetr register RUN_DIR [key=value ...]
+    raydetr register RUN_DIR [key=value ...]          e.g. mlflow.onnx=true
     raydetr predict --model URI|DIR IMAGES... --out DIR [--threshold T]
     raydetr evaluate --model URI|DIR --data DATASET [--split val] [--mlflow]
     raydetr convert-checkpoint SRC.pth OUT_DIR [--preset P] [--variant ema|regular]
+    raydetr export MODEL --format onnx [OUT] [--batch dynamic|N] [--resolution R] [--opset K]
+                   [--postprocess] [--half] [--variant ema|regular]
     raydetr config [--preset P] [KEY-PREFIX]       every config key: type, default, description
 
 ``key=value`` overrides use dotted config keys, e.g. ``optim.lr=2e-4 ema.decay=[0.99,0.999]
@@ -44,6 +46,7 @@ COMMANDS = {
     "predict": "predict",
     "evaluate": "evaluate",
     "convert-checkpoint": "convert",
+    "export": "export",
     "config": "config",
 }
 PRESETS = ["rtdetr-r18", "rtdetr-r34", "rtdetr-r50", "rfdetr-nano", "rfdetr-small",
@@ -145,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=["ema", "regular"],
                    help="default: ema when the file has ema_model, else regular")
 
+    p = sub.add_parser("export", help="export a model to ONNX (checked against torch)")
+    p.add_argument("model", help="model dir, run dir (its winner) or models:/NAME@ALIAS")
+    p.add_argument("out", nargs="?", help="default: model.onnx in the model dir (or here)")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--batch", default="dynamic", help="dynamic (default) or a fixed batch size")
+    p.add_argument("--resolution", type=int, help="input side in px (default: the model's)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--postprocess", action="store_true", help="top-k decode inside the graph: "
+                   "scores, labels, boxes_xyxy (normalised)")
+    p.add_argument("--half", action="store_true", help="float16 weights and compute; refused "
+                   "when its top detections differ from float32's")
+    p.add_argument("--variant", choices=["ema", "regular"], help="default: the model's winner")
+
     p = sub.add_parser("config", help="every config key with its type, default and description")
     p.add_argument("prefix", nargs="?", default="", metavar="KEY-PREFIX",
                    help="only keys under this section or key, e.g. ema or optim.lr")
@@ -156,7 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("raydetr").setLevel(logging.INFO)  # our lines; others' only --verbose
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "export" and args.out is None and len(extra) == 1:
+        args.out = extra[0]  # `export MODEL --format onnx OUT`: OUT after the options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "verbose", False):
         args.overrides = [*args.overrides, "run.verbose=true"]
         logging.getLogger().setLevel(logging.INFO)

@@ -269,6 +269,8 @@ class MlflowConfig(_Strict):
     experiment: str = Field("raydetr", description="MLflow experiment of the runs.")
     model_name: str = Field("raydetr", description="Registered model name.")
     alias: str = Field("champion", description="Alias moved to each new registered version.")
+    onnx: bool = Field(False, description="Also export the winner to ONNX (checked against "
+                       "torch) and attach model.onnx to the registered model version.")
 
 
 class RunConfig(_Strict):

@@ -16,6 +16,7 @@ from raydetr.artifacts import METRIC_NAMES, ModelDir, ModelMeta, RunDir, atomic_
 from raydetr.config import Config
 from raydetr.model.build import resolve_model_config
 from raydetr.registry.publish import publish
+from raydetr.serve.export import export_for_registry
 from raydetr.train.checkpoint import BEST_FILES, latest_checkpoint, read_bests, read_state
 
 log = logging.getLogger("raydetr.postfit")
@@ -121,12 +122,19 @@ def publish_winner(cfg: Config, run_dir: Path, winner_dir: Path, history: list[d
     # run tags; publish adds raydetr.dataset and raydetr.variant (model-version tags: its own)
     tags = {"raydetr.map": f"{meta.metrics['map'] or 0:.4f}", "raydetr.epoch": str(meta.epoch),
             "raydetr.stopped_early": str(stopped_early).lower()}
+    onnx = None
+    if cfg.mlflow.onnx and register:
+        try:
+            onnx = export_for_registry(winner_dir)
+        except Exception as exc:  # noqa: BLE001 - the winner is registered without it
+            log.error("ONNX export failed (%s: %s); registering the model without model.onnx "
+                      "(retry: raydetr export %s --format onnx)", type(exc).__name__, exc, run_dir)
     try:
         return publish(
             winner_dir, history=history, params=cfg.flat(), mlflow_cfg=cfg.mlflow,
             output_dir=Path(cfg.run.output_dir).resolve(), run_name=cfg.run.name, tags=tags,
             dataset=meta.dataset, parent_run_id=parent_run_id,
-            nested=parent_run_id is not None, register=register, run_id=run_id,
+            nested=parent_run_id is not None, register=register, run_id=run_id, onnx=onnx,
         )
     except Exception as exc:  # noqa: BLE001 - the fit's result must survive a registry outage
         log.error(

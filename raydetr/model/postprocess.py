@@ -2,6 +2,8 @@
 
 No NMS: a DETR predicts one box per object. Scores are sigmoid probabilities; the top-k is
 taken over queries x classes, so one query may yield several (box, class) detections.
+``decode_topk`` is the batched, size-free part (also traced into ONNX graphs by
+``raydetr.serve.onnx``); ``PostProcessor`` scales its boxes to each original image.
 """
 
 from __future__ import annotations
@@ -10,6 +12,30 @@ import torch
 from torch import Tensor, nn
 
 from raydetr.ops.boxes import box_cxcywh_to_xyxy
+
+
+def decode_topk(pred_logits: Tensor, pred_boxes: Tensor, top_k: int = 100) -> dict[str, Tensor]:
+    """pred_logits [B,Q,C], pred_boxes [B,Q,4] normalised cxcywh -> dict(scores f32[B,K],
+    labels i64[B,K], boxes_xyxy f32[B,K,4] normalised and clipped to 0..1, queries i64[B,K]),
+    best first, K = min(top_k, Q*C)."""
+    logits = pred_logits.float()
+    boxes_cxcywh = pred_boxes.float()
+    # RF-DETR's boxes have no sigmoid: below ~288 px its queries beyond the two-stage
+    # selection keep raw reference points, whose width can be < 0. Such a box is empty.
+    boxes_cxcywh = torch.cat([boxes_cxcywh[..., :2], boxes_cxcywh[..., 2:].clamp(min=0)], -1)
+    boxes = box_cxcywh_to_xyxy(boxes_cxcywh)  # [B,Q,4] normalised
+    q, c = logits.shape[1:]
+    scores, flat = logits.sigmoid().flatten(1).topk(min(top_k, q * c), dim=1)
+    queries = torch.div(flat, c, rounding_mode="floor")
+    labels = flat % c
+    boxes = boxes.gather(1, queries[..., None].expand(-1, -1, 4)).clamp(0.0, 1.0)
+    return {"scores": scores, "labels": labels, "boxes_xyxy": boxes, "queries": queries}
+
+
+def scale_boxes(boxes_xyxy: Tensor, orig_sizes: Tensor) -> Tensor:
+    """Normalised xyxy [B,K,4] (in 0..1) -> absolute pixels of each image, orig_sizes [B,2] (h, w)."""
+    h, w = orig_sizes.to(boxes_xyxy.device, torch.float32).unbind(-1)
+    return boxes_xyxy * torch.stack([w, h, w, h], -1)[:, None, :]
 
 
 class PostProcessor(nn.Module):
@@ -23,22 +49,10 @@ class PostProcessor(nn.Module):
 
     @torch.no_grad()
     def forward(self, outputs: dict, orig_sizes: Tensor, top_k: int = 100) -> list[dict[str, Tensor]]:
-        logits = outputs["pred_logits"].float()
-        boxes_cxcywh = outputs["pred_boxes"].float()
-        # RF-DETR's boxes have no sigmoid: below ~288 px its queries beyond the two-stage
-        # selection keep raw reference points, whose width can be < 0. Such a box is empty.
-        boxes_cxcywh = torch.cat([boxes_cxcywh[..., :2], boxes_cxcywh[..., 2:].clamp(min=0)], -1)
-        boxes = box_cxcywh_to_xyxy(boxes_cxcywh)  # [B,Q,4] normalised
-        b, q, c = logits.shape
+        b = outputs["pred_logits"].shape[0]
         if len(orig_sizes) != b:
             raise ValueError(f"orig_sizes has {len(orig_sizes)} rows for a batch of {b} images")
-        k = min(top_k, q * c)
-        scores, flat = logits.sigmoid().flatten(1).topk(k, dim=1)
-        query = torch.div(flat, c, rounding_mode="floor")
-        labels = flat % c
-        boxes = boxes.gather(1, query[..., None].expand(-1, -1, 4))
-        h, w = orig_sizes.to(boxes.device, torch.float32).unbind(-1)
-        scale = torch.stack([w, h, w, h], -1)[:, None, :]
-        boxes = (boxes * scale).clamp(min=0.0)
-        boxes = torch.minimum(boxes, scale)
-        return [{"scores": s, "labels": lab, "boxes": bx} for s, lab, bx in zip(scores, labels, boxes)]
+        d = decode_topk(outputs["pred_logits"], outputs["pred_boxes"], top_k)
+        boxes = scale_boxes(d["boxes_xyxy"], orig_sizes)
+        return [{"scores": s, "labels": lab, "boxes": bx}
+                for s, lab, bx in zip(d["scores"], d["labels"], boxes)]

@@ -96,8 +96,11 @@ def download_model(uri: str, dst: str | Path, *, tracking_uri: str | None = None
 
 def load_detector(uri: str | Path, *, tracking_uri: str | None = None,
                   device: str | None = None) -> Detector:
-    """``models:/name@alias``, ``models:/name/3``, ``runs:/<id>/model`` or a local model dir."""
+    """``models:/name@alias``, ``models:/name/3``, ``runs:/<id>/model``, a local model dir or a
+    ``raydetr export`` ``.onnx`` file (run by onnxruntime on the CPU)."""
     text = str(uri)
+    if text.endswith(".onnx"):
+        return Detector.from_onnx(text)
     if not text.startswith(("models:/", "runs:/", "mlflow-artifacts:/")) or Path(text).exists():
         return Detector.from_dir(text, device=device)
     with tempfile.TemporaryDirectory(prefix="raydetr-model-") as tmp:

@@ -41,6 +41,7 @@ from raydetr.registry.tracking import (
     quiet_mlflow,
     resolve_tracking_uri,
 )
+from raydetr.serve.export import export_for_registry
 
 log = logging.getLogger("raydetr.publish")
 
@@ -48,8 +49,8 @@ log = logging.getLogger("raydetr.publish")
 def publish(winner_dir: str | Path, *, history: list[dict], params: dict[str, Any],
             mlflow_cfg: MlflowConfig, output_dir: str | Path, run_name: str,
             tags: dict[str, Any] | None, dataset: str, parent_run_id: str | None = None,
-            nested: bool = False, register: bool = True, run_id: str | None = None
-            ) -> dict[str, Any]:
+            nested: bool = False, register: bool = True, run_id: str | None = None,
+            onnx: tuple[Path, int] | None = None) -> dict[str, Any]:
     """Log + register the winner. Returns dict(run_id, model_uri, version, alias, model_name,
     tracking_uri); ``model_uri`` is ``models:/<name>@<alias>``.
 
@@ -59,6 +60,9 @@ def publish(winner_dir: str | Path, *, history: list[dict], params: dict[str, An
 
     ``register=False`` (a search's other trials): the run gets params, metrics, the plot and
     meta.json, but no model is logged or registered (``version``/``model_uri`` are None).
+
+    ``onnx``: (path, opset) of the winner's checked ONNX export; the file becomes the model's
+    ``onnx`` artifact (``<model>/artifacts/model.onnx``) and the version is tagged ``onnx_opset``.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -109,7 +113,8 @@ def publish(winner_dir: str | Path, *, history: list[dict], params: dict[str, An
             shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_FILE),
-                artifacts={"weights": str(weights), "meta": str(meta_path)},
+                artifacts={"weights": str(weights), "meta": str(meta_path),
+                           **({"onnx": str(onnx[0])} if onnx else {})},
                 code_paths=[str(code)], signature=model_signature(),
                 input_example=input_example(), pip_requirements=serving_requirements(),
                 registered_model_name=name,
@@ -117,7 +122,10 @@ def publish(winner_dir: str | Path, *, history: list[dict], params: dict[str, An
             )
         version = str(info.registered_model_version)
         vtags = {"variant": meta.variant, "map": meta.metrics.get("map"), "epoch": meta.epoch,
-                 "dataset": dataset, **shadow_tags(meta.shadow)}
+                 "dataset": dataset, "resolution": meta.resolution,
+                 "classes": json.dumps(meta.classes), **shadow_tags(meta.shadow)}
+        if onnx:
+            vtags["onnx_opset"] = onnx[1]
         for key, value in vtags.items():
             client.set_model_version_tag(name, version, key, "" if value is None else str(value))
         client.set_registered_model_alias(name, alias, version)
@@ -133,6 +141,8 @@ def register_run_dir(run_dir: str | Path, mlflow_cfg: MlflowConfig | None = None
     Reads ``config.json`` (Config.to_dict()) and ``history.json``; ``output_dir`` (for the default
     sqlite store) is the config's ``run.output_dir`` when ``run_dir`` lies inside it, else
     ``run_dir``'s parent. Writes ``<run_dir>/registered.json`` with the result.
+    With ``mlflow.onnx=true`` the winner's checked ONNX export (``<winner>/model.onnx``) is
+    attached to the registered version.
     """
 
     run = RunDir(run_dir)
@@ -149,8 +159,10 @@ def register_run_dir(run_dir: str | Path, mlflow_cfg: MlflowConfig | None = None
         configured = Path(cfg.run.output_dir).resolve()
         output_dir = configured if run.root.resolve().is_relative_to(configured) else run.root.parent
     meta = run.winner.read_meta()
+    mlflow_cfg = mlflow_cfg or cfg.mlflow
+    onnx = export_for_registry(run.winner.path) if mlflow_cfg.onnx else None
     result = publish(run.winner.path, history=history, params=cfg.flat(),
-                     mlflow_cfg=mlflow_cfg or cfg.mlflow, output_dir=output_dir,
+                     mlflow_cfg=mlflow_cfg, output_dir=output_dir, onnx=onnx,
                      run_name=cfg.run.name, tags={"raydetr.registered_from": str(run.root.resolve())},
                      dataset=meta.dataset or str(cfg.data.path or "synthetic"))
     atomic_write_json(run.registered, result)

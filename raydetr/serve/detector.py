@@ -28,6 +28,7 @@ from raydetr.data.transforms import to_model_input
 from raydetr.model.build import build
 from raydetr.serve.draw import draw_detections
 from raydetr.serve.images import image_items, load_image
+from raydetr.serve.onnx import load_runtime
 
 DETECTION_COLUMNS = ["image_index", "class_id", "class_name", "score", "x1", "y1", "x2", "y2"]
 DEFAULT_TOP_K = 100
@@ -98,6 +99,12 @@ class Detector:
             "winner/ dir) or an MLflow model dir (MLmodel)"
         )
 
+    @classmethod
+    def from_onnx(cls, path: str | Path, *, threads: int | None = None) -> Detector:
+        """A ``raydetr export`` ONNX file, run by onnxruntime on the CPU (same pre/post-processing)."""
+        runtime, postprocessor, meta = load_runtime(path, threads=threads)
+        return cls(runtime, postprocessor, meta, source=str(path), device="cpu")
+
     # -- inference
     @torch.no_grad()
     def forward(self, images: torch.Tensor, orig_sizes_hw: torch.Tensor,
@@ -105,8 +112,7 @@ class Detector:
         """images float32[B,3,S,S] (normalised), orig_sizes_hw int64[B,2] ->
         per image dict(scores f32[K], labels i64[K], boxes f32[K,4] xyxy absolute pixels)."""
         outputs = self.model(images.to(self.device))
-        q, c = outputs["pred_logits"].shape[1:]
-        results = self.postprocessor(outputs, orig_sizes_hw.to(self.device), top_k=min(top_k, q * c))
+        results = self.postprocessor(outputs, orig_sizes_hw.to(self.device), top_k=top_k)
         return [{k: r[k].float().cpu().numpy() if k != "labels" else r[k].cpu().numpy()
                  for k in ("scores", "labels", "boxes")} for r in results]
 

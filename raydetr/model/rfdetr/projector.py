@@ -22,7 +22,8 @@ class ChannelLayerNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.permute(0, 2, 3, 1)
-        x = F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        # normalized_shape from the weight: a constant when traced with a dynamic batch (ONNX)
+        x = F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
         return x.permute(0, 3, 1, 2)
 
 
