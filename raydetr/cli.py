@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from raydetr.config import ConfigError, load_config
+from raydetr.presets import RFDETR_PRESETS
 
 # The demo's embedded defaults: small enough for a laptop CPU, large enough to learn.
 DEMO_OVERRIDES = [
@@ -119,13 +120,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow", action="store_true", help="log the metrics to MLflow")
 
     p = sub.add_parser("convert-checkpoint",
-                       help="RF-DETR .pth -> model dir (model.safetensors + meta.json)")
-    p.add_argument("src", help="RF-DETR checkpoint file, e.g. checkpoint_best_total.pth")
+                       help="RF-DETR .pth / 1.11 .ckpt -> model dir (model.safetensors + meta.json)")
+    p.add_argument("src", help="RF-DETR checkpoint file, e.g. checkpoint_best_total.pth or "
+                               "(RF-DETR 1.11) last.ckpt")
     p.add_argument("out_dir")
-    p.add_argument("--preset", choices=["rfdetr-nano", "rfdetr-small", "rfdetr-medium",
-                                        "rfdetr-base"], help="default: inferred from the keys")
+    p.add_argument("--preset", choices=list(RFDETR_PRESETS), help="default: inferred from the keys")
     p.add_argument("--variant", choices=["ema", "regular"],
-                   help="default: ema when the file has ema_model, else regular")
+                   help="default: ema when the file has EMA weights (ema_model, or 1.11's EMA "
+                        "callback state), else regular")
     return parser
 
 

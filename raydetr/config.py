@@ -26,6 +26,7 @@ from raydetr.presets import (
     RENAMED_PRESETS,
     RFDETR_PRESETS,
     RTDETR_PRESETS,
+    is_segmentation,
     preset_family,
     resolution_multiple,
 )
@@ -118,6 +119,11 @@ class LossConfig(_Strict):
     cost_giou: float = 2.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    weight_mask_ce: float = Field(5.0, description="RF-DETR Seg presets: mask loss (+ 4 below).")
+    weight_mask_dice: float = 5.0
+    cost_mask_ce: float = 5.0
+    cost_mask_dice: float = 5.0
+    mask_point_sample_ratio: int = Field(16, gt=0, description="Sampled points = map px / this.")
 
 
 class OptimConfig(_Strict):
@@ -298,13 +304,14 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _family_defaults(self) -> Config:
-        """RF-DETR presets fine-tune a pretrained checkpoint: RF-DETR's recipe replaces the
-        from-scratch defaults of every key the user did not set (explicit values win)."""
+        """RF-DETR presets take RF-DETR's recipe (Seg: its class weight 5) for every key the
+        user did not set, replacing the from-scratch defaults (explicit values win)."""
         if preset_family(self.model.preset) != "rfdetr":
             return self
+        extra = {"loss": {"weight_cls": 5.0}} if is_segmentation(self.model.preset) else {}
         for section, values in RFDETR_DEFAULTS.items():
             sub = getattr(self, section)
-            for key, value in values.items():
+            for key, value in (values | extra.get(section, {})).items():
                 if key not in sub.model_fields_set:
                     setattr(sub, key, value)
         return self

@@ -1,7 +1,9 @@
 """RF-DETR family: state_dict keys, shapes, dtypes and parameter counts equal RF-DETR's.
 
-The reference lists come from RF-DETR 1.4.1's own models (../shared/reference/rfdetr); the
-parameter counts are RF-DETR's published totals (30.5 / 32.1 / 33.7 M for N / S / M).
+The reference lists come from RF-DETR 1.4.1's own models: ../shared/reference/rfdetr for
+nano/small/medium/base and the seven Seg presets, and tests/unit/model/data/keys_large.json for
+Large (made the same way by bench/rfdetr_reference.py keys rfdetr-large; see data/README.md).
+The parameter counts of N/S/M are RF-DETR's published totals (30.5 / 32.1 / 33.7 M).
 """
 
 import json
@@ -10,12 +12,20 @@ from pathlib import Path
 import pytest
 
 from raydetr.model.rfdetr import RFDETR_PRESETS, build_rfdetr
+from raydetr.presets import RFDETR_PRESETS as PRESET_NAMES
 
 REFERENCE = Path(__file__).resolve().parents[3].parent / "shared" / "reference" / "rfdetr"
+DATA = Path(__file__).resolve().parent / "data"
 
 # RF-DETR's parameter totals per config (with its 91-row COCO class head).
 PARAMS = {"rfdetr-nano": 30_467_298, "rfdetr-small": 32_111_170,
           "rfdetr-medium": 33_687_458, "rfdetr-base": 32_174_530}
+
+
+def reference_path(preset: str) -> Path:
+    if preset == "rfdetr-large":
+        return DATA / "keys_large.json"  # kept with the tests (generated, not in ../shared)
+    return REFERENCE / f"keys_{preset.removeprefix('rfdetr-').replace('-', '_')}.json"
 
 
 @pytest.fixture(scope="module", params=sorted(RFDETR_PRESETS))
@@ -23,16 +33,21 @@ def built(request):
     return request.param, build_rfdetr(request.param, num_classes=91)
 
 
+def test_every_preset_name_has_an_architecture():
+    assert sorted(PRESET_NAMES) == sorted(RFDETR_PRESETS)
+
+
 def test_parameter_count_matches_rfdetr(built):
     preset, model = built
-    assert sum(p.numel() for p in model.parameters()) == PARAMS[preset]
+    if preset in PARAMS:
+        assert sum(p.numel() for p in model.parameters()) == PARAMS[preset]
     # No buffers: every state_dict entry is a parameter, as in RF-DETR.
     assert len(model.state_dict()) == len(list(model.parameters()))
 
 
 def test_state_dict_equals_reference_keys(built):
     preset, model = built
-    path = REFERENCE / f"keys_{preset.removeprefix('rfdetr-')}.json"
+    path = reference_path(preset)
     if not path.is_file():
         pytest.skip(f"RF-DETR key reference not found at {path} (../shared beside the repo)")
     ref = json.loads(path.read_text())
@@ -45,9 +60,14 @@ def test_state_dict_equals_reference_keys(built):
     assert ours == ref["state_dict"]  # same shapes, dtypes and order
     assert sum(p.numel() for p in model.parameters()) == ref["num_parameters"]
     cfg = RFDETR_PRESETS[preset]
-    for key in ("resolution", "patch_size", "num_windows", "positional_encoding_size",
-                "out_feature_indexes", "dec_layers", "hidden_dim", "num_queries", "group_detr"):
+    keys = ["resolution", "patch_size", "num_windows", "positional_encoding_size",
+            "out_feature_indexes", "dec_layers", "hidden_dim", "num_queries", "group_detr"]
+    # 1.4.1's RFDETRLargeConfig has no num_select (populate_args' default 100 applied); 1.11
+    # sets 300 explicitly, which is ours. Every other config states it.
+    keys += [] if preset == "rfdetr-large" else ["num_select"]
+    for key in keys:
         assert cfg[key] == ref["config"][key], key
+    assert cfg["segmentation_head"] == bool(ref["config"].get("segmentation_head", False))
 
 
 def test_unknown_preset_names_the_choices():
