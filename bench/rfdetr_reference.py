@@ -9,6 +9,9 @@
     /tmp/rf/venv/bin/python bench/rfdetr_reference.py --rfdetr-src /tmp/rf/src compare \
         rfdetr-seg-nano rfdetr-seg-preview rfdetr-large
     /tmp/rf/venv/bin/python bench/rfdetr_reference.py --rfdetr-src /tmp/rf/src loss rfdetr-seg-nano
+    # RF-DETR 1.11's model (its wheel unpacked; a venv with transformers>=5.1): keys only
+    /tmp/rf111/venv/bin/python bench/rfdetr_reference.py --rfdetr-src /tmp/rf111/whl keys \
+        rfdetr-seg-nano --out tests/unit/model/data/keys_seg_nano_rfdetr111.json
 
 ``keys``: RF-DETR's model for the preset's config, its ``state_dict`` as ``[key, shape, dtype]``
 in order (the format of ../shared/reference/rfdetr/keys_*.json). ``compare``: both models with
@@ -55,7 +58,7 @@ CONFIG_CLASS = {
     "rfdetr-seg-2xlarge": "RFDETRSeg2XLargeConfig",
 }
 _INERT = ("PIL", "pycocotools", "supervision", "cv2", "roboflow", "matplotlib", "tqdm",
-          "onnx", "onnxsim", "onnxruntime", "polygraphy", "open_clip", "rf100vl")
+          "requests", "onnx", "onnxsim", "onnxruntime", "polygraphy", "open_clip", "rf100vl")
 
 
 class _InertMeta(type):
@@ -110,8 +113,11 @@ def import_rfdetr(src: Path) -> types.SimpleNamespace:
     sys.modules["rfdetr"] = package
     import importlib
 
-    return types.SimpleNamespace(config=importlib.import_module("rfdetr.config"),
-                                 main=importlib.import_module("rfdetr.main"),
+    # 1.4's rfdetr/main.py builds from populate_args; 1.11 has no main.py and builds from its
+    # config objects (rfdetr.models.build_model_from_config).
+    main = (importlib.import_module("rfdetr.main") if (src / "rfdetr" / "main.py").is_file()
+            else None)
+    return types.SimpleNamespace(config=importlib.import_module("rfdetr.config"), main=main,
                                  models=importlib.import_module("rfdetr.models"))
 
 
@@ -129,6 +135,12 @@ def rfdetr_args(rf: types.SimpleNamespace, preset: str, training: bool) -> argpa
 
 
 def build_reference(rf: types.SimpleNamespace, preset: str, training: bool = False) -> Any:
+    if rf.main is None:  # RF-DETR >= 1.11
+        if training:
+            raise SystemExit("compare/loss use RF-DETR 1.4's source; 1.11 is for `keys`")
+        cfg = getattr(rf.config, CONFIG_CLASS[preset])(device="cpu", pretrain_weights=None)
+        torch.manual_seed(0)
+        return rf.models.build_model_from_config(cfg), argparse.Namespace(**cfg.model_dump())
     args = rfdetr_args(rf, preset, training)
     torch.manual_seed(0)
     return rf.models.build_model(args), args
@@ -281,7 +293,7 @@ def cmd_loss(rf: types.SimpleNamespace, presets: list[str], batch: int,
             losses_ours = criterion(out_ours, targets)
             ref_total = sum(losses_ref[k] * criterion_ref.weight_dict[k]
                             for k in losses_ref if k in criterion_ref.weight_dict)
-            diffs = {"total": abs(float(ref_total) - float(losses_ours["loss"]))}
+            diffs = {"total": abs(float(ref_total.detach()) - float(losses_ours["loss"].detach()))}
             for k_ref, value in losses_ref.items():
                 k_ours = ours_name(k_ref)
                 if k_ours in losses_ours:

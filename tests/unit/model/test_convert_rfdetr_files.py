@@ -3,6 +3,7 @@ with pickle disabled: preset inferred, EMA by default, class names from the file
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,18 @@ def test_files_raydetr_cannot_convert_name_what_was_found(tmp_path):
     torch.save({"model": {"a": 1}}, not_a_state)
     with pytest.raises(ConvertError, match="'a' holds a int"):
         read_rfdetr_checkpoint(not_a_state)
+
+
+def test_the_111_fixture_has_rfdetr_111s_keys(tmp_path):
+    """The files written above carry exactly the state-dict entries RF-DETR 1.11.2's own model
+    has (data/keys_seg_nano_rfdetr111.json, generated from its wheel), and conversion maps them
+    to 1.4's list (its one extra entry, the empty keypoint buffer, dropped)."""
+    ref = json.loads((Path(__file__).parent / "data" / "keys_seg_nano_rfdetr111.json").read_text())
+    src = write_rfdetr111_checkpoint(tmp_path / "b.pth", preset="rfdetr-seg-nano",
+                                     model_name="RFDETRSegNano")
+    written = torch.load(src, weights_only=True)["model"]
+    entries = {(k, tuple(v.shape), str(v.dtype).removeprefix("torch."))
+               for k, v in written.items()}
+    assert entries == {(k, tuple(shape), dtype) for k, shape, dtype in ref["state_dict"]}
+    read = read_rfdetr_checkpoint(src).weights
+    assert set(read) == {k for k, _, _ in ref["state_dict"]} - {"_kp_active_mask"}
