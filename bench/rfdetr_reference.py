@@ -230,13 +230,42 @@ def cmd_compare(rf: types.SimpleNamespace, presets: list[str], batch: int,
         if "pred_masks" in out_ours:
             row["pred_masks_shape"] = list(out_ours["pred_masks"].shape)
             row["mask_logit_abs_mean"] = float(out_ref["pred_masks"].abs().mean())
+            row.update(compare_postprocess(rf, preset, out_ref, out_ours))
         row["logit_abs_mean"] = float(out_ref["pred_logits"].abs().mean())
         result[preset] = row
         finals = {k: f"{v:.3g}" for k, v in row.items() if k.startswith("final.")}
-        worst = max(v for k, v in row.items() if "." in k and isinstance(v, float))
+        worst = max(v for k, v in row.items() if k.split(".")[0] in ("final", "enc")
+                    or k.startswith("aux"))
         print(f"{preset} @ {res}px batch {batch}: {finals}; worst over final/aux/enc "
               f"{worst:.3g} (RF-DETR {t_ref:.2f} s, raydetr {t_ours:.2f} s)")
+        if "post.num_select" in row:
+            print(f"  post-processing (top {row['post.num_select']}, originals 480x640 and "
+                  f"300x200): scores max |diff| {row['post.max_abs_diff_scores']:.3g}, labels "
+                  f"differing {row['post.labels_differing']}, mask pixels differing "
+                  f"{row['post.mask_pixels_differing']} of {row['post.mask_pixels']}")
     return result
+
+
+def compare_postprocess(rf: types.SimpleNamespace, preset: str, out_ref: dict, out_ours: dict
+                        ) -> dict[str, Any]:
+    """RF-DETR's PostProcess (num_select of the preset) vs ours + masks_at_size, at two
+    original sizes: scores, labels and full-size bool masks."""
+    from raydetr.postprocess import PostProcessor, masks_at_size
+
+    k = int(RFDETR_PRESETS[preset]["num_select"])
+    sizes = torch.tensor([[480, 640], [300, 200]])[: out_ref["pred_logits"].shape[0]]
+    ref = rf.models.PostProcess(num_select=k)(out_ref, sizes)
+    ours = PostProcessor()(out_ours, sizes, top_k=k)
+    score_diff, label_diff, mask_diff, mask_px = 0.0, 0, 0, 0
+    for r, o, size in zip(ref, ours, sizes.tolist()):
+        score_diff = max(score_diff, float((r["scores"] - o["scores"]).abs().max()))
+        label_diff += int((r["labels"] != o["labels"]).sum())
+        masks = torch.cat(list(masks_at_size(o["mask_logits"], size)))
+        mask_diff += int((r["masks"][:, 0] != masks).sum())
+        mask_px += masks.numel()
+    return {"post.num_select": k, "post.max_abs_diff_scores": score_diff,
+            "post.labels_differing": label_diff, "post.mask_pixels_differing": mask_diff,
+            "post.mask_pixels": mask_px}
 
 
 def make_targets(batch: int, res: int, with_masks: bool, seed: int = 2) -> list[dict]:

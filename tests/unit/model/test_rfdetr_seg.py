@@ -91,3 +91,27 @@ def test_seg_input_sides_follow_patch_12_and_the_windows():
     model = build_rfdetr("rfdetr-seg-small", num_classes=2)
     with pytest.raises(ValueError, match="multiple of 24"):
         model(torch.randn(1, 3, 84, 84))
+
+
+def test_postprocessing_gives_each_detection_its_querys_mask():
+    from raydetr.postprocess import PostProcessor, masks_at_size
+
+    logits = torch.full((1, 3, 2), -9.0)
+    logits[0, 2, 1], logits[0, 0, 0] = 5.0, 4.0  # best: query 2 label 1, then query 0 label 0
+    mask_logits = torch.stack([torch.tensor([[1.0, -1.0], [-1.0, -1.0]]),  # top-left
+                               torch.full((2, 2), -1.0),
+                               torch.tensor([[-1.0, -1.0], [-1.0, 1.0]])])  # bottom-right
+    outputs = {"pred_logits": logits, "pred_boxes": torch.full((1, 3, 4), 0.5),
+               "pred_masks": mask_logits[None]}
+    (det,) = PostProcessor()(outputs, torch.tensor([[4, 4]]), top_k=2)
+    assert det["labels"].tolist() == [1, 0]
+    assert torch.equal(det["mask_logits"], mask_logits[[2, 0]])
+    chunks = list(masks_at_size(det["mask_logits"], (4, 4), chunk=1))
+    assert [c.shape for c in chunks] == [(1, 4, 4)] * 2
+    full = torch.cat(chunks)
+    # 2x2 -> 4x4 bilinear (align_corners False) samples the source at 0, .25, .75, 1 per axis:
+    # the +1 corner stays > 0 only where both weights are >= .75, its own quarter
+    quarter = torch.zeros(4, 4, dtype=torch.bool)
+    quarter[2:, 2:] = True
+    assert torch.equal(full[0], quarter) and torch.equal(full[1], quarter.flip(0, 1))
+    assert torch.equal(torch.cat(list(masks_at_size(det["mask_logits"], (4, 4), chunk=8))), full)
