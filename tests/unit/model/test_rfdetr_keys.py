@@ -73,3 +73,21 @@ def test_state_dict_equals_reference_keys(built):
 def test_unknown_preset_names_the_choices():
     with pytest.raises(ValueError, match="rfdetr-nano"):
         build_rfdetr("rfdetr-huge")
+
+
+def test_readme_model_table_states_the_built_models(built):
+    """The README's line-up table: resolution, step, decoder layers, queries and parameter
+    count of each RF-DETR preset are those of the model built here."""
+    from raydetr.model.rfdetr import resolution_step
+
+    preset, model = built
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith(f"| `{preset}` |")]
+    assert len(rows) == 1, f"README.md has no line-up row for {preset}"
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    cfg = RFDETR_PRESETS[preset]
+    assert cells[1] == ("masks + boxes" if cfg["segmentation_head"] else "boxes")
+    assert cells[3:6] == [str(cfg["resolution"]), str(resolution_step(preset)),
+                          str(cfg["dec_layers"])]
+    assert cells[6] == f"{cfg['num_queries']} ({cfg['num_select']})"
+    assert cells[7] == f"{sum(p.numel() for p in model.parameters()):,}"
