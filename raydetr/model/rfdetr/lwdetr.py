@@ -62,6 +62,10 @@ class LWDETR(nn.Module):
         self.group_detr = group_detr
         self.resolution = resolution
         self.block_size = patch_size * num_windows
+        # Eval-mode masks of the aux layers and the encoder (as RF-DETR returns them). A
+        # consumer that only post-processes the final layer sets this False: the same
+        # pred_masks, without L dense (B, Q, H/4, W/4) tensors it would never read.
+        self.eval_aux_masks = True
         # Registration order = RF-DETR's state_dict order: transformer, heads, queries, backbone.
         self.transformer = Transformer(hidden_dim, sa_nheads, ca_nheads, num_queries, dec_layers,
                                        dim_feedforward, group_detr, n_levels=1,
@@ -148,6 +152,7 @@ class LWDETR(nn.Module):
         (B, Q, H/4, W/4) mask logits of the input image; in training RF-DETR's factors
         {spatial_features (B, D, H/4, W/4), query_features (B, Q, D), bias (1,)}, whose
         einsum + bias gives the logits (raydetr.loss.masks forms them for matched queries only).
+        ``eval_aux_masks = False`` leaves the aux and encoder masks out in eval (inference).
         """
         self.check_input(images)
         feature_map = self.backbone[0](images)
@@ -172,12 +177,14 @@ class LWDETR(nn.Module):
         if self.segmentation_head is not None:
             image_hw = (images.shape[-2], images.shape[-1])
             dense = not self.training
-            masks = self.segmentation_head(feature_map, hs, image_hw, dense)
+            every = self.training or self.eval_aux_masks
+            masks = self.segmentation_head(feature_map, hs, image_hw, dense, last_only=not every)
             out["pred_masks"] = masks[-1]
-            for aux, m in zip(out["aux_outputs"], masks[:-1]):
-                aux["pred_masks"] = m
-            out["enc_outputs"]["pred_masks"] = self.segmentation_head.encoder_masks(
-                feature_map, enc_feats, image_hw, dense)
+            if every:
+                for aux, m in zip(out["aux_outputs"], masks[:-1]):
+                    aux["pred_masks"] = m
+                out["enc_outputs"]["pred_masks"] = self.segmentation_head.encoder_masks(
+                    feature_map, enc_feats, image_hw, dense)
         return out
 
 

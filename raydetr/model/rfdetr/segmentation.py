@@ -86,16 +86,21 @@ class SegmentationHead(nn.Module):
         return F.interpolate(feature_map, size=size, mode="bilinear", align_corners=False)
 
     def forward(self, feature_map: Tensor, hs: Tensor, image_hw: tuple[int, int],
-                dense: bool) -> list[Tensor | dict[str, Tensor]]:
+                dense: bool, last_only: bool = False) -> list[Tensor | dict[str, Tensor] | None]:
         """feature_map (B, D, H/ps, W/ps); hs (L, B, Q, D) -> one entry per decoder layer:
-        (B, Q, H/4, W/4) logits when ``dense``, else the ``sparse_masks`` factors."""
+        (B, Q, H/4, W/4) logits when ``dense``, else the ``sparse_masks`` factors. With
+        ``last_only`` the earlier layers' entries are None (their blocks still run: each
+        block refines the previous one's map)."""
         spatial = self._upsample(feature_map, image_hw)
-        out: list[Tensor | dict[str, Tensor]] = []
-        for block, hs_l in zip(self.blocks, hs):
+        out: list[Tensor | dict[str, Tensor] | None] = []
+        for i, (block, hs_l) in enumerate(zip(self.blocks, hs)):
             if self.gradient_checkpointing and self.training:
                 spatial = checkpoint(block, spatial, use_reentrant=False)
             else:
                 spatial = block(spatial)
+            if last_only and i < len(hs) - 1:
+                out.append(None)
+                continue
             projected = self.spatial_features_proj(spatial)
             factors = sparse_masks(projected, self._queries(hs_l), self.bias)
             out.append(dense_mask_logits(factors) if dense else factors)

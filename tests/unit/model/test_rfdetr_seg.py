@@ -115,3 +115,19 @@ def test_postprocessing_gives_each_detection_its_querys_mask():
     quarter[2:, 2:] = True
     assert torch.equal(full[0], quarter) and torch.equal(full[1], quarter.flip(0, 1))
     assert torch.equal(torch.cat(list(masks_at_size(det["mask_logits"], (4, 4), chunk=8))), full)
+
+
+def test_inference_can_skip_the_aux_and_encoder_masks(seg_nano):
+    images = torch.randn(1, 3, 48, 48)
+    seg_nano.eval()
+    with torch.no_grad():
+        every = seg_nano(images)
+        seg_nano.eval_aux_masks = False
+        try:
+            final_only = seg_nano(images)
+        finally:
+            seg_nano.eval_aux_masks = True
+    assert torch.equal(final_only["pred_masks"], every["pred_masks"])
+    assert torch.equal(final_only["pred_logits"], every["pred_logits"])
+    assert all("pred_masks" not in a for a in final_only["aux_outputs"])
+    assert "pred_masks" not in final_only["enc_outputs"]
