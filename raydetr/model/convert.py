@@ -13,7 +13,9 @@ Files read (the EMA weights by default whenever the file has them):
   (keys ``module.model.<key>``, + ``n_averaged``).
 - RF-DETR 1.11 Lightning ``.ckpt`` (``last.ckpt``, ``checkpoint_<epoch>.ckpt``): no ``model``
   key; ``state_dict`` (``model.``-prefixed, ``model._orig_mod.`` after torch.compile) + the
-  same callbacks and description keys.
+  same callbacks and description keys. A ``.ckpt`` made by 1.11's
+  ``convert_legacy_checkpoint`` has ``hyper_parameters`` for ``args`` and the old EMA as
+  ``legacy_ema_state_dict``.
 1.11's model also carries a ``_kp_active_mask`` buffer (a keypoint schema; empty for detection
 and segmentation models), dropped here; a file with keypoints is refused by name.
 Files are read with ``torch.load(weights_only=True)`` and only ``argparse.Namespace``
@@ -169,11 +171,13 @@ def read_rfdetr_checkpoint(path: str | Path) -> RFDETRCheckpoint:
     else:
         raise ConvertError(f"{path}: not an RF-DETR checkpoint: expected 'model' (RF-DETR .pth) or "
                            f"'state_dict' (its Lightning .ckpt); found keys {sorted(map(str, obj))[:12]}")
-    if obj.get("ema_model"):
-        ema, ema_entry = _state_dict(obj["ema_model"], path, "ema_model"), "ema_model"
+    for entry_name in ("ema_model", "legacy_ema_state_dict"):
+        if obj.get(entry_name):
+            ema, ema_entry = _state_dict(obj[entry_name], path, entry_name), entry_name
+            break
     else:
         ema, ema_entry = _ema_from_callbacks(obj.get("callbacks"), path)
-    args = obj.get("args")
+    args = obj.get("args", obj.get("hyper_parameters"))
     if isinstance(args, argparse.Namespace):
         args_dict = vars(args)
     elif isinstance(args, dict) or args is None:

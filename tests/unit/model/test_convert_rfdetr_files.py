@@ -79,6 +79,25 @@ def test_rfdetr_111_file_fine_tunes_from_its_ema(tmp_path):
     assert torch.equal(model.state_dict()["query_feat.weight"], ema["query_feat.weight"])
 
 
+def test_a_legacy_file_converted_by_rfdetr_111_keeps_its_ema_and_names(tmp_path):
+    """1.11's convert_legacy_checkpoint: 'model.'-prefixed state_dict, args as
+    hyper_parameters, the old ema_model as legacy_ema_state_dict."""
+    old = write_rfdetr_checkpoint(tmp_path / "old.pth", preset="rfdetr-seg-nano", num_logits=3,
+                                  class_names=["tumor", "other"], resolution=96)
+    legacy = torch.load(old, weights_only=False)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in legacy["model"].items()},
+                "epoch": 11, "global_step": 0, "hyper_parameters": vars(legacy["args"]),
+                "legacy_checkpoint_format": True,
+                "legacy_ema_state_dict": legacy["ema_model"]}, tmp_path / "conv.ckpt")
+    _no_pickle(tmp_path / "conv.ckpt")
+    meta = convert_checkpoint(tmp_path / "conv.ckpt", tmp_path / "m")
+    assert (meta["model"]["preset"], meta["variant"]) == ("rfdetr-seg-nano", "ema")
+    assert meta["converted_from"]["entry"] == "legacy_ema_state_dict"
+    assert meta["classes"] == ["unused_0", "tumor", "other"] and meta["resolution"] == 96
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    assert torch.equal(weights["class_embed.bias"], legacy["ema_model"]["class_embed.bias"])
+
+
 def test_rfdetr_111_without_ema_takes_the_model_weights(tmp_path):
     src = write_rfdetr111_checkpoint(tmp_path / "r.pth", ema=False)
     meta = convert_checkpoint(src, tmp_path / "o")
