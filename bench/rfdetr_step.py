@@ -1,8 +1,11 @@
-"""rfdetr-nano training step on CPU, images/s: raydetr's implementation vs RF-DETR's own.
+"""An RF-DETR training step on CPU, images/s: raydetr's implementation vs RF-DETR's own.
 
     .venv/bin/python bench/rfdetr_step.py                              # ours only (says so)
     .venv/bin/python bench/rfdetr_step.py --reference /tmp/rfdetr-ref  # + RF-DETR's code
     .venv/bin/python bench/rfdetr_step.py --batch 2 --resolution 384 --threads 1 --steps 3
+    # any preset, RF-DETR built from its source by bench/rfdetr_reference.py's importer:
+    .venv/bin/python bench/rfdetr_step.py --preset rfdetr-seg-nano --resolution 312 \
+        --rfdetr-src /tmp/rf/src --reference-python /tmp/rf/venv/bin/python
 
 A step is forward (training mode: 13 x 300 queries) + the family's loss (IA-BCE, per-group
 Hungarian matching on the final, auxiliary and encoder outputs) + backward + grad clipping (0.1)
@@ -15,6 +18,8 @@ in a scratch environment outside the repository (``--reference DIR``: a director
 returns model, criterion, postprocessor, args). Without it only our numbers are reported.
 Reported per side: median wall seconds and process CPU seconds per step after one warm-up
 step, and images/s from each; ratio = ours / reference throughput (> 1: ours is faster).
+Seg presets: the targets also carry masks (each box filled, at the input size) and both sides
+add their mask losses (point-sampled BCE + dice, mask matching costs).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from raydetr.config.presets import is_segmentation
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -47,6 +54,13 @@ for _ in range(BATCH):
     wh = torch.rand(n, 2, generator=gen) * 0.2 + 0.05
     targets.append({"labels": torch.randint(1, 91, (n,), generator=gen),
                     "boxes": torch.cat([cxcy, wh], 1)})
+    if P["masks"]:
+        grid = (torch.arange(RES) + 0.5) / RES
+        lo, hi = cxcy - wh / 2, cxcy + wh / 2
+        targets[-1]["masks"] = ((grid[None, :, None] >= lo[:, None, None, 1])
+                                & (grid[None, :, None] < hi[:, None, None, 1])
+                                & (grid[None, None, :] >= lo[:, None, None, 0])
+                                & (grid[None, None, :] < hi[:, None, None, 0]))
 
 def timed(step):
     wall, cpu = [], []
@@ -64,7 +78,7 @@ sys.path.insert(0, P["repo"])
 from raydetr.config import load_config
 from raydetr.model.build import build
 from raydetr.train.optim import build_optimizer
-cfg = load_config(None, ["model.preset=rfdetr-nano", f"model.resolution={RES}"])
+cfg = load_config(None, [f"model.preset={P['preset']}", f"model.resolution={RES}"])
 model, criterion, _ = build(cfg.model, cfg.loss, 91)
 model.train(); criterion.train()
 opt = build_optimizer(model, cfg.optim, cfg.model.preset)
@@ -85,6 +99,30 @@ sys.path.insert(0, P["reference"])
 import rfref
 from rfdetr.util.get_param_dicts import get_param_dict
 model, criterion, _post, args = rfref.build("nano", with_criterion=True)
+model.train(); criterion.train()
+opt = torch.optim.AdamW(get_param_dict(args, model), lr=args.lr, weight_decay=args.weight_decay)
+weights = criterion.weight_dict
+
+def step():
+    losses = criterion(model(images), targets)
+    loss = sum(losses[k] * weights[k] for k in losses if k in weights)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    opt.step()
+
+timed(step)
+'''
+
+# RF-DETR built from its source dir (--rfdetr-src) with bench/rfdetr_reference.py's importer.
+_REFERENCE_SRC = r'''
+from pathlib import Path
+sys.path.insert(0, P["repo"] + "/bench")
+import rfdetr_reference as H
+rf = H.import_rfdetr(Path(P["rfdetr_src"]))
+from rfdetr.util.get_param_dicts import get_param_dict
+model, args = H.build_reference(rf, P["preset"], training=True)
+criterion, _post = rf.models.build_criterion_and_postprocessors(args)
 model.train(); criterion.train()
 opt = torch.optim.AdamW(get_param_dict(args, model), lr=args.lr, weight_decay=args.weight_decay)
 weights = criterion.weight_dict
@@ -122,17 +160,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reference", type=Path, default=None,
                    help="RF-DETR scratch reference dir (rfref.py + venv/); optional")
+    p.add_argument("--rfdetr-src", type=Path, default=None,
+                   help="or: RF-DETR's source dir (holding rfdetr/), built by "
+                        "bench/rfdetr_reference.py's importer; needs --reference-python")
+    p.add_argument("--reference-python", type=Path, default=None,
+                   help="the scratch venv's python for --rfdetr-src")
+    p.add_argument("--preset", default="rfdetr-nano")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--resolution", type=int, default=384)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
-    p.add_argument("--out", type=Path, default=RESULTS / "rfdetr_step.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default bench/results/rfdetr_step.json (<preset>_step.json if not nano)")
     args = p.parse_args(argv)
+    if args.out is None:
+        name = "rfdetr_step" if args.preset == "rfdetr-nano" else f"{args.preset}_step"
+        args.out = RESULTS / f"{name}.json"
 
+    if args.reference and args.preset != "rfdetr-nano":
+        raise SystemExit("--reference (rfref.py) builds nano only; use --rfdetr-src for others")
+    if args.rfdetr_src and not args.reference_python:
+        raise SystemExit("--rfdetr-src needs --reference-python (the scratch venv's python)")
     subs = {"threads": args.threads, "batch": args.batch, "resolution": args.resolution,
-            "steps": args.steps, "repo": str(REPO),
+            "steps": args.steps, "repo": str(REPO), "preset": args.preset,
+            "masks": is_segmentation(args.preset),
+            "rfdetr_src": str(args.rfdetr_src) if args.rfdetr_src else "",
             "reference": str(args.reference) if args.reference else ""}
-    result: dict[str, Any] = {"preset": "rfdetr-nano", "batch": args.batch,
+    result: dict[str, Any] = {"preset": args.preset, "batch": args.batch,
                               "resolution": args.resolution, "threads": args.threads,
                               "steps": args.steps, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     result["ours"] = _summary(_run(sys.executable, _OURS, subs), args.batch)
@@ -140,12 +194,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{result['ours']['median_cpu_s']:.2f} CPU-s/step -> "
           f"{result['ours']['images_per_s']:.3f} img/s ({result['ours']['images_per_cpu_s']:.3f} "
           "img per CPU-s)")
-    if args.reference is None:
-        print("reference : not run (pass --reference DIR with RF-DETR's scratch build)")
+    if args.reference is None and args.rfdetr_src is None:
+        print("reference : not run (pass --reference DIR or --rfdetr-src DIR with RF-DETR's "
+              "scratch build)")
         result["reference"] = None
     else:
-        python = args.reference / "venv" / "bin" / "python"
-        result["reference"] = _summary(_run(str(python), _REFERENCE, subs), args.batch)
+        if args.rfdetr_src is not None:
+            python, body = str(args.reference_python), _REFERENCE_SRC
+        else:
+            python, body = str(args.reference / "venv" / "bin" / "python"), _REFERENCE
+        result["reference"] = _summary(_run(python, body, subs), args.batch)
         ref = result["reference"]
         print(f"reference : {ref['median_wall_s']:.2f} s/step wall, {ref['median_cpu_s']:.2f} "
               f"CPU-s/step -> {ref['images_per_s']:.3f} img/s ({ref['images_per_cpu_s']:.3f} img "

@@ -49,8 +49,6 @@ COMMANDS = {
     "export": "export",
     "config": "config",
 }
-PRESETS = ["rtdetr-r18", "rtdetr-r34", "rtdetr-r50", "rfdetr-nano", "rfdetr-small",
-           "rfdetr-medium", "rfdetr-base"]
 OVERRIDES_HELP = "dotted config overrides, e.g. optim.lr=2e-4; `raydetr config` lists every key"
 
 
@@ -140,13 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow", action="store_true", help="log the metrics to MLflow")
 
     p = sub.add_parser("convert-checkpoint",
-                       help="RF-DETR .pth -> model dir (model.safetensors + meta.json)")
-    p.add_argument("src", help="RF-DETR checkpoint file, e.g. checkpoint_best_total.pth")
+                       help="RF-DETR .pth / 1.11 .ckpt -> model dir (model.safetensors + meta.json)")
+    p.add_argument("src", help="RF-DETR checkpoint file, e.g. checkpoint_best_total.pth or "
+                               "(RF-DETR 1.11) last.ckpt")
     p.add_argument("out_dir")
-    p.add_argument("--preset", choices=[p for p in PRESETS if p.startswith("rfdetr-")],
-                   help="default: inferred from the keys")
+    p.add_argument("--preset", help="an rfdetr-* preset (`raydetr config model.preset` lists "
+                   "them); default: inferred from the keys")
     p.add_argument("--variant", choices=["ema", "regular"],
-                   help="default: ema when the file has ema_model, else regular")
+                   help="default: ema when the file has EMA weights (ema_model, or 1.11's EMA "
+                        "callback state), else regular")
 
     p = sub.add_parser("export", help="export a model to ONNX (checked against torch)")
     p.add_argument("model", help="model dir, run dir (its winner) or models:/NAME@ALIAS")
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="every config key with its type, default and description")
     p.add_argument("prefix", nargs="?", default="", metavar="KEY-PREFIX",
                    help="only keys under this section or key, e.g. ema or optim.lr")
-    p.add_argument("--preset", choices=PRESETS,
+    p.add_argument("--preset",
                    help="the defaults under model.preset=P, and which values it changes")
     return parser
 

@@ -1,7 +1,8 @@
 """Model preset names and the facts the config checks about them (no torch needed).
 
-    preset_family("rfdetr-nano")        # -> "rfdetr"
-    resolution_multiple("rfdetr-base")  # -> 56 (patch 14 x 4 windows per side)
+    preset_family("rfdetr-nano")            # -> "rfdetr"
+    resolution_multiple("rfdetr-base")      # -> 56 (patch 14 x 4 windows per side)
+    is_segmentation("rfdetr-seg-nano")      # -> True (predicts masks as well as boxes)
 """
 
 from __future__ import annotations
@@ -11,10 +12,18 @@ from typing import Literal
 # Old ResNet preset names -> their new names ("nano" now means RF-DETR's nano to most users).
 RENAMED_PRESETS = {"nano": "rtdetr-r18", "small": "rtdetr-r34", "medium": "rtdetr-r50"}
 RTDETR_PRESETS = ("rtdetr-r18", "rtdetr-r34", "rtdetr-r50")
-RFDETR_PRESETS = ("rfdetr-nano", "rfdetr-small", "rfdetr-medium", "rfdetr-base")
+RFDETR_DETECTION_PRESETS = ("rfdetr-nano", "rfdetr-small", "rfdetr-medium", "rfdetr-base",
+                            "rfdetr-large")
+RFDETR_SEGMENTATION_PRESETS = ("rfdetr-seg-preview", "rfdetr-seg-nano", "rfdetr-seg-small",
+                               "rfdetr-seg-medium", "rfdetr-seg-large", "rfdetr-seg-xlarge",
+                               "rfdetr-seg-2xlarge")
+RFDETR_PRESETS = RFDETR_DETECTION_PRESETS + RFDETR_SEGMENTATION_PRESETS
 # Input side must be a multiple of patch size x windows per side (RF-DETR's windowing).
 RFDETR_RESOLUTION_MULTIPLE = {"rfdetr-nano": 32, "rfdetr-small": 32, "rfdetr-medium": 32,
-                              "rfdetr-base": 56}
+                              "rfdetr-base": 56, "rfdetr-large": 32,
+                              "rfdetr-seg-nano": 12,  # one window: patch 12 alone
+                              **{p: 24 for p in RFDETR_SEGMENTATION_PRESETS
+                                 if p != "rfdetr-seg-nano"}}
 
 
 def preset_family(preset: str) -> Literal["rtdetr", "rfdetr"]:
@@ -23,3 +32,8 @@ def preset_family(preset: str) -> Literal["rtdetr", "rfdetr"]:
 
 def resolution_multiple(preset: str) -> int:
     return RFDETR_RESOLUTION_MULTIPLE.get(preset, 32)
+
+
+def is_segmentation(preset: str) -> bool:
+    """Presets whose model predicts per-query masks (RF-DETR Seg)."""
+    return preset in RFDETR_SEGMENTATION_PRESETS

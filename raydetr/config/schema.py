@@ -18,6 +18,7 @@ from raydetr.config.presets import (
     RENAMED_PRESETS,
     RFDETR_PRESETS,
     RTDETR_PRESETS,
+    is_segmentation,
     preset_family,
     resolution_multiple,
 )
@@ -75,7 +76,9 @@ class ModelConfig(_Strict):
     preset: str = Field(
         "rtdetr-r18",
         description="rtdetr-r18|r34|r50: ResNet + hybrid encoder (from scratch on CPU); "
-        "rfdetr-nano|small|medium|base: RF-DETR's architecture (fine-tune from its checkpoints).",
+        "rfdetr-nano|small|medium|base|large: RF-DETR's detectors and "
+        "rfdetr-seg-preview|nano|small|medium|large|xlarge|2xlarge: its instance-segmentation "
+        "models (fine-tune from its checkpoints).",
     )
     resolution: int | None = Field(None, description="Square input size; None: preset default.")
     num_queries: int | None = Field(None, gt=0, description="None: preset default.")
@@ -122,6 +125,16 @@ class LossConfig(_Strict):
     cost_giou: float = Field(2.0, description="Hungarian matcher: weight of the GIoU cost.")
     focal_alpha: float = Field(0.25, description="Focal alpha (loss and matcher class cost).")
     focal_gamma: float = Field(2.0, description="Focal gamma (loss and matcher class cost).")
+    weight_mask_ce: float = Field(5.0, description="RF-DETR Seg presets: loss weight of the "
+                                  "sigmoid cross-entropy of the sampled mask points.")
+    weight_mask_dice: float = Field(5.0, description="RF-DETR Seg presets: loss weight of the "
+                                    "mask dice term.")
+    cost_mask_ce: float = Field(5.0, description="Hungarian matcher (Seg): weight of the mask "
+                                "cross-entropy cost.")
+    cost_mask_dice: float = Field(5.0, description="Hungarian matcher (Seg): weight of the mask "
+                                  "dice cost.")
+    mask_point_sample_ratio: int = Field(16, gt=0, description="Seg: mask points sampled per "
+                                         "mask = mask-map pixels / this (RF-DETR's ratio).")
 
 
 class OptimConfig(_Strict):
@@ -332,13 +345,14 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _family_defaults(self) -> Config:
-        """RF-DETR presets fine-tune a pretrained checkpoint: RF-DETR's recipe replaces the
-        from-scratch defaults of every key the user did not set (explicit values win)."""
+        """RF-DETR presets take RF-DETR's recipe (Seg: its class weight 5) for every key the
+        user did not set, replacing the from-scratch defaults (explicit values win)."""
         if preset_family(self.model.preset) != "rfdetr":
             return self
+        extra = {"loss": {"weight_cls": 5.0}} if is_segmentation(self.model.preset) else {}
         for section, values in RFDETR_DEFAULTS.items():
             sub = getattr(self, section)
-            for key, value in values.items():
+            for key, value in (values | extra.get(section, {})).items():
                 if key not in sub.model_fields_set:
                     setattr(sub, key, value)
         return self

@@ -6,6 +6,9 @@ Q / group_detr queries is matched on its own and the box count is multiplied by 
 Terms: final decoder layer, every auxiliary layer (suffix ``_aux{i}``), the encoder's top-k
 proposals (``_enc``) and denoising queries (``_dn``, ``_dn_aux{i}``; their matching is known).
 Every term is normalised by the number of target boxes, averaged over DDP workers.
+With ``masks=True`` (RF-DETR Seg) every output set with ``pred_masks`` also gets RF-DETR's
+point-sampled ``loss_mask_ce`` and ``loss_mask_dice`` (raydetr.loss.masks); targets must then
+carry ``masks`` bool[N, H, W] (one H x W per batch, e.g. the square-resized input's).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raydetr.config import LossConfig
+from raydetr.loss.masks import mask_losses, matched_logits
 from raydetr.loss.matcher import HungarianMatcher
 from raydetr.ops.boxes import box_cxcywh_to_xyxy, elementwise_box_iou, generalized_box_iou
 
@@ -36,10 +40,11 @@ class SetCriterion(nn.Module):
     """forward(outputs, targets) -> {"loss": weighted total (grad), "loss_cls": .., ...detached}.
 
     targets: list of dict(labels int64[N], boxes float[N,4] cxcywh normalised); N may be 0.
+    With ``masks``: also masks bool[N,H,W], and the result has loss_mask_ce / loss_mask_dice.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, loss_cfg: LossConfig,
-                 vfl_alpha: float = 0.75, group_detr: int = 1) -> None:
+                 vfl_alpha: float = 0.75, group_detr: int = 1, masks: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.group_detr = group_detr
@@ -49,6 +54,11 @@ class SetCriterion(nn.Module):
         self.vfl_alpha = vfl_alpha  # RT-DETR's varifocal alpha (focal_alpha is focal's)
         self.weight_dict = {"loss_cls": loss_cfg.weight_cls, "loss_bbox": loss_cfg.weight_bbox,
                             "loss_giou": loss_cfg.weight_giou}
+        self.masks = masks
+        if masks:
+            self.weight_dict.update(loss_mask_ce=loss_cfg.weight_mask_ce,
+                                    loss_mask_dice=loss_cfg.weight_mask_dice)
+            self.mask_point_sample_ratio = loss_cfg.mask_point_sample_ratio
 
     def _classification(self, logits: Tensor, boxes: Tensor, targets: list[dict], indices: Indices,
                         num_boxes: float) -> Tensor:
@@ -119,9 +129,17 @@ class SetCriterion(nn.Module):
     def _terms(self, out: dict, targets: list[dict], indices: Indices, num_boxes: float
                ) -> dict[str, Tensor]:
         loss_bbox, loss_giou = self._boxes(out["pred_boxes"], targets, indices, num_boxes)
-        return {"loss_cls": self._classification(out["pred_logits"], out["pred_boxes"], targets,
-                                                 indices, num_boxes),
-                "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+        terms = {"loss_cls": self._classification(out["pred_logits"], out["pred_boxes"], targets,
+                                                  indices, num_boxes),
+                 "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+        if self.masks and "pred_masks" in out:
+            batch_idx = torch.cat([torch.full_like(s, i) for i, (s, _) in enumerate(indices)])
+            src_idx = torch.cat([s for s, _ in indices])
+            logits = matched_logits(out["pred_masks"], batch_idx, src_idx)
+            tgt = torch.cat([t["masks"][j] for t, (_, j) in zip(targets, indices)])
+            terms["loss_mask_ce"], terms["loss_mask_dice"] = mask_losses(
+                logits, tgt, num_boxes, self.mask_point_sample_ratio)
+        return terms
 
     @staticmethod
     def _dn_indices(meta: dict, targets: list[dict]) -> Indices:
@@ -135,7 +153,11 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         device = outputs["pred_logits"].device
-        targets = [{"labels": t["labels"].to(device), "boxes": t["boxes"].to(device)}
+        if self.masks and "pred_masks" in outputs and any("masks" not in t for t in targets):
+            raise ValueError("this segmentation model's loss needs 'masks' (bool [N, H, W]) in "
+                             "every target; the dataset gave boxes only")
+        targets = [{"labels": t["labels"].to(device), "boxes": t["boxes"].to(device),
+                    **({"masks": t["masks"].to(device)} if self.masks and "masks" in t else {})}
                    for t in targets]
         # group DETR: every group is matched to every target, so there are G x as many matches
         groups = self.group_detr if self.training else 1

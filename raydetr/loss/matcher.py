@@ -2,6 +2,8 @@
 
 The cost of the whole batch is computed at once ([B*Q, sum N]) and split per image, as in
 DETR: cost = cost_class * focal class cost + cost_bbox * L1(cxcywh) - cost_giou * GIoU.
+With mask costs set (RF-DETR Seg) and masks in both outputs and targets, the point-sampled mask
+BCE and dice costs are added (raydetr.loss.masks.mask_cost).
 With ``groups`` > 1 (group DETR, the RF-DETR family in training) the Q queries are G blocks of
 Q/G and each block is matched to all targets independently; indices are in the full Q range.
 """
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from raydetr.loss.masks import mask_cost
 from raydetr.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 
 
@@ -23,15 +26,21 @@ class HungarianMatcher(nn.Module):
     outputs: pred_logits [B,Q,C] (sigmoid logits), pred_boxes [B,Q,4] cxcywh normalised.
     targets: list of dict(labels int64[N], boxes float[N,4] cxcywh normalised).
     K = min(Q, N); an image with no targets gets two empty index tensors.
+    With ``masks=True``: outputs also carry pred_masks and targets masks bool[N,H,W].
     """
 
     def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 alpha: float = 0.25, gamma: float = 2.0) -> None:
+                 alpha: float = 0.25, gamma: float = 2.0, *, masks: bool = False,
+                 cost_mask_ce: float = 5.0, cost_mask_dice: float = 5.0,
+                 mask_point_sample_ratio: int = 16) -> None:
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("loss.cost_class, cost_bbox and cost_giou cannot all be 0")
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.alpha, self.gamma = alpha, gamma
+        self.masks = masks
+        self.cost_mask_ce, self.cost_mask_dice = cost_mask_ce, cost_mask_dice
+        self.mask_point_sample_ratio = mask_point_sample_ratio
 
     @torch.no_grad()
     def cost_matrix(self, outputs: dict, targets: list[dict[str, Tensor]]) -> Tensor:
@@ -50,6 +59,11 @@ class HungarianMatcher(nn.Module):
         cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+        if self.masks and "pred_masks" in outputs and "masks" in targets[0]:
+            tgt_masks = torch.cat([t["masks"] for t in targets]).to(boxes.device)
+            cost_ce, cost_dice = mask_cost(outputs["pred_masks"], tgt_masks,
+                                           self.mask_point_sample_ratio)
+            cost = cost + self.cost_mask_ce * cost_ce.float() + self.cost_mask_dice * cost_dice.float()
         return cost.view(b, q, -1)
 
     @torch.no_grad()

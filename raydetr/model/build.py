@@ -3,8 +3,12 @@
     model, criterion, postprocessor = build(cfg.model, cfg.loss, num_classes=len(classes))
 
 Two families, chosen by the preset's name: ``rtdetr-r18|r34|r50`` (ResNet + RT-DETR-style hybrid
-encoder, ours; trains from scratch on a CPU) and ``rfdetr-nano|small|medium|base`` (RF-DETR's
+encoder, ours; trains from scratch on a CPU) and ``rfdetr-nano|small|medium|base|large`` plus
+the segmentation models ``rfdetr-seg-preview|nano|small|medium|large|xlarge|2xlarge`` (RF-DETR's
 architecture, key for key; raydetr/model/rfdetr/, fine-tuned from RF-DETR's checkpoints).
+
+Seg presets: the model adds ``pred_masks`` to its outputs (see LWDETR.forward) and the criterion
+adds RF-DETR's mask losses and matcher costs; targets must then carry ``masks``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from raydetr.config import LossConfig, ModelConfig
-from raydetr.config.presets import preset_family
+from raydetr.config.presets import is_segmentation, preset_family
 from raydetr.loss.criterion import SetCriterion
 from raydetr.loss.matcher import HungarianMatcher
 from raydetr.model.backbone import freeze_batchnorm, load_resnet_state_dict
@@ -98,9 +102,18 @@ def build(model_cfg: ModelConfig, loss_cfg: LossConfig, num_classes: int
           ) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(model, criterion, postprocessor) for ``num_classes`` dataset classes."""
     model = build_model(model_cfg, num_classes)
+    return model, build_criterion(model_cfg, loss_cfg, model, num_classes), PostProcessor()
+
+
+def build_criterion(model_cfg: ModelConfig, loss_cfg: LossConfig, model: nn.Module,
+                    num_classes: int) -> SetCriterion:
+    """The loss for ``model``; Seg presets get the mask terms and mask matching costs."""
+    masks = is_segmentation(model_cfg.preset)
     matcher = HungarianMatcher(loss_cfg.cost_class, loss_cfg.cost_bbox, loss_cfg.cost_giou,
-                               loss_cfg.focal_alpha, loss_cfg.focal_gamma)
+                               loss_cfg.focal_alpha, loss_cfg.focal_gamma, masks=masks,
+                               cost_mask_ce=loss_cfg.cost_mask_ce,
+                               cost_mask_dice=loss_cfg.cost_mask_dice,
+                               mask_point_sample_ratio=loss_cfg.mask_point_sample_ratio)
     # RF-DETR trains group_detr query groups (one in eval); the criterion matches each group
-    criterion = SetCriterion(num_classes, matcher, loss_cfg,
-                             group_detr=int(getattr(model, "group_detr", 1)))
-    return model, criterion, PostProcessor()
+    return SetCriterion(num_classes, matcher, loss_cfg,
+                        group_detr=int(getattr(model, "group_detr", 1)), masks=masks)

@@ -4,11 +4,24 @@
     meta = convert_checkpoint("rf-detr-base-coco.pth", "models/rfdetr-base-coco")
     (train --pretrain-weights rf-detr-nano.pth: raydetr.train.pretrained reads it with this module)
 
-An RF-DETR file is ``{'model': state_dict, 'args': argparse.Namespace, ...}`` (+ ``ema_model``
-when its trainer kept an EMA). It is read with ``torch.load(weights_only=True)`` and only
-``argparse.Namespace`` allow-listed: nothing else is ever unpickled. The preset is inferred from
-the keys and shapes (patch size, position-embedding grid, decoder depth), the key set must equal
-the model's exactly, and the class head's logit index is the class id: for RF-DETR's COCO models
+Files read (the EMA weights by default whenever the file has them):
+- RF-DETR <= 1.10 (``engine.py`` trainer): ``{'model': state_dict, 'args': argparse.Namespace,
+  ...}``, + ``ema_model`` when its trainer kept an EMA.
+- RF-DETR 1.11 best ``.pth`` (its Lightning trainer's ``BestModelCallback``): ``model`` and
+  ``state_dict`` (the same weights, ``model.``-prefixed), ``args`` a plain dict, ``model_name``,
+  ``rfdetr_version``, and the EMA in ``callbacks['RFDETREMACallback']['average_model_state_dict']``
+  (keys ``module.model.<key>``, + ``n_averaged``).
+- RF-DETR 1.11 Lightning ``.ckpt`` (``last.ckpt``, ``checkpoint_<epoch>.ckpt``): no ``model``
+  key; ``state_dict`` (``model.``-prefixed, ``model._orig_mod.`` after torch.compile) + the
+  same callbacks and description keys. A ``.ckpt`` made by 1.11's
+  ``convert_legacy_checkpoint`` has ``hyper_parameters`` for ``args`` and the old EMA as
+  ``legacy_ema_state_dict``.
+1.11's model also carries a ``_kp_active_mask`` buffer (a keypoint schema; empty for detection
+and segmentation models), dropped here; a file with keypoints is refused by name.
+Files are read with ``torch.load(weights_only=True)`` and only ``argparse.Namespace``
+allow-listed: nothing else is ever unpickled. The preset is inferred from the keys and shapes
+(patch size, position-embedding grid, decoder depth, mask head), the key set must equal the
+model's exactly, and the class head's logit index is the class id: for RF-DETR's COCO models
 that is the COCO category id (index i -> COCO name of id i, placeholders for unused ids).
 """
 
@@ -37,6 +50,16 @@ _PATCH_KEY = "backbone.0.encoder.encoder.embeddings.patch_embeddings.projection.
 _POS_KEY = "backbone.0.encoder.encoder.embeddings.position_embeddings"
 CLASS_KEY = "class_embed.bias"
 _DEC_LAYER = re.compile(r"^transformer\.decoder\.layers\.(\d+)\.")
+_SEG_PREFIX = "segmentation_head."
+_KEYPOINT_MASK = "_kp_active_mask"  # RF-DETR 1.11's keypoint-schema buffer
+_EMA_CALLBACK_ENTRY = "average_model_state_dict"
+# RF-DETR's model class names (1.11's ``model_name``) -> our presets.
+MODEL_NAMES = {"RFDETRNano": "rfdetr-nano", "RFDETRSmall": "rfdetr-small",
+               "RFDETRMedium": "rfdetr-medium", "RFDETRBase": "rfdetr-base",
+               "RFDETRLarge": "rfdetr-large", "RFDETRSegPreview": "rfdetr-seg-preview",
+               "RFDETRSegNano": "rfdetr-seg-nano", "RFDETRSegSmall": "rfdetr-seg-small",
+               "RFDETRSegMedium": "rfdetr-seg-medium", "RFDETRSegLarge": "rfdetr-seg-large",
+               "RFDETRSegXLarge": "rfdetr-seg-xlarge", "RFDETRSeg2XLarge": "rfdetr-seg-2xlarge"}
 # The class heads RF-DETR's reinitialize_detection_head resizes (final + 13 two-stage heads).
 _CLASS_HEAD = re.compile(r"^(class_embed|transformer\.enc_out_class_embed\.\d+)\.(weight|bias)$")
 
@@ -52,9 +75,14 @@ class RFDETRCheckpoint:
     """What raydetr reads from an RF-DETR checkpoint file."""
 
     path: Path
-    weights: dict[str, Tensor]  # checkpoint['model']
-    ema_weights: dict[str, Tensor] | None  # checkpoint['ema_model'], when present
-    args: dict[str, Any] = field(default_factory=dict)  # vars(checkpoint['args'])
+    weights: dict[str, Tensor]  # checkpoint['model'] (or 1.11's 'state_dict', unprefixed)
+    ema_weights: dict[str, Tensor] | None  # 'ema_model', or 1.11's EMA callback state
+    args: dict[str, Any] = field(default_factory=dict)  # vars(checkpoint['args']) / the dict
+    kind: str = "RF-DETR .pth"  # what the file was recognised as (named in meta and errors)
+    weights_entry: str = "model"
+    ema_entry: str | None = None
+    model_name: str | None = None  # RF-DETR >= 1.11 records its model class
+    rfdetr_version: str | None = None
 
     def select(self, variant: Variant | None) -> tuple[Variant, dict[str, Tensor]]:
         """EMA weights by default when the file has them (as SuperGradients prefers ema_net)."""
@@ -62,8 +90,9 @@ class RFDETRCheckpoint:
             variant = "ema" if self.ema_weights is not None else "regular"
         if variant == "ema":
             if self.ema_weights is None:
-                raise ConvertError(f"{self.path}: has no 'ema_model' entry; use --variant regular "
-                                   "(in checkpoint_best_ema.pth, 'model' already holds the EMA)")
+                raise ConvertError(f"{self.path}: {self.kind} with no EMA weights (no 'ema_model', "
+                                   "no EMA callback state); use --variant regular (in "
+                                   "checkpoint_best_ema.pth, 'model' already holds the EMA)")
             return "ema", self.ema_weights
         return "regular", self.weights
 
@@ -89,25 +118,81 @@ def load_torch_file(path: str | Path) -> Any:
                            f"{str(exc).splitlines()[0]})") from None
 
 
-def _state_dict(obj: Any, path: Path, entry: str) -> dict[str, Tensor]:
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+def _state_dict(obj: Any, path: Path, entry: str, prefix: str = "") -> dict[str, Tensor]:
+    """Tensors of ``obj`` whose key starts with ``prefix``, the prefix and any DDP ('module.') or
+    torch.compile ('_orig_mod.') wrapper prefix removed; 1.11's model-less buffers dropped."""
+    if not isinstance(obj, dict):
         raise ConvertError(f"{path}: '{entry}' is not a state_dict (name -> tensor)")
-    # DDP-wrapped saves prefix every key with 'module.'
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    out: dict[str, Tensor] = {}
+    for key, value in obj.items():
+        if not isinstance(key, str) or not key.startswith(prefix):
+            continue
+        if not isinstance(value, Tensor):
+            raise ConvertError(f"{path}: '{entry}' is not a state_dict (name -> tensor): "
+                               f"{key!r} holds a {type(value).__name__}")
+        name = key[len(prefix):].removeprefix("module.").removeprefix("_orig_mod.")
+        if name.endswith("._extra_state"):  # Transformer Engine FP8 bookkeeping, not weights
+            continue
+        out[name] = value
+    if not out:
+        raise ConvertError(f"{path}: '{entry}' holds no weights"
+                           + (f" with the '{prefix}' prefix" if prefix else ""))
+    mask = out.pop(_KEYPOINT_MASK, None)
+    if mask is not None and mask.numel() and bool(mask.any()):
+        raise ConvertError(f"{path}: '{entry}' is an RF-DETR keypoint model ({_KEYPOINT_MASK} "
+                           f"{tuple(mask.shape)}); raydetr converts detection and segmentation "
+                           "models only")
+    return out
+
+
+def _ema_from_callbacks(callbacks: Any, path: Path) -> tuple[dict[str, Tensor] | None, str | None]:
+    """RF-DETR 1.11's EMA: the averaged model in its EMA callback's state (an AveragedModel of
+    the LightningModule, so keys are 'module.model.<key>' beside 'n_averaged')."""
+    if not isinstance(callbacks, dict):
+        return None, None
+    for name, state in callbacks.items():
+        if isinstance(state, dict) and isinstance(state.get(_EMA_CALLBACK_ENTRY), dict):
+            entry = f"callbacks[{name!r}][{_EMA_CALLBACK_ENTRY!r}]"
+            return _state_dict(state[_EMA_CALLBACK_ENTRY], path, entry, "module.model."), entry
+    return None, None
 
 
 def read_rfdetr_checkpoint(path: str | Path) -> RFDETRCheckpoint:
     path = Path(path)
     obj = load_torch_file(path)
-    if not isinstance(obj, dict) or "model" not in obj:
-        keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-        raise ConvertError(f"{path}: not an RF-DETR checkpoint (expected a dict with 'model' and "
-                           f"'args'; found {keys})")
-    weights = _state_dict(obj["model"], path, "model")
-    ema = _state_dict(obj["ema_model"], path, "ema_model") if obj.get("ema_model") else None
-    args = obj.get("args")
-    args_dict = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
-    return RFDETRCheckpoint(path=path, weights=weights, ema_weights=ema, args=args_dict)
+    if not isinstance(obj, dict):
+        raise ConvertError(f"{path}: not an RF-DETR checkpoint (expected a dict with 'model' or "
+                           f"'state_dict'; found a {type(obj).__name__})")
+    if isinstance(obj.get("model"), dict):
+        weights, entry = _state_dict(obj["model"], path, "model"), "model"
+        kind = "RF-DETR 1.11 .pth" if "rfdetr_version" in obj or "callbacks" in obj else \
+            "RF-DETR .pth"
+    elif isinstance(obj.get("state_dict"), dict):  # 1.11's Lightning .ckpt
+        weights = _state_dict(obj["state_dict"], path, "state_dict", "model.")
+        entry, kind = "state_dict", "RF-DETR 1.11 Lightning .ckpt"
+    else:
+        raise ConvertError(f"{path}: not an RF-DETR checkpoint: expected 'model' (RF-DETR .pth) or "
+                           f"'state_dict' (its Lightning .ckpt); found keys {sorted(map(str, obj))[:12]}")
+    for entry_name in ("ema_model", "legacy_ema_state_dict"):
+        if obj.get(entry_name):
+            ema, ema_entry = _state_dict(obj[entry_name], path, entry_name), entry_name
+            break
+    else:
+        ema, ema_entry = _ema_from_callbacks(obj.get("callbacks"), path)
+    args = obj.get("args", obj.get("hyper_parameters"))
+    if isinstance(args, argparse.Namespace):
+        args_dict = vars(args)
+    elif isinstance(args, dict) or args is None:
+        args_dict = dict(args or {})
+    else:
+        raise ConvertError(f"{path}: 'args' is a {type(args).__name__}; expected RF-DETR's "
+                           "argparse.Namespace or (1.11) a dict")
+    name = obj.get("model_name")
+    version = obj.get("rfdetr_version")
+    return RFDETRCheckpoint(path=path, weights=weights, ema_weights=ema, args=args_dict, kind=kind,
+                            weights_entry=entry, ema_entry=ema_entry,
+                            model_name=name if isinstance(name, str) else None,
+                            rfdetr_version=str(version) if version is not None else None)
 
 
 def infer_preset(state: dict[str, Tensor], where: str = "checkpoint") -> str:
@@ -119,12 +204,31 @@ def infer_preset(state: dict[str, Tensor], where: str = "checkpoint") -> str:
     grid = math.isqrt(int(state[_POS_KEY].shape[1]) - 1)
     layers = {int(m.group(1)) for k in state if (m := _DEC_LAYER.match(k))}
     depth = max(layers) + 1 if layers else 0
+    seg = any(k.startswith(_SEG_PREFIX) for k in state)
     for name, arch in RFDETR_PRESETS.items():
-        if (arch["patch_size"], arch["positional_encoding_size"], arch["dec_layers"]) == (
-                patch, grid, depth):
+        if (arch["patch_size"], arch["positional_encoding_size"], arch["dec_layers"],
+                arch["segmentation_head"]) == (patch, grid, depth, seg):
             return name
     raise ConvertError(f"{where}: patch size {patch}, position grid {grid}x{grid}, {depth} "
-                       f"decoder layers match no preset of {sorted(RFDETR_PRESETS)}")
+                       f"decoder layers, {'a' if seg else 'no'} mask head match no preset of "
+                       f"{sorted(RFDETR_PRESETS)}")
+
+
+def checkpoint_preset(ckpt: RFDETRCheckpoint, state: dict[str, Tensor]) -> str:
+    """The preset the weights show; a 1.11 file's ``model_name`` must agree with it."""
+    try:
+        inferred = infer_preset(state, f"{ckpt.path} ({ckpt.kind})")
+    except ConvertError as exc:
+        if ckpt.model_name and ckpt.model_name not in MODEL_NAMES:
+            raise ConvertError(f"{ckpt.path}: an RF-DETR {ckpt.model_name} checkpoint"
+                               f"{' (rfdetr ' + ckpt.rfdetr_version + ')' if ckpt.rfdetr_version else ''}; "
+                               f"raydetr converts {sorted(MODEL_NAMES)} ({exc})") from None
+        raise
+    named = MODEL_NAMES.get(ckpt.model_name or "")
+    if ckpt.model_name and named != inferred:
+        raise ConvertError(f"{ckpt.path}: model_name {ckpt.model_name!r} but the weights are those "
+                           f"of {inferred}; the file is inconsistent")
+    return inferred
 
 
 def check_keys(state: dict[str, Tensor], model: nn.Module, where: str) -> None:
@@ -184,7 +288,7 @@ def convert_checkpoint(src: str | Path, out_dir: str | Path, *, preset: str | No
     """Write ``out_dir`` as a model dir (``raydetr.artifacts.ModelDir``); returns its meta."""
     ckpt = read_rfdetr_checkpoint(src)
     variant, state = ckpt.select(variant)
-    inferred = infer_preset(state, str(ckpt.path))
+    inferred = checkpoint_preset(ckpt, state)
     if preset is not None and preset != inferred:
         raise ConvertError(f"{ckpt.path}: --preset {preset} given but the keys and shapes are "
                            f"those of {inferred}")
@@ -197,9 +301,10 @@ def convert_checkpoint(src: str | Path, out_dir: str | Path, *, preset: str | No
         classes=classes, model=model_cfg.model_dump(mode="json"), resolution=resolution,
         variant=variant, dataset=f"converted from RF-DETR checkpoint {ckpt.path.name}",
         source={"converted_from": {
-            "file": str(ckpt.path),
-            "entry": "ema_model" if variant == "ema" and ckpt.ema_weights is not None else "model",
+            "file": str(ckpt.path), "kind": ckpt.kind,
+            "entry": ckpt.ema_entry if variant == "ema" else ckpt.weights_entry,
             "has_ema": ckpt.ema_weights is not None,
+            "model_name": ckpt.model_name, "rfdetr_version": ckpt.rfdetr_version,
             "class_names_from": "args.class_names" if ckpt.args.get("class_names")
             else "COCO category ids"}},
     )  # epoch -1, epochs_run 0: no raydetr epochs

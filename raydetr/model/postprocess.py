@@ -4,11 +4,19 @@ No NMS: a DETR predicts one box per object. Scores are sigmoid probabilities; th
 taken over queries x classes, so one query may yield several (box, class) detections.
 ``decode_topk`` is the batched, size-free part (also traced into ONNX graphs by
 ``raydetr.serve.onnx``); ``PostProcessor`` scales its boxes to each original image.
+
+Segmentation models (``pred_masks`` in the outputs): each detection also gets its query's mask
+logits at the model's mask resolution (input / 4), ``mask_logits`` float[K, h, w]; full-size
+masks come from ``masks_at_size`` one detection (or a few) at a time, so a batch of full-size
+float masks is never held (RF-DETR resizes all K of them at once: its OOM reports in evaluation).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raydetr.ops.boxes import box_cxcywh_to_xyxy
@@ -54,5 +62,20 @@ class PostProcessor(nn.Module):
             raise ValueError(f"orig_sizes has {len(orig_sizes)} rows for a batch of {b} images")
         d = decode_topk(outputs["pred_logits"], outputs["pred_boxes"], top_k)
         boxes = scale_boxes(d["boxes_xyxy"], orig_sizes)
-        return [{"scores": s, "labels": lab, "boxes": bx}
-                for s, lab, bx in zip(d["scores"], d["labels"], boxes)]
+        results = [{"scores": s, "labels": lab, "boxes": bx}
+                   for s, lab, bx in zip(d["scores"], d["labels"], boxes)]
+        masks = outputs.get("pred_masks")
+        if isinstance(masks, Tensor):  # (B, Q, h, w) eval-mode mask logits
+            for r, m, qi in zip(results, masks, d["queries"]):
+                r["mask_logits"] = m[qi].float()  # (K, h, w): a query repeats per label
+        return results
+
+
+def masks_at_size(mask_logits: Tensor, size_hw: tuple[int, int], chunk: int = 8
+                  ) -> Iterator[Tensor]:
+    """bool (n, H, W) masks of the original image, ``chunk`` detections at a time: the logits
+    resized bilinearly (align_corners False) straight to (H, W), then > 0, as RF-DETR does."""
+    h, w = int(size_hw[0]), int(size_hw[1])
+    for start in range(0, mask_logits.shape[0], chunk):
+        part = mask_logits[start:start + chunk, None].float()
+        yield F.interpolate(part, size=(h, w), mode="bilinear", align_corners=False)[:, 0] > 0

@@ -5,8 +5,8 @@
 
 Accepted paths: a run dir (its ``winner/``, else its latest checkpoint), a winner or converted
 dir (``model.safetensors``), an ``epoch_NNNN`` checkpoint dir or its ``state.pt``, a
-``.safetensors`` file, or an RF-DETR checkpoint file (``.pth``, read with pickle off; its EMA
-weights when it has them). From a checkpoint the winner of the bests it holds is taken, so the
+``.safetensors`` file, or an RF-DETR checkpoint file (``.pth``/``.pt``, or 1.11's Lightning
+``.ckpt``; read with pickle off; its EMA weights when it has them). From a checkpoint the winner of the bests it holds is taken, so the
 EMA weights are used when they won (SuperGradients' ``models.get`` prefers ``ema_net`` the same
 way). RF-DETR-family class heads of another class count are resized with RF-DETR's tiling rule;
 other shape mismatches keep their fresh initialisation.
@@ -24,7 +24,7 @@ from raydetr.errors import UserError
 from raydetr.model.convert import (
     CLASS_KEY,
     ConvertError,
-    infer_preset,
+    checkpoint_preset,
     read_rfdetr_checkpoint,
     tile_class_head,
 )
@@ -56,14 +56,15 @@ def _from_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], str]:
 
 def _from_rfdetr_file(p: Path, preset: str | None) -> tuple[dict[str, torch.Tensor], str]:
     try:
-        variant, state = read_rfdetr_checkpoint(p).select(None)
-        theirs = infer_preset(state, str(p))
+        ckpt = read_rfdetr_checkpoint(p)
+        variant, state = ckpt.select(None)
+        theirs = checkpoint_preset(ckpt, state)
     except ConvertError as exc:
         raise PretrainedError(f"--pretrain-weights {exc}") from None
     if preset is not None and theirs != preset:
         raise PretrainedError(f"--pretrain-weights {p} is an RF-DETR {theirs} checkpoint; set "
                               f"model.preset={theirs}")
-    return state, f"{p}: RF-DETR {theirs} checkpoint ({variant} weights)"
+    return state, f"{p}: RF-DETR {theirs} checkpoint ({variant} weights) from {ckpt.kind}"
 
 
 def resolve_pretrained(path: str | Path, preset: str | None = None
@@ -78,7 +79,7 @@ def resolve_pretrained(path: str | Path, preset: str | None = None
             return _from_checkpoint(p.parent)
         if p.suffix == ".safetensors":
             return load_weights(p), str(p)
-        if p.suffix in (".pth", ".pt"):
+        if p.suffix in (".pth", ".pt", ".ckpt"):  # RF-DETR's files (.ckpt: its 1.11 Lightning)
             return _from_rfdetr_file(p, preset)
         raise PretrainedError(
             f"--pretrain-weights {p}: expected an RF-DETR .pth, a .safetensors file, a state.pt, "

@@ -1,8 +1,10 @@
-"""RF-DETR's detector (``LWDETR``): windowed DINOv2 -> projector -> two-stage LW-DETR decoder.
+"""RF-DETR's detector (``LWDETR``): windowed DINOv2 -> projector -> two-stage LW-DETR decoder,
+plus, for the Seg presets, the mask head (raydetr/model/rfdetr/segmentation.py).
 
 Parameter names and shapes equal RF-DETR's ``state_dict`` (rf-detr 1.4.1), so its checkpoints
 load with zero missing and zero unexpected keys. Outputs (``pred_boxes`` normalised cxcywh of
-the input image, no sigmoid; ``pred_logits`` raw) equal RF-DETR's for the same weights.
+the input image, no sigmoid; ``pred_logits`` raw; ``pred_masks`` mask logits at input / 4)
+equal RF-DETR's for the same weights.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from raydetr.model.rfdetr.backbone import WindowedDinov2
 from raydetr.model.rfdetr.decoder import MLP
 from raydetr.model.rfdetr.presets import RFDETR_PRESETS
 from raydetr.model.rfdetr.projector import Projector
+from raydetr.model.rfdetr.segmentation import SegmentationHead
 from raydetr.model.rfdetr.transformer import Transformer, apply_box_delta
 
 
@@ -49,7 +52,8 @@ class LWDETR(nn.Module):
                  hidden_dim: int, sa_nheads: int, ca_nheads: int, dec_n_points: int,
                  dim_feedforward: int, num_queries: int, group_detr: int,
                  vit_width: int, vit_depth: int, vit_heads: int, vit_mlp_ratio: int,
-                 projector_blocks: int, gradient_checkpointing: bool = False) -> None:
+                 projector_blocks: int, segmentation_head: bool = False,
+                 gradient_checkpointing: bool = False) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -58,12 +62,20 @@ class LWDETR(nn.Module):
         self.group_detr = group_detr
         self.resolution = resolution
         self.block_size = patch_size * num_windows
+        # Eval-mode masks of the aux layers and the encoder (as RF-DETR returns them). A
+        # consumer that only post-processes the final layer sets this False: the same
+        # pred_masks, without L dense (B, Q, H/4, W/4) tensors it would never read.
+        self.eval_aux_masks = True
         # Registration order = RF-DETR's state_dict order: transformer, heads, queries, backbone.
         self.transformer = Transformer(hidden_dim, sa_nheads, ca_nheads, num_queries, dec_layers,
                                        dim_feedforward, group_detr, n_levels=1,
                                        n_points=dec_n_points)
         self.class_embed = nn.Linear(hidden_dim, num_classes)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        # Seg presets: one mask block per decoder layer; PyTorch's default init (as RF-DETR).
+        self.segmentation_head = (SegmentationHead(hidden_dim, dec_layers,
+                                                   gradient_checkpointing=gradient_checkpointing)
+                                  if segmentation_head else None)
         self.refpoint_embed = nn.Embedding(num_queries * group_detr, 4)
         self.query_feat = nn.Embedding(num_queries * group_detr, hidden_dim)
         vit = WindowedDinov2(vit_width, vit_depth, vit_heads, vit_mlp_ratio, patch_size,
@@ -96,6 +108,8 @@ class LWDETR(nn.Module):
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, enabled: bool) -> None:
         self.vit.gradient_checkpointing = bool(enabled)
+        if self.segmentation_head is not None:
+            self.segmentation_head.gradient_checkpointing = bool(enabled)
 
     def reinitialize_detection_head(self, num_classes: int) -> None:
         """Resize every class head to ``num_classes`` rows by tiling the existing rows.
@@ -133,6 +147,12 @@ class LWDETR(nn.Module):
         -> pred_logits (B, Q, C), pred_boxes (B, Q, 4) normalised cxcywh, aux_outputs (earlier
         decoder layers), enc_outputs (two-stage selection). Q = num_queries in eval,
         num_queries * group_detr in training.
+
+        Seg presets add ``pred_masks`` to the final, every aux and the encoder output: in eval
+        (B, Q, H/4, W/4) mask logits of the input image; in training RF-DETR's factors
+        {spatial_features (B, D, H/4, W/4), query_features (B, Q, D), bias (1,)}, whose
+        einsum + bias gives the logits (raydetr.loss.masks forms them for matched queries only).
+        ``eval_aux_masks = False`` leaves the aux and encoder masks out in eval (inference).
         """
         self.check_input(images)
         feature_map = self.backbone[0](images)
@@ -148,17 +168,30 @@ class LWDETR(nn.Module):
         enc_logits = torch.cat([
             head(chunk) for head, chunk in
             zip(self.transformer.enc_out_class_embed, enc_feats.chunk(groups, dim=1))], dim=1)
-        return {
+        out: dict[str, Any] = {
             "pred_logits": logits[-1], "pred_boxes": boxes[-1],
             "aux_outputs": [{"pred_logits": a, "pred_boxes": b}
                             for a, b in zip(logits[:-1], boxes[:-1])],
             "enc_outputs": {"pred_logits": enc_logits, "pred_boxes": enc_boxes},
         }
+        if self.segmentation_head is not None:
+            image_hw = (images.shape[-2], images.shape[-1])
+            dense = not self.training
+            every = self.training or self.eval_aux_masks
+            masks = self.segmentation_head(feature_map, hs, image_hw, dense, last_only=not every)
+            out["pred_masks"] = masks[-1]
+            if every:
+                for aux, m in zip(out["aux_outputs"], masks[:-1]):
+                    aux["pred_masks"] = m
+                out["enc_outputs"]["pred_masks"] = self.segmentation_head.encoder_masks(
+                    feature_map, enc_feats, image_hw, dense)
+        return out
 
 
 def build_rfdetr(preset: str, num_classes: int = 91, gradient_checkpointing: bool = False
                  ) -> LWDETR:
-    """An RF-DETR model with RF-DETR's init (no pretrained weights are loaded here)."""
+    """An RF-DETR model with RF-DETR's init (no pretrained weights are loaded here).
+    Seg presets (``rfdetr-seg-*``) carry the mask head; see ``LWDETR.forward``."""
     if preset not in RFDETR_PRESETS:
         raise ValueError(f"unknown RF-DETR preset '{preset}'; choose one of "
                          f"{sorted(RFDETR_PRESETS)}")
