@@ -23,8 +23,9 @@ import torch
 from raydetr.registry.errors import RegistryError
 from raydetr.registry.plots import metric_key
 
+# max_dets: the COCO maxDets the AP / mar figures used (100, or RF-DETR's 500)
 SCALAR_KEYS = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "mar", "mar1",
-               "mar10")
+               "mar10", "max_dets")
 BATCH_SIZE = 8
 
 
@@ -45,14 +46,15 @@ def format_table(metrics: dict[str, Any], title: str) -> str:
 
 
 def run_evaluation(detector: Any, prepared: Path, split: str) -> dict[str, Any]:
-    """coco_metrics of ``detector`` over ``split`` of a prepared dataset (batch 8, no threshold:
-    COCO uses the top-100 detections per image)."""
+    """coco_metrics of ``detector`` over ``split`` of a prepared dataset (batch 8, no threshold;
+    the family's detections per image and COCO maxDets: 100 / 100, RF-DETR's 300 / 500)."""
     from tqdm import tqdm
 
     from raydetr.config import DataConfig
     from raydetr.data.loader import iter_local_batches
     from raydetr.data.parquet import load_info, verify_shards
     from raydetr.eval.coco import coco_metrics
+    from raydetr.presets import eval_settings
     from raydetr.train.engine import predict_records
 
     info = load_info(prepared)
@@ -86,14 +88,16 @@ def run_evaluation(detector: Any, prepared: Path, split: str) -> dict[str, Any]:
     bar = tqdm(batches, total=math.ceil(n_images / BATCH_SIZE), desc=f"evaluate {split}",
                unit="batch", disable=n_images < 4 * BATCH_SIZE or None)
     with torch.no_grad():
+        num_select, max_dets = eval_settings(str(detector.meta.get("model", {}).get("preset", "")))
         records = predict_records({"model": detector.model}, detector.postprocessor, bar,
-                                  detector.device)["model"]
+                                  detector.device, top_k=num_select)["model"]
     if remap is not None:
         for rec in records:
             labels = remap[rec["labels"]]
             keep = labels >= 0
             rec.update(labels=labels[keep], scores=rec["scores"][keep], boxes=rec["boxes"][keep])
-    metrics = coco_metrics(records, classes)
+    metrics = coco_metrics(records, classes, max_dets=max_dets)
+    metrics["max_dets"] = max_dets
     metrics["images"] = len(records)
     return metrics
 

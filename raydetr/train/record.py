@@ -147,6 +147,8 @@ def format_report_line(m: dict[str, Any], epochs: int, patience: int | None = No
         f"loss {m.get('train_loss', math.nan):.4f}",
         f"mAP {m['map']:.4f} (best {m['best_map']:.4f} @{int(m['best_map_epoch'])})",
     ]
+    if "eval_max_dets" in m and int(m["eval_max_dets"]) != 100:  # COCO's usual goes unsaid
+        parts[-1] += f" @maxDets {int(m['eval_max_dets'])}"
     if "map_ema" in m:
         parts.append(f"mAP_ema {m['map_ema']:.4f} (best {m['best_map_ema']:.4f} "
                      f"@{int(m['best_map_ema_epoch'])})")

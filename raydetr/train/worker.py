@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from raydetr.config import Config
-from raydetr.presets import preset_family, resolution_multiple
+from raydetr.presets import eval_settings, preset_family, resolution_multiple
 from raydetr.train.checkpoint import (
     BestWeightsCache,
     best_cache_dir,
@@ -262,12 +262,14 @@ class Recipe:
 
         t0 = time.perf_counter()
         self.model.eval()
+        num_select, max_dets = eval_settings(self.cfg.model.preset)  # RF-DETR: 300, 500
         records = self.evaluator.predict(self.postprocessor, self.val_batches(), self.device,
-                                         self.amp_dtype)
+                                         self.amp_dtype, top_k=num_select)
         records = gather_records(records, self.rank, self.world)
         if records is None:
             return None
-        res = {name: coco_metrics(recs, self.args.classes) for name, recs in records.items()}
+        res = {name: coco_metrics(recs, self.args.classes, max_dets=max_dets)
+               for name, recs in records.items()}
         eval_seconds = time.perf_counter() - t0  # predict + gather + COCOeval, not the bests
         regular = {k: float(res["regular"][k]) for k in METRIC_KEYS}
         s, ema = self.state, self.state.ema
@@ -287,7 +289,7 @@ class Recipe:
         rule = replay([*pairs, (epoch, monitored)], es.patience, es.min_delta, es.skip_epochs)
         train = {"train_loss": stats["train_loss"], "lr": stats["lr"],
                  "images_per_s": stats["images_per_s"], "train_seconds": stats["seconds"],
-                 "eval_seconds": eval_seconds}
+                 "eval_seconds": eval_seconds, "eval_max_dets": max_dets}
         return EpochResult(
             epoch=epoch, step=s.step, regular=regular, ema=per_decay, bests=s.bests,
             score=score_of(regular["map"], map_ema, self.cfg.tune.metric), monitored=monitored,
