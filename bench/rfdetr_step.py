@@ -8,7 +8,8 @@ A step is one optimizer step of each side's training loop: forward in training m
 queries), the family's loss (IA-BCE, per-group Hungarian matching on the final, auxiliary and
 encoder outputs), backward, grad clipping 0.1, AdamW over the family's parameter groups, LR
 scheduler step, EMA update (decay 0.993, warm-up tau 100). raydetr's side is
-``raydetr.train.engine.train_one_epoch`` over one batch; RF-DETR's side is
+``raydetr.train.engine.train_one_epoch`` over one batch, in a process set up as raydetr's CPU
+training worker sets itself up (``raydetr.train.memory.keep_freed_memory``); RF-DETR's side is
 ``bench/rfdetr_reference.py``'s ``step`` (RF-DETR's model, criterion, ``get_param_dict``, AdamW,
 LambdaLR and ``ModelEma``, built from its source in the scratch venv of
 ``make rfdetr-reference``). Both load the same weights (a fresh init plus noise, so no layer is
@@ -77,7 +78,9 @@ from raydetr.config import load_config
 from raydetr.ema.ema import ModelEma
 from raydetr.model.build import build
 from raydetr.train.engine import train_one_epoch
+from raydetr.train.memory import keep_freed_memory
 from raydetr.train.optim import build_lr_scheduler, build_optimizer
+keep_freed_memory()  # as raydetr's CPU training worker does at start
 cfg = load_config(None, ["model.preset=rfdetr-nano", f"model.resolution={RES}"])
 model, criterion, _ = build(cfg.model, cfg.loss, 91)
 model.load_state_dict(torch.load(P["weights"], weights_only=True))

@@ -35,6 +35,7 @@ from raydetr.train.checkpoint import (
     update_bests,
     write_checkpoint,
 )
+from raydetr.train.memory import keep_freed_memory
 from raydetr.train.record import METRIC_KEYS, EpochResult, epoch_number, score_of
 from raydetr.train.state import TrainState
 
@@ -77,6 +78,8 @@ class Recipe:
         if self.cfg.scaling.torch_threads:
             torch.set_num_threads(self.cfg.scaling.torch_threads)
         self.device = ray.train.torch.get_device()
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no per-step page faults for the big activations (~7% of a step)
         self.amp_dtype = (torch.bfloat16 if self.device.type == "cuda" and self.cfg.optim.amp
                           else None)
         self.resolution = resolve_model_config(self.cfg.model)["resolution"]
