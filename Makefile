@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench clean venv
+.PHONY: demo test test-fast lint bench clean venv rfdetr-reference
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
+
+# RF-DETR's own code in a scratch dir outside the repo (bench/rfdetr_step.py, rfdetr_trajectory.py)
+RFDETR_REF ?= /tmp/rfdetr-ref
+rfdetr-reference:
+	@test -n "$(RFDETR_REPO)" || { echo "usage: make rfdetr-reference RFDETR_REPO=/path/to/rf-detr-clone"; exit 2; }
+	bench/setup_rfdetr_reference.sh $(RFDETR_REPO) $(RFDETR_REF)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,5 +1,12 @@
 """raydetr's RF-DETR models against RF-DETR's own, built from its source in a scratch env.
 
+One harness for every comparison with RF-DETR's code: ``keys`` / ``compare`` / ``loss`` (the
+model, its outputs and its criterion), ``check`` and ``trajectory`` (its training step: model,
+criterion, ``get_param_dict``, AdamW, LambdaLR, ``ModelEma``; used by bench/rfdetr_step.py,
+bench/rfdetr_trajectory.py and bench/rfdetr_profile.py). ``make rfdetr-reference
+RFDETR_REPO=/path/to/rf-detr-clone`` makes the scratch env (bench/setup_rfdetr_reference.sh:
+/tmp/rfdetr-ref/src and /tmp/rfdetr-ref/venv, the default ``--rfdetr-src``).
+
     # a scratch env OUTSIDE the repo (RF-DETR's code never enters it):
     #   python -m venv /tmp/rf/venv && /tmp/rf/venv/bin/pip install torch==2.13.0 \
     #       "transformers>4,<5" peft pydantic numpy scipy safetensors pyyaml
@@ -33,6 +40,7 @@ import argparse
 import importlib.abc
 import importlib.machinery
 import json
+import math
 import sys
 import time
 import types
@@ -42,6 +50,7 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SOURCE = Path("/tmp/rfdetr-ref/src")  # bench/setup_rfdetr_reference.sh's
 RESULTS = REPO / "bench" / "results"
 sys.path.insert(0, str(REPO))
 
@@ -117,8 +126,14 @@ def import_rfdetr(src: Path) -> types.SimpleNamespace:
     # config objects (rfdetr.models.build_model_from_config).
     main = (importlib.import_module("rfdetr.main") if (src / "rfdetr" / "main.py").is_file()
             else None)
-    return types.SimpleNamespace(config=importlib.import_module("rfdetr.config"), main=main,
-                                 models=importlib.import_module("rfdetr.models"))
+    rf = types.SimpleNamespace(config=importlib.import_module("rfdetr.config"), main=main,
+                               models=importlib.import_module("rfdetr.models"))
+    if main is not None:  # 1.4's training pieces (check, trajectory, the step benchmarks)
+        rf.engine = importlib.import_module("rfdetr.engine")
+        rf.param_dicts = importlib.import_module("rfdetr.util.get_param_dicts")
+        rf.utils = importlib.import_module("rfdetr.util.utils")
+        rf.misc = importlib.import_module("rfdetr.util.misc")
+    return rf
 
 
 def rfdetr_args(rf: types.SimpleNamespace, preset: str, training: bool) -> argparse.Namespace:
@@ -337,6 +352,147 @@ def cmd_loss(rf: types.SimpleNamespace, presets: list[str], batch: int,
     return result
 
 
+def training_args(rf: types.SimpleNamespace, preset: str = "rfdetr-nano", num_classes: int = 90,
+                  **overrides: Any) -> argparse.Namespace:
+    """The Namespace RF-DETR trains with: ``RFDETR.train_from_config``'s merge of the model
+    config (minus keys TrainConfig also has), TrainConfig, extra kwargs and ``num_classes``,
+    then ``populate_args`` (rfdetr/detr.py, rfdetr/main.py). ``num_classes`` as RF-DETR counts
+    it (the class head has num_classes + 1 logits)."""
+    fields = rf.config.TrainConfig.model_fields
+    train_kw = {k: v for k, v in overrides.items() if k in fields}
+    extra = {k: v for k, v in overrides.items() if k not in fields}
+    model_config = getattr(rf.config, CONFIG_CLASS[preset])(device="cpu").model_dump()
+    train_config = rf.config.TrainConfig(dataset_dir="/nonexistent", **train_kw).model_dump()
+    model_config.pop("num_classes")
+    model_config.pop("class_names", None)
+    for k in train_config:
+        model_config.pop(k, None)
+    merged = {**model_config, **train_config, **extra, "num_classes": num_classes}
+    return rf.main.populate_args(**merged)
+
+
+def lr_lambda(args: argparse.Namespace, steps_per_epoch: int):
+    """RF-DETR's LambdaLR factor (rfdetr/main.py ``Model.train``), from its args."""
+    total = steps_per_epoch * args.epochs
+    warm = steps_per_epoch * args.warmup_epochs
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return float(step) / float(max(1, warm))
+        if args.lr_scheduler == "cosine":
+            progress = float(step - warm) / float(max(1, total - warm))
+            return args.lr_min_factor + (1 - args.lr_min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0 if step < args.lr_drop * steps_per_epoch else 0.1
+    return factor
+
+
+def build_training(rf: types.SimpleNamespace, preset: str = "rfdetr-nano", num_classes: int = 90,
+          steps_per_epoch: int = 1000, **overrides: Any) -> types.SimpleNamespace:
+    """model, criterion, postprocess, optimizer (AdamW over ``get_param_dict``), lr_scheduler,
+    ema (``ModelEma(decay, tau)``, made after any weights are loaded: call ``make_ema()``),
+    args; as ``Model.__init__`` and ``Model.train`` make them."""
+    args = training_args(rf, preset, num_classes, **overrides)
+    model = rf.models.build_model(args)
+    criterion, postprocess = rf.models.build_criterion_and_postprocessors(args)
+    ref = types.SimpleNamespace(args=args, model=model, criterion=criterion, postprocess=postprocess)
+
+    def make_optim() -> None:
+        groups = [g for g in rf.param_dicts.get_param_dict(args, model) if g["params"].requires_grad]
+        ref.optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+        ref.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            ref.optimizer, lr_lambda(args, steps_per_epoch))
+        ref.ema = rf.utils.ModelEma(model, decay=args.ema_decay, tau=args.ema_tau) \
+            if args.use_ema else None
+    ref.make_optim = make_optim
+    return ref
+
+
+def step(ref: types.SimpleNamespace, images: torch.Tensor, targets: list[dict]) -> float:
+    """One optimizer step in the order of RF-DETR's ``train_one_epoch`` (grad_accum 1, no AMP on
+    CPU): forward + criterion, weighted sum, backward, clip_grad_norm_(model.parameters(),
+    clip_max_norm), AdamW step, scheduler step, zero_grad, EMA update. Returns the loss."""
+    args = ref.args
+    losses = ref.criterion(ref.model(images, targets), targets)
+    weights = ref.criterion.weight_dict
+    loss = sum(losses[k] * weights[k] for k in losses if k in weights)
+    loss.backward()
+    if args.clip_max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(ref.model.parameters(), args.clip_max_norm)
+    ref.optimizer.step()
+    ref.lr_scheduler.step()
+    ref.optimizer.zero_grad()
+    if ref.ema is not None:
+        ref.ema.update(ref.model)
+    return float(loss.detach())
+
+
+class _LossRecorder(torch.nn.Module):
+    """RF-DETR's criterion, recording the weighted total of every call (what its
+    ``train_one_epoch`` backpropagates with grad_accum 1)."""
+
+    def __init__(self, criterion: torch.nn.Module) -> None:
+        super().__init__()
+        self.criterion = criterion
+        self.weight_dict = criterion.weight_dict
+        self.totals: list[float] = []
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict:
+        losses = self.criterion(outputs, targets)
+        total = sum(losses[k] * self.weight_dict[k] for k in losses if k in self.weight_dict)
+        self.totals.append(float(total.detach()))
+        return losses
+
+
+def trajectory(source: Path, weights: Path, batches: Path, out: Path, threads: int) -> None:
+    """N optimizer steps of RF-DETR's own ``engine.train_one_epoch`` (its criterion, AdamW over
+    ``get_param_dict``, clipping, LambdaLR, ``ModelEma``) from ``weights`` over ``batches``
+    (a list of (images, targets)); augmentation and multi-scale off, grad_accum 1. Saves the
+    per-step losses and the final regular and EMA state dicts to ``out``."""
+    import collections
+    import contextlib
+    import io
+
+    torch.set_num_threads(threads)
+    rf = import_rfdetr(source.resolve())
+    data = torch.load(batches, weights_only=True)
+    images0 = data["batches"][0]["images"]
+    torch.manual_seed(0)
+    ref = build_training(rf, "rfdetr-nano", num_classes=data["num_logits"] - 1,
+                resolution=images0.shape[-1], batch_size=images0.shape[0], grad_accum_steps=1,
+                multi_scale=False, steps_per_epoch=data["steps_per_epoch"])
+    ref.model.load_state_dict(torch.load(weights, weights_only=True))
+    ref.make_optim()
+    recorder = _LossRecorder(ref.criterion)
+    loader = []
+    for b in data["batches"]:
+        mask = torch.zeros(b["images"].shape[0], *b["images"].shape[-2:], dtype=torch.bool)
+        loader.append((rf.misc.NestedTensor(b["images"], mask), b["targets"]))
+    callbacks = collections.defaultdict(list)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        rf.engine.train_one_epoch(
+            ref.model, recorder, ref.lr_scheduler, loader, ref.optimizer, torch.device("cpu"),
+            0, images0.shape[0], max_norm=ref.args.clip_max_norm, ema_m=ref.ema,
+            num_training_steps_per_epoch=len(loader), args=ref.args, callbacks=callbacks)
+    torch.save({"losses": recorder.totals, "model": ref.model.state_dict(),
+                "ema": ref.ema.module.state_dict(), "ema_updates": ref.ema.updates,
+                "lr": [g["lr"] for g in ref.optimizer.param_groups]}, out)
+    print(f"RF-DETR: {len(recorder.totals)} steps, losses {recorder.totals[0]:.4f} .. "
+          f"{recorder.totals[-1]:.4f}")
+
+
+def cmd_check(rf: types.SimpleNamespace, source: Path) -> dict:
+    torch.manual_seed(0)
+    ref = build_training(rf, "rfdetr-nano")
+    ref.make_optim()
+    n = sum(p.numel() for p in ref.model.parameters())
+    print(f"RF-DETR from {source}: nano built, {n} parameters, "
+          f"{len(ref.optimizer.param_groups)} param groups, num_select {ref.args.num_select}, "
+          f"eval_max_dets {ref.args.eval_max_dets}, clip {ref.args.clip_max_norm}")
+    return {"parameters": n, "param_groups": len(ref.optimizer.param_groups),
+            "num_select": ref.args.num_select, "eval_max_dets": ref.args.eval_max_dets}
+
+
 def ours_name(rf_key: str) -> str:
     """RF-DETR's loss key -> ours: loss_ce -> loss_cls, suffix _i -> _aux{i}."""
     name = rf_key.replace("loss_ce", "loss_cls")
@@ -348,8 +504,9 @@ def ours_name(rf_key: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rfdetr-src", type=Path, required=True,
-                   help="dir holding RF-DETR's rfdetr/ package (its source, e.g. 1.4.1)")
+    p.add_argument("--rfdetr-src", type=Path, default=DEFAULT_SOURCE,
+                   help="dir holding RF-DETR's rfdetr/ package (its source, e.g. 1.4.1); "
+                        f"default {DEFAULT_SOURCE} (make rfdetr-reference)")
     p.add_argument("--threads", type=int, default=1)
     sub = p.add_subparsers(dest="command", required=True)
     k = sub.add_parser("keys", help="RF-DETR's state_dict key list for presets")
@@ -361,9 +518,19 @@ def main(argv: list[str] | None = None) -> dict:
         c.add_argument("--batch", type=int, default=2)
         c.add_argument("--resolution", type=int, default=None,
                        help="default: the preset's own (compare) / 192 (loss)")
+    sub.add_parser("check", help="build RF-DETR nano's training pieces and print them")
+    t = sub.add_parser("trajectory", help="RF-DETR's train_one_epoch over saved batches")
+    t.add_argument("--weights", type=Path, required=True)
+    t.add_argument("--batches", type=Path, required=True)
+    t.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.command == "trajectory":
+        trajectory(a.rfdetr_src, a.weights, a.batches, a.out, a.threads)
+        return {}
     rf = import_rfdetr(a.rfdetr_src.resolve())
+    if a.command == "check":
+        return cmd_check(rf, a.rfdetr_src)
     if a.command == "keys":
         result = cmd_keys(rf, a.presets, a.out)
     elif a.command == "compare":

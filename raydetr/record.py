@@ -190,6 +190,9 @@ class EpochResult:
             f"loss {self.train.get('train_loss', math.nan):.4f}",
             f"mAP {self.regular['map']:.4f} (best {b.regular.map:.4f} @{b.regular.epoch})",
         ]
+        max_dets = int(self.train.get("eval_max_dets", 100))
+        if max_dets != 100:  # COCO's usual goes unsaid
+            parts[-1] += f" @maxDets {max_dets}"
         if self.map_ema is not None:
             parts.append(f"mAP_ema {self.map_ema:.4f} (best {b.ema.map:.4f} @{b.ema.epoch})")
         if patience is not None and self.early_stopping_counter is not None:

@@ -37,3 +37,14 @@ def resolution_multiple(preset: str) -> int:
 def is_segmentation(preset: str) -> bool:
     """Presets whose model predicts per-query masks (RF-DETR Seg)."""
     return preset in RFDETR_SEGMENTATION_PRESETS
+
+
+# Evaluation per family: (detections kept per image by the postprocessor, COCOeval maxDets at
+# which AP and the last AR are reported). RF-DETR keeps num_select = 300 (its TrainConfig) and
+# reports COCO at maxDets 500 (eval_max_dets, its patched summarize); COCO's usual is 100 / 100.
+EVAL_SETTINGS = {"rfdetr": (300, 500), "rtdetr": (100, 100)}
+
+
+def eval_settings(preset: str) -> tuple[int, int]:
+    """(num_select, max_dets) of the preset's family, e.g. (300, 500) for rfdetr-nano."""
+    return EVAL_SETTINGS[preset_family(preset)]

@@ -60,6 +60,11 @@ class DataConfig(_Strict):
         "(reads the whole dataset once; sizes are always checked).")
     loader_threads: int = Field(2, gt=0, description="Threads reading + decoding batches ahead.")
     prefetch_batches: int = Field(4, gt=0, description="Batches prepared ahead of the step.")
+    augment: Literal["rfdetr", "raydetr", "none"] = Field(
+        "raydetr", description="Training augmentation: rfdetr = RF-DETR's (flip, square resize "
+        "or resize-crop-resize to the largest multi-scale size, then the batch resized to the "
+        "step's size; raydetr.data.rfdetr_augment), raydetr = flip + box-safe crop "
+        "(hflip_prob, crop_prob), none = neither. The rfdetr presets default to rfdetr.")
     hflip_prob: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip.")
     multi_scale: bool = Field(True, description="Random square size per batch around resolution.")
     scale_range: tuple[float, float] = Field(
@@ -328,6 +333,7 @@ RFDETR_DEFAULTS: dict[str, dict[str, Any]] = {
     "loss": {"cls_loss": "ia_bce", "weight_cls": 1.0, "weight_bbox": 5.0, "weight_giou": 2.0,
              "cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.0},
     "model": {"num_denoising": 0},
+    "data": {"augment": "rfdetr"},
 }
 
 

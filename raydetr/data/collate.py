@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 
 from raydetr.config import DataConfig
+from raydetr.data import rfdetr_augment
 from raydetr.data.formats import DatasetError
 from raydetr.data.transforms import decode_image, normalise_boxes, random_geometric, to_model_input
 
@@ -34,10 +35,10 @@ def scale_choices(resolution: int, scale_range: tuple[float, float]) -> list[int
 
 def rfdetr_scales(resolution: int, step: int) -> tuple[int, ...]:
     """RF-DETR's multi-scale training sizes: (resolution // step + k) * step for k = -5..5,
-    ``step`` = patch size x windows (32 for nano/small/medium, 56 for base); sizes below one
-    step (possible under ~6 steps of resolution) are left out. Nano at 384: 224..544."""
+    ``step`` = patch size x windows (32 for nano/small/medium, 56 for base); sizes below two
+    steps are left out, as RF-DETR leaves them out. Nano at 384: 224..544."""
     base = resolution // step
-    return tuple((base + k) * step for k in range(-5, 6) if base + k >= 1)
+    return tuple((base + k) * step for k in range(-5, 6) if base + k >= 2)
 
 
 def collate(rows: dict[str, np.ndarray], *, train: bool, resolution: int, data_cfg: DataConfig,
@@ -53,10 +54,13 @@ def collate(rows: dict[str, np.ndarray], *, train: bool, resolution: int, data_c
     n = len(rows["image_id"])
     if n == 0:
         raise ValueError("collate got an empty batch")
+    if train and data_cfg.augment == "rfdetr":
+        return _collate_rfdetr(rows, resolution, data_cfg, rng, scales)
     size = resolution
     if train and data_cfg.multi_scale:
         choices = scales or scale_choices(resolution, tuple(data_cfg.scale_range))
         size = int(choices[rng.integers(len(choices))])
+    augment = train and data_cfg.augment == "raydetr"
     images, targets = [], []
     for i in range(n):
         image_id = int(rows["image_id"][i])
@@ -67,7 +71,7 @@ def collate(rows: dict[str, np.ndarray], *, train: bool, resolution: int, data_c
         boxes = np.asarray(rows["boxes"][i], np.float32).reshape(-1, 4)
         labels = np.asarray(rows["labels"][i], np.int64).reshape(-1)
         orig_hw = image.shape[:2]
-        if train:
+        if augment:
             image, boxes, labels = random_geometric(image, boxes, labels, rng,
                                                     data_cfg.hflip_prob, data_cfg.crop_prob)
         h, w = image.shape[:2]
@@ -79,6 +83,42 @@ def collate(rows: dict[str, np.ndarray], *, train: bool, resolution: int, data_c
             "orig_size": torch.tensor(orig_hw, dtype=torch.int64),
         })
     return {"images": to_model_input(images, size), "targets": targets}
+
+
+def _decoded(rows: dict[str, np.ndarray], i: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    image_id = int(rows["image_id"][i])
+    try:
+        image = decode_image(bytes(rows["image"][i]))
+    except DatasetError as exc:
+        raise DatasetError(f"image id {image_id}: {exc}") from None
+    boxes = np.asarray(rows["boxes"][i], np.float32).reshape(-1, 4)
+    labels = np.asarray(rows["labels"][i], np.int64).reshape(-1)
+    return image_id, image, boxes, labels
+
+
+def _collate_rfdetr(rows: dict[str, np.ndarray], resolution: int, data_cfg: DataConfig,
+                    rng: np.random.Generator, scales: tuple[int, ...] | None) -> Batch:
+    """RF-DETR's training pipeline (raydetr.data.rfdetr_augment): every image augmented and
+    square-resized to the largest multi-scale size S, then the normalised batch resized to one
+    size drawn from ``scales`` (RF-DETR's per-step multi-scale). Without multi-scale (or
+    without ``scales``) S is ``resolution`` and there is no batch resize."""
+    multi = bool(data_cfg.multi_scale and scales)
+    big = max(scales) if multi else resolution
+    images, targets = [], []
+    for i in range(len(rows["image_id"])):
+        image_id, image, boxes, labels = _decoded(rows, i)
+        out = rfdetr_augment.augment(rfdetr_augment.Sample(image, boxes, labels), rng, big)
+        images.append(out.image)
+        targets.append({
+            "labels": torch.from_numpy(out.labels.copy()),
+            "boxes": torch.from_numpy(normalise_boxes(out.boxes_xyxy, big, big)),
+            "image_id": torch.tensor(image_id, dtype=torch.int64),
+            "orig_size": torch.tensor(image.shape[:2], dtype=torch.int64),
+        })
+    batch = to_model_input(images, big)
+    if multi:
+        batch = rfdetr_augment.batch_resize(batch, int(scales[rng.integers(len(scales))]))
+    return {"images": batch, "targets": targets}
 
 
 def rows_of(table: pa.Table) -> dict[str, np.ndarray]:

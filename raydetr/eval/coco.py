@@ -84,23 +84,39 @@ def load_results(coco_gt: COCO, results: list[dict[str, Any]]) -> COCO:
     )
 
 
-def run_cocoeval(coco_gt: COCO, coco_dt: COCO) -> COCOeval:
-    """The one COCOeval call of this project: bbox, default params; evaluate, accumulate,
-    summarize. ``.stats`` holds the 12 numbers in :data:`STAT_NAMES` order (-1: undefined,
-    i.e. no ground truth in that area range); ``.eval["precision"]`` is [T, R, K, A, M]."""
+def run_cocoeval(coco_gt: COCO, coco_dt: COCO, max_dets: int = 100) -> COCOeval:
+    """The one COCOeval call of this project: bbox, maxDets [1, 10, ``max_dets``]; evaluate,
+    accumulate, summarize. ``.stats`` holds the 12 numbers in :data:`STAT_NAMES` order (-1:
+    undefined, i.e. no ground truth in that area range); ``.eval["precision"]`` is
+    [T, R, K, A, M]. Every AP and the last AR are at ``max_dets`` detections per image:
+    pycocotools' default 100, or e.g. RF-DETR's 500 (see :func:`summarize`)."""
     ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+    ev.params.maxDets = [1, 10, int(max_dets)]
     with _quiet("COCOeval"):
         ev.evaluate()
         ev.accumulate()
-        ev.summarize()
+    summarize(ev)
     return ev
 
 
-def evaluate_coco_files(gt_json: str | Path, results_json: str | Path) -> dict[str, float]:
+def summarize(ev: COCOeval) -> None:
+    """``ev.summarize()``, with the first AP at ``maxDets[2]`` as the other APs: pycocotools
+    hard-codes 100 there (-1 when 100 is not among the maxDets); RF-DETR's patched summarize
+    reads maxDets[2], so at its 500 the first AP is redone."""
+    with _quiet("COCOeval.summarize"):
+        ev.summarize()
+    if ev.params.maxDets[2] != 100:
+        p = ev.eval["precision"][:, :, :, 0, 2]  # area all, maxDets[2]
+        ev.stats[0] = float(p[p > -1].mean()) if (p > -1).any() else -1.0
+
+
+def evaluate_coco_files(gt_json: str | Path, results_json: str | Path,
+                        max_dets: int = 100) -> dict[str, float]:
     """Standard COCO evaluation of a results file against a GT annotation file.
 
     Returns the 12 bbox stats named AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm,
-    ARl, exactly as pycocotools computes them (-1 where undefined).
+    ARl, exactly as pycocotools computes them (-1 where undefined); with ``max_dets`` other
+    than 100 the AP and AR100 entries are at that many detections per image.
     """
     gt_json, results_json = Path(gt_json), Path(results_json)
     for path in (gt_json, results_json):
@@ -114,7 +130,7 @@ def evaluate_coco_files(gt_json: str | Path, results_json: str | Path) -> dict[s
         raise ValueError(f"{results_json}: expected a JSON list of detections")
     with _quiet("load annotations"):
         coco_gt = COCO(str(gt_json))
-    ev = run_cocoeval(coco_gt, load_results(coco_gt, results))
+    ev = run_cocoeval(coco_gt, load_results(coco_gt, results), max_dets=max_dets)
     return {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
 
 
@@ -185,7 +201,7 @@ def records_to_coco(
 
 
 def per_class_ap(ev: COCOeval) -> np.ndarray:
-    """AP per category (IoU .50:.95, area all, maxDets 100): mean of precision > -1 over IoU
+    """AP per category (IoU .50:.95, area all, the last maxDets): mean of precision > -1 over IoU
     thresholds and recall points; -1 for a category without ground truth. Order: params.catIds."""
     precision = ev.eval["precision"][:, :, :, 0, -1]  # [T, R, K]
     out = np.full(precision.shape[2], -1.0)
@@ -196,11 +212,14 @@ def per_class_ap(ev: COCOeval) -> np.ndarray:
     return out
 
 
-def coco_metrics(records: Sequence[dict[str, Any]], classes: Sequence[str]) -> dict[str, Any]:
-    """COCO bbox metrics of eval records.
+def coco_metrics(records: Sequence[dict[str, Any]], classes: Sequence[str],
+                 max_dets: int = 100) -> dict[str, Any]:
+    """COCO bbox metrics of eval records, at ``max_dets`` detections per image (COCO's 100;
+    RF-DETR reports 500).
 
-    Returns map (IoU .50:.95), map50, map75, map_small, map_medium, map_large, mar (AR@100),
-    mar1, mar10, and per_class {class name: AP}. Values pycocotools leaves undefined (-1: no
+    Returns map (IoU .50:.95), map50, map75, map_small, map_medium, map_large, mar (AR at
+    ``max_dets``), mar1, mar10, and per_class {class name: AP}.
+    Values pycocotools leaves undefined (-1: no
     ground truth in that area range / for that class, or no ground truth at all) are reported
     as 0.0, so zero detections give zeros and every key is always a number.
     """
@@ -213,7 +232,7 @@ def coco_metrics(records: Sequence[dict[str, Any]], classes: Sequence[str]) -> d
         log.warning("coco_metrics: no ground-truth boxes in %d images; metrics are 0", len(records))
         return out
     coco_gt = coco_from_dataset(gt)
-    return metrics_of_cocoeval(run_cocoeval(coco_gt, load_results(coco_gt, results)), classes)
+    return metrics_of_cocoeval(run_cocoeval(coco_gt, load_results(coco_gt, results), max_dets=max_dets), classes)
 
 
 def metrics_of_cocoeval(ev: COCOeval, classes: Sequence[str]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from pycocotools.cocoeval import COCOeval
 
-from raydetr.eval.coco import _quiet, metrics_of_cocoeval
+from raydetr.eval.coco import metrics_of_cocoeval, summarize
 from raydetr.eval.matching import (
     DEFAULT_MAX_DETS,
     Matches,
@@ -138,8 +138,7 @@ def accumulate(matches: Matches) -> COCOeval:
                     precision[t, :, k, a, m], scores[t, :, k, a, m] = q, ss
     ev.eval = {"params": p, "counts": [t_n, r_n, k_n, a_n, m_n], "precision": precision,
                "recall": recall, "scores": scores}
-    with _quiet("COCOeval.summarize"):
-        ev.summarize()
+    summarize(ev)
     return ev
 
 

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from raydetr.config import DataConfig
+from raydetr.config.presets import eval_settings
 from raydetr.data.loader import iter_local_batches
 from raydetr.data.parquet import has_info, load_info, prepare_dataset, verify_shards
 from raydetr.errors import UserError
@@ -32,6 +33,8 @@ class EvaluateError(UserError, ValueError):
 
 def format_table(metrics: dict[str, Any], title: str) -> str:
     """Overall metrics, then AP per class, as an aligned text table."""
+    if int(metrics.get("max_dets", 100)) != 100:  # COCO's usual goes unsaid
+        title += f" (AP and mar at maxDets {int(metrics['max_dets'])})"
     lines = [title, f"{'metric':<14}{'value':>8}"]
     lines += [f"{k:<14}{metrics[k]:>8.4f}" for k in SCALAR_KEYS if k in metrics]
     per_class = metrics.get("per_class", {})
@@ -43,8 +46,9 @@ def format_table(metrics: dict[str, Any], title: str) -> str:
 
 
 def run_evaluation(detector: Detector, prepared: Path, split: str) -> dict[str, Any]:
-    """coco_metrics of ``detector`` over ``split`` of a prepared dataset (batch 8, no threshold:
-    COCO uses the top-100 detections per image)."""
+    """coco_metrics of ``detector`` over ``split`` of a prepared dataset (batch 8, no threshold;
+    the family's detections per image and COCO maxDets: 100 / 100, RF-DETR's 300 / 500), with
+    ``max_dets`` and ``images`` added."""
     info = load_info(prepared)
     if split not in info["splits"]:
         raise EvaluateError(f"{prepared}: no split '{split}' (has: {sorted(info['splits'])})")
@@ -75,15 +79,17 @@ def run_evaluation(detector: Detector, prepared: Path, split: str) -> dict[str, 
                                  shuffle=False)
     bar = tqdm(batches, total=math.ceil(n_images / BATCH_SIZE), desc=f"evaluate {split}",
                unit="batch", disable=n_images < 4 * BATCH_SIZE or None)
+    num_select, max_dets = eval_settings(str(detector.meta.get("model", {}).get("preset", "")))
     with torch.no_grad():
         records = predict_records({"model": detector.model}, detector.postprocessor, bar,
-                                  detector.device)["model"]
+                                  detector.device, top_k=num_select)["model"]
     if remap is not None:
         for rec in records:
             labels = remap[rec["labels"]]
             keep = labels >= 0
             rec.update(labels=labels[keep], scores=rec["scores"][keep], boxes=rec["boxes"][keep])
-    metrics = coco_metrics(records, classes)
+    metrics = coco_metrics(records, classes, max_dets=max_dets)
+    metrics["max_dets"] = max_dets
     metrics["images"] = len(records)
     return metrics
 

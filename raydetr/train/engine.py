@@ -36,9 +36,11 @@ def _to_device(batch: dict, device: torch.device) -> tuple[Tensor, list[dict[str
 
 
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    if amp_dtype is None or device.type != "cuda":
+    """Autocast on the model's device when ``amp_dtype`` is set (the worker sets bf16 on CUDA
+    only; on CPU it exists so the GPU path's dtype handling can be tested without a GPU)."""
+    if amp_dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=amp_dtype)
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
 def _image_ids(batch: dict) -> list[int]:

@@ -50,10 +50,12 @@ class ShadowEvaluator:
             self._loaded = index
 
     def predict(self, postprocessor: nn.Module, batches: Iterable[dict],
-                device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, list[dict]]:
+                device: torch.device, amp_dtype: torch.dtype | None,
+                top_k: int = 100) -> dict[str, list[dict]]:
+        """Records of every variant, ``top_k`` detections per image (the family's num_select)."""
         self._loaded = None  # the shadows moved since the last evaluation
         return predict_records(self.variants(), postprocessor, batches, device, amp_dtype,
-                               before=self.before)
+                               top_k=top_k, before=self.before)
 
     def model_copies_bytes(self) -> int:
         """Bytes of parameters and buffers held by eval-only model copies."""

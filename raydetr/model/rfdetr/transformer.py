@@ -79,10 +79,14 @@ class Transformer(nn.Module):
         for g in range(groups):
             feats = self.enc_output_norm[g](self.enc_output[g](memory))
             logits = self.enc_out_class_embed[g](feats)
-            boxes = apply_box_delta(self.enc_out_bbox_embed[g](feats), proposals[None])
             idx = torch.topk(logits.max(-1)[0], k, dim=1)[1]  # (B, k), descending score
-            boxes_sel.append(torch.gather(boxes, 1, idx.unsqueeze(-1).repeat(1, 1, 4)))
-            feats_sel.append(torch.gather(feats, 1, idx.unsqueeze(-1).repeat(1, 1, self.d_model)))
+            # The box head runs on the k selected cells only (RF-DETR runs it on every cell,
+            # then gathers; the head is per row, so the selected boxes are the same).
+            sel = torch.gather(feats, 1, idx.unsqueeze(-1).repeat(1, 1, self.d_model))
+            props = torch.gather(proposals[None].expand(len(idx), -1, -1), 1,
+                                 idx.unsqueeze(-1).repeat(1, 1, 4))
+            boxes_sel.append(apply_box_delta(self.enc_out_bbox_embed[g](sel), props))
+            feats_sel.append(sel)
         boxes_all = torch.cat(boxes_sel, dim=1)
         return boxes_all.detach(), torch.cat(feats_sel, dim=1), boxes_all
 

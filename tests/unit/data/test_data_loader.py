@@ -32,7 +32,7 @@ def test_scale_choices():
 def test_rfdetr_scales_follow_its_rule():
     assert rfdetr_scales(384, 32) == tuple(range(224, 545, 32))  # nano: 224..544
     assert rfdetr_scales(560, 56) == tuple(range(280, 841, 56))  # base: 280..840
-    assert rfdetr_scales(96, 32) == (32, 64, 96, 128, 160, 192, 224, 256)  # no size < 1 step
+    assert rfdetr_scales(96, 32) == (64, 96, 128, 160, 192, 224, 256)  # none < 2 steps (as RF-DETR)
 
 
 def test_collate_uses_the_familys_scales(prepared):

@@ -26,7 +26,7 @@ def _rec(image_id, gt, gt_labels, dets=(), labels=(), scores=(), size=(640, 480)
 def test_reference_files_reproduce_pycocotools(coco_reference_dir, monkeypatch):
     calls = []
     real = coco.run_cocoeval
-    monkeypatch.setattr(coco, "run_cocoeval", lambda g, d: calls.append(1) or real(g, d))
+    monkeypatch.setattr(coco, "run_cocoeval", lambda g, d, **kw: calls.append(1) or real(g, d, **kw))
     stats = coco.evaluate_coco_files(
         coco_reference_dir / "instances_val2014_100.json",
         coco_reference_dir / "instances_val2014_fakebbox100_results.json",

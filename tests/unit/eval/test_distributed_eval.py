@@ -18,12 +18,21 @@ import raydetr.eval.matching as matching
 
 
 def _pycocotools(coco_gt: COCO, coco_dt: COCO, max_dets=(1, 10, 100)) -> COCOeval:
+    """pycocotools' evaluate + accumulate; stats by raydetr.eval.coco.summarize (pycocotools'
+    summarize, and where maxDets[2] is not 100 the first AP at maxDets[2], as RF-DETR's)."""
     ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
     ev.params.maxDets = list(max_dets)
     with coco._quiet("test"):
         ev.evaluate()
         ev.accumulate()
-        ev.summarize()
+    coco.summarize(ev)
+    if max_dets[2] == 100:  # the summarize is pycocotools' own, untouched
+        with coco._quiet("test"):
+            plain = COCOeval(coco_gt, coco_dt, iouType="bbox")
+            plain.evaluate()
+            plain.accumulate()
+            plain.summarize()
+        np.testing.assert_array_equal(ev.stats, plain.stats)
     return ev
 
 
