@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from raydetr.config_distill import DistillConfig, ema_teacher_needs_ema
 from raydetr.presets import (
     RENAMED_PRESETS,
     RFDETR_PRESETS,
@@ -292,6 +293,7 @@ class Config(_Strict):
     ema: EmaConfig = Field(default_factory=EmaConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
@@ -308,6 +310,8 @@ class Config(_Strict):
                 if key not in sub.model_fields_set:
                     setattr(sub, key, value)
         return self
+
+    _ema_teacher = model_validator(mode="after")(ema_teacher_needs_ema)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -118,6 +118,7 @@ def publish(winner_dir: str | Path, *, history: list[dict], params: dict[str, An
         version = str(info.registered_model_version)
         vtags = {"variant": meta.get("variant"), "map": (meta.get("metrics") or {}).get("map"),
                  "epoch": meta.get("epoch"), "dataset": dataset}
+        vtags.update({k: v for k, v in (tags or {}).items() if str(k).startswith("distill.")})
         for key, value in vtags.items():
             client.set_model_version_tag(name, version, key, "" if value is None else str(value))
         client.set_registered_model_alias(name, alias, version)

@@ -102,6 +102,10 @@ def finalize(cfg: Config, run_dir: Path, train_dir: Path, info: dict[str, Any], 
     dataset = str(cfg.data.path or "synthetic")
     winner_dir = run_dir / "winner"
     meta = strip_winner(ckpt, winner_dir, dataset=dataset, state=state, cfg=cfg)
+    teacher = teacher_record(run_dir, history)
+    if teacher is not None:  # the published student references its teacher, never holds it
+        meta["distill"] = teacher
+        (winner_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     (run_dir / "history.json").write_text(json.dumps(history, indent=2))
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     ratio = meta["checkpoint_bytes"] / max(meta["winner_bytes"], 1)
@@ -124,6 +128,25 @@ def finalize(cfg: Config, run_dir: Path, train_dir: Path, info: dict[str, Any], 
                      registered=registered, stopped_early=stopped_early)
 
 
+def teacher_record(run_dir: Path, history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The distillation teacher of this run (URI, sha256, classes, its own val mAP), or None."""
+    path = run_dir / "teacher.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    maps = [h["teacher_map"] for h in history if "teacher_map" in h]
+    record["map"] = maps[-1] if maps else None
+    return record
+
+
+def distill_tags(meta: dict[str, Any]) -> dict[str, str]:
+    t = meta.get("distill")
+    if not t:
+        return {}
+    return {"distill.teacher": str(t["uri"]), "distill.teacher_sha256": str(t["sha256"] or ""),
+            "distill.teacher_map": "" if t.get("map") is None else f"{t['map']:.4f}"}
+
+
 def publish_winner(cfg: Config, run_dir: Path, winner_dir: Path, history: list[dict[str, Any]],
                    meta: dict[str, Any], *, parent_run_id: str | None = None,
                    stopped_early: bool = False, register: bool = True,
@@ -134,7 +157,7 @@ def publish_winner(cfg: Config, run_dir: Path, winner_dir: Path, history: list[d
 
     tags = {"variant": meta["variant"], "map": f"{meta['metrics']['map'] or 0:.4f}",
             "epoch": str(meta["epoch"]), "dataset": meta["dataset"],
-            "stopped_early": str(stopped_early).lower()}
+            "stopped_early": str(stopped_early).lower(), **distill_tags(meta)}
     try:
         return publish(
             winner_dir, history=history, params=cfg.flat(), mlflow_cfg=cfg.mlflow,

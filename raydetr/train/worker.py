@@ -55,6 +55,7 @@ class WorkerArgs:
     trial_id: str | None = None
     decision_board: str | None = None  # raydetr.tune.decisions board, when a scheduler stops
     schedule_fn: Any = None  # an import-path EMA schedule, shipped by value by the driver
+    teacher: Any = None  # raydetr.train.teacher.TeacherSpec when distill.teacher is set
 
 
 def seed_everything(seed: int) -> None:
@@ -182,6 +183,31 @@ class Recipe:
         from raydetr.train.evaluation import ShadowEvaluator
 
         self.evaluator = ShadowEvaluator(self.model, self.state.ema)
+        self.teacher, self.teacher_map = self.setup_teacher(), None
+
+    def setup_teacher(self):
+        """The frozen teacher (once per worker; never in DDP, the EMA or a checkpoint)."""
+        if self.args.teacher is None:
+            return None
+        from raydetr.train.teacher import Teacher
+
+        return Teacher.load(self.args.teacher, self.cfg.distill, len(self.args.classes),
+                            self.criterion, self.device, self.amp_dtype, ema=self.state.ema,
+                            student=self.model)
+
+    def measure_teacher(self) -> float | None:
+        """The teacher's own mAP on this val split (rank 0; None elsewhere and for ``ema``)."""
+        from raydetr.eval.coco import coco_metrics
+        from raydetr.train.evaluation import gather_records
+        from raydetr.train.teacher import teacher_records
+
+        records = teacher_records(self.teacher, self.val_batches())
+        if records is None:
+            return None
+        records = gather_records({"teacher": records}, self.rank, self.world)
+        if records is None:
+            return None
+        return float(coco_metrics(records["teacher"], self.args.classes)["map"])
 
     def make_posthoc(self):
         """Rank 0's post-hoc EMA tracker (the weights are the same on every rank), writing into
@@ -248,7 +274,7 @@ class Recipe:
             s.lr_scheduler, device=self.device, epoch=epoch_number(index),
             grad_accum_steps=o.grad_accum_steps,
             clip_max_norm=o.clip_max_norm, ema=s.ema, amp_dtype=self.amp_dtype,
-            log_every=self.cfg.run.log_every_steps, on_step=on_step)
+            log_every=self.cfg.run.log_every_steps, on_step=on_step, distill=self.teacher)
         s.step += stats["steps"]
         if s.posthoc is not None:
             s.posthoc.snapshot(s.step)  # every epoch ends with one, whatever every_steps is
@@ -288,6 +314,10 @@ class Recipe:
         train = {"train_loss": stats["train_loss"], "lr": stats["lr"],
                  "images_per_s": stats["images_per_s"], "train_seconds": stats["seconds"],
                  "eval_seconds": eval_seconds}
+        if "distill_loss" in stats:
+            train["distill_loss"] = stats["distill_loss"]
+        if self.teacher_map is not None:
+            train["teacher_map"] = self.teacher_map
         return EpochResult(
             epoch=epoch, step=s.step, regular=regular, ema=per_decay, bests=s.bests,
             score=score_of(regular["map"], map_ema, self.cfg.tune.metric), monitored=monitored,
@@ -323,6 +353,11 @@ class Recipe:
         self.setup_data()
         self.setup_model()
         self.setup_state()
+        if self.teacher is not None:
+            self.teacher_map = self.measure_teacher()
+            if self.teacher_map is not None:
+                log.info("distill: teacher %s mAP %.4f on this val split", self.args.teacher.uri,
+                         self.teacher_map)
         if self.rank == 0:
             self.log_header()
         epochs = self.cfg.optim.epochs

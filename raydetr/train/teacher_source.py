@@ -1,0 +1,135 @@
+"""Driver side of distillation: turn ``distill.teacher`` into a :class:`TeacherSpec` before Ray
+starts, so a bad source or a class mismatch fails once, with a clear message, not in every
+worker. (Driver code: it belongs with the fit layer when the layout moves.)
+
+Sources: ``ema`` (self-distillation), a model dir (``model.safetensors`` + ``meta.json``, or an
+MLflow model dir), a run dir (its ``winner/``), ``models:/name@alias`` / ``runs:/...`` (fetched
+into ``<run dir>/teacher``), or an RF-DETR ``.pth`` (converted into ``<run dir>/teacher``).
+Classes are matched to the dataset's by name (case and surrounding spaces ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from raydetr.config_distill import DistillConfig
+from raydetr.data.coco_categories import unused_name
+from raydetr.model.convert import ConvertError, convert_checkpoint
+from raydetr.registry.errors import ModelLoadError
+from raydetr.registry.fetch import download_model
+from raydetr.registry.modelfiles import model_dir_artifacts, read_meta
+from raydetr.train.teacher import EMA_TEACHER, TeacherSpec, sha256_file
+
+log = logging.getLogger("raydetr.driver")
+
+REMOTE = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+class TeacherError(ValueError):
+    """distill.teacher cannot be used (named source, what was wrong, what to do)."""
+
+
+def _norm(name: str) -> str:
+    return str(name).strip().lower()
+
+
+def class_map_for(teacher_classes: list[str], dataset_classes: list[str], source: str
+                  ) -> tuple[list[int], bool]:
+    """(teacher logit -> dataset class index or -1, same class set?). Every dataset class must be
+    a teacher class: otherwise the teacher cannot supervise it and this raises, naming them.
+    Same class set: no teacher class outside the dataset's but RF-DETR's placeholders."""
+    index = {_norm(c): i for i, c in enumerate(dataset_classes)}
+    mapping = [index.get(_norm(c), -1) for c in teacher_classes]
+    have = {_norm(c) for c in teacher_classes}
+    missing = [c for c in dataset_classes if _norm(c) not in have]
+    if missing:
+        raise TeacherError(
+            f"distill.teacher {source}: the dataset's classes {missing} are not among the "
+            f"teacher's classes ({len(teacher_classes)}: {teacher_classes[:20]}"
+            f"{'...' if len(teacher_classes) > 20 else ''}); classes are matched by name. Use a "
+            "teacher trained on these classes, or rename them in the dataset.")
+    # RF-DETR heads carry placeholder logits (unused_N, e.g. its super-category at 0): they
+    # do not make the class sets differ
+    same = all(m >= 0 or _norm(c) == _norm(unused_name(i))
+               for i, (c, m) in enumerate(zip(teacher_classes, mapping)))
+    return mapping, same
+
+
+def _model_files(path: Path) -> tuple[Path, Path] | None:
+    if (path / "model.safetensors").is_file() and (path / "meta.json").is_file():
+        return path / "model.safetensors", path / "meta.json"
+    if (path / "MLmodel").is_file():
+        return model_dir_artifacts(path)
+    if (path / "winner" / "model.safetensors").is_file():  # a run dir after post-fit
+        return path / "winner" / "model.safetensors", path / "winner" / "meta.json"
+    return None
+
+
+def _materialise(source: str, run_dir: Path) -> tuple[Path, Path]:
+    """(weights, meta) of a local copy of the teacher."""
+    if source.startswith(REMOTE) and not Path(source).exists():
+        dst = run_dir / "teacher"
+        try:
+            local, _ = download_model(source, dst)
+        except ModelLoadError as exc:
+            raise TeacherError(f"distill.teacher {source}: {exc}") from None
+        files = _model_files(Path(local))
+        if files is None:
+            raise TeacherError(f"distill.teacher {source}: the download holds no raydetr model")
+        return files
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix in (".pth", ".pt"):
+        dst = run_dir / "teacher"
+        try:
+            convert_checkpoint(path, dst)
+        except ConvertError as exc:
+            raise TeacherError(f"distill.teacher {source}: {exc}") from None
+        return dst / "model.safetensors", dst / "meta.json"
+    if path.is_dir():
+        files = _model_files(path)
+        if files is not None:
+            return files
+        raise TeacherError(
+            f"distill.teacher {source}: not a model dir (model.safetensors + meta.json), an "
+            "MLflow model dir, or a run dir with a winner/ (has its fit finished?)")
+    raise TeacherError(
+        f"distill.teacher {source}: no such file or directory. Give 'ema', a model or run dir, "
+        "models:/name@alias, or an RF-DETR .pth")
+
+
+def resolve_teacher(cfg: DistillConfig, dataset_classes: list[str], run_dir: Path
+                    ) -> TeacherSpec | None:
+    """The teacher every worker will load (None: distillation off). Writes
+    ``<run dir>/teacher.json`` (URI, content hash, classes) for post-fit and MLflow."""
+    if cfg.teacher is None:
+        return None
+    if cfg.teacher == EMA_TEACHER:
+        spec = TeacherSpec(uri=EMA_TEACHER, model_dir=None, sha256=None,
+                           classes=list(dataset_classes),
+                           class_map=list(range(len(dataset_classes))), same_classes=True)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        weights, meta_path = _materialise(cfg.teacher, run_dir)
+        try:
+            meta = read_meta(meta_path)
+        except ModelLoadError as exc:
+            raise TeacherError(f"distill.teacher {cfg.teacher}: {exc}") from None
+        mapping, same = class_map_for(list(meta["classes"]), dataset_classes, cfg.teacher)
+        model_dir = weights.parent
+        if weights.name != "model.safetensors" or meta_path.parent != model_dir:
+            model_dir = run_dir / "teacher_model"  # an MLflow dir's artifact names: normalise
+            model_dir.mkdir(parents=True, exist_ok=True)
+            (model_dir / "model.safetensors").write_bytes(weights.read_bytes())
+            (model_dir / "meta.json").write_text(meta_path.read_text())
+        spec = TeacherSpec(uri=cfg.teacher, model_dir=str(model_dir.resolve()),
+                           sha256=sha256_file(model_dir / "model.safetensors"),
+                           classes=list(meta["classes"]), class_map=mapping, same_classes=same,
+                           model=dict(meta["model"]), resolution=int(meta["resolution"]))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "teacher.json").write_text(json.dumps(spec.record(), indent=2))
+    log.info("distill: teacher %s (%s, sha256 %s), %d classes%s", spec.uri,
+             spec.record()["preset"] or "the student's EMA", (spec.sha256 or "-")[:12],
+             len(spec.classes), "" if spec.same_classes else " (mapped by name onto the dataset's)")
+    return spec
