@@ -60,6 +60,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def distill_loss(cfg: DistillConfig, criterion: nn.Module, same_classes: bool) -> DistillLoss:
+    """The Teach-DETR loss on the student's own matcher and loss weights."""
+    w = criterion.weight_dict
+    return DistillLoss(criterion.matcher, weight_cls=w["loss_cls"], weight_bbox=w["loss_bbox"],
+                       weight_giou=w["loss_giou"], weight=cfg.weight,
+                       logit_weight=cfg.logit_weight if same_classes else 0.0,
+                       unmatched_weight=cfg.unmatched_weight,
+                       group_detr=getattr(criterion, "group_detr", 1))
+
+
 class Teacher:
     """A frozen teacher and the distillation loss it feeds."""
 
@@ -78,23 +88,27 @@ class Teacher:
     def load(cls, spec: TeacherSpec, cfg: DistillConfig, num_classes: int, criterion: nn.Module,
              device: torch.device, amp_dtype: torch.dtype | None, *, ema: Any = None,
              student: nn.Module | None = None) -> Teacher:
-        lw = cfg.logit_weight if spec.same_classes else 0.0
-        loss = DistillLoss(criterion.matcher, weight_cls=criterion.weight_dict["loss_cls"],
-                           weight_bbox=criterion.weight_dict["loss_bbox"],
-                           weight_giou=criterion.weight_dict["loss_giou"], weight=cfg.weight,
-                           logit_weight=lw, unmatched_weight=cfg.unmatched_weight,
-                           group_detr=getattr(criterion, "group_detr", 1))
+        """Build the teacher of ``spec`` from its model dir (or the EMA for ``teacher=ema``)."""
         if spec.model_dir is None:  # self-distillation from the EMA
             if ema is None or student is None:
                 raise ValueError("distill.teacher=ema needs the EMA (ema.enabled=true)")
-            return cls(spec, cfg, num_classes, loss, model=None, postprocessor=None,
-                       device=device, amp_dtype=amp_dtype, ema=ema, student=student)
+            return cls(spec, cfg, num_classes, distill_loss(cfg, criterion, spec.same_classes),
+                       model=None, postprocessor=None, device=device, amp_dtype=amp_dtype,
+                       ema=ema, student=student)
         model_cfg = ModelConfig(**{**(spec.model or {}), "backbone_weights": None})
         model, _, post = build(model_cfg, LossConfig(), len(spec.classes))
         model.load_state_dict(load_weights(Path(spec.model_dir) / "model.safetensors"))
+        return cls.from_model(spec, cfg, num_classes, criterion, model, post, device, amp_dtype)
+
+    @classmethod
+    def from_model(cls, spec: TeacherSpec, cfg: DistillConfig, num_classes: int,
+                   criterion: nn.Module, model: nn.Module, postprocessor: nn.Module,
+                   device: torch.device, amp_dtype: torch.dtype | None) -> Teacher:
+        """A teacher from a model already in memory (frozen here: eval, no grad)."""
         model.to(device).eval().requires_grad_(False)
-        return cls(spec, cfg, num_classes, loss, model=model, postprocessor=post.eval(),
-                   device=device, amp_dtype=amp_dtype)
+        return cls(spec, cfg, num_classes, distill_loss(cfg, criterion, spec.same_classes),
+                   model=model, postprocessor=postprocessor.eval(), device=device,
+                   amp_dtype=amp_dtype)
 
     def _autocast(self):
         if self.amp_dtype is None or self.device.type != "cuda":
