@@ -28,4 +28,7 @@ def ema_teacher_needs_ema(cfg: Any) -> Any:
     """Config check: ``distill.teacher=ema`` distils from the EMA, so the EMA must be on."""
     if cfg.distill.teacher == "ema" and not cfg.ema.enabled:
         raise ValueError("distill.teacher=ema needs ema.enabled=true (its teacher is the EMA)")
+    if cfg.distill.teacher == "ema" and cfg.scaling.use_gpu and cfg.ema.device == "cpu":
+        raise ValueError("distill.teacher=ema runs the EMA shadow through the student on the "
+                         "GPU every step: unset ema.device (it keeps the shadow on the CPU)")
     return cfg

@@ -80,7 +80,9 @@ class Teacher:
         self.spec, self.cfg, self.num_classes = spec, cfg, num_classes
         self.loss = loss
         self.model, self.postprocessor = model, postprocessor
-        self.device, self.amp_dtype = device, amp_dtype
+        # the teacher only runs forward: bf16 on GPU whatever optim.amp says
+        self.device = device
+        self.amp_dtype = amp_dtype or (torch.bfloat16 if device.type == "cuda" else None)
         self.ema, self.student = ema, student
         self.class_map = torch.tensor(spec.class_map, dtype=torch.int64, device=device)
 
@@ -92,6 +94,9 @@ class Teacher:
         if spec.model_dir is None:  # self-distillation from the EMA
             if ema is None or student is None:
                 raise ValueError("distill.teacher=ema needs the EMA (ema.enabled=true)")
+            if ema.device is not None and ema.device.type != torch.device(device).type:
+                raise ValueError(f"distill.teacher=ema runs the EMA shadow on {device}, but "
+                                 f"ema.device={ema.device} keeps it elsewhere: unset ema.device")
             return cls(spec, cfg, num_classes, distill_loss(cfg, criterion, spec.same_classes),
                        model=None, postprocessor=None, device=device, amp_dtype=amp_dtype,
                        ema=ema, student=student)

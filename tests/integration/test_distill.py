@@ -132,3 +132,15 @@ def test_unmatched_classes_fail_before_ray(tmp_path, teacher_pth):
     with pytest.raises(FitError, match=r"\['rectangle', 'ellipse', 'triangle'\] are not among"):
         fit(cfg_with_teacher(tmp_path, "bad", other, "mlflow.enabled=false"))
     assert not (tmp_path / "bad" / "tune").exists()
+
+
+def test_ema_teacher_self_distils(tmp_path, local_ray):
+    """``distill.teacher=ema``: the student's own EMA shadow teaches it (nothing loaded, no
+    teacher mAP of its own: that is map_ema), recorded as such."""
+    result = fit(cfg_with_teacher(tmp_path, "self", "ema", "scaling.num_workers=1",
+                                  "mlflow.enabled=false"))
+    history = read_state(latest_checkpoint(result.train_dir))["history"]
+    assert all(h["distill_loss"] > 0 and "teacher_map" not in h for h in history)
+    assert not (result.run_dir / "teacher").exists()
+    meta = json.loads((result.winner_dir / "meta.json").read_text())
+    assert meta["distill"]["uri"] == "ema" and meta["distill"]["sha256"] is None
