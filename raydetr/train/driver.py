@@ -28,7 +28,7 @@ from typing import Any
 from raydetr.config import Config, with_overrides
 from raydetr.train.checkpoint import best_cache_dir
 from raydetr.train.postfit import FitResult, finalize
-from raydetr.train.teacher_source import TeacherError, resolve_teacher
+from raydetr.train.teacher_source import TeacherError, resolve_teachers
 
 log = logging.getLogger("raydetr.driver")
 
@@ -190,7 +190,7 @@ def train_name(single: bool, trial_id: str) -> str:
 def _trial_fn(base: Config, prepared: str, classes: list[str], train_images: int,
               run_dir: str, pretrain_weights: str | None, single: bool,
               fault_inject: str | None = None, decision_board: str | None = None,
-              schedule_fn: Any = None, teacher: Any = None):
+              schedule_fn: Any = None, teachers: dict | None = None):
     """The Tune trainable: builds a TorchTrainer whose rank-0 reports reach Tune. ``base`` is
     the parsed Config object; a search's trial applies its parameters to it once."""
 
@@ -210,7 +210,8 @@ def _trial_fn(base: Config, prepared: str, classes: list[str], train_images: int
                                "pretrain_weights": pretrain_weights,
                                "fault_inject": fault_inject, "trial_id": trial_id,
                                "decision_board": decision_board,
-                               "schedule_fn": schedule_fn, "teacher": teacher},
+                               "schedule_fn": schedule_fn,
+                               "teacher": (teachers or {}).get(cfg.distill.teacher)},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                 resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
@@ -296,7 +297,7 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
     prepared = ensure_prepared(cfg)
     info = dataset_info(prepared, cfg)
     try:  # a bad teacher or class mismatch fails here, before Ray starts
-        teacher = resolve_teacher(cfg.distill, info["classes"], run_dir)
+        teachers = resolve_teachers(cfg, info["classes"], run_dir, search=not single)
     except TeacherError as exc:
         raise FitError(str(exc)) from None
     init_ray(cfg)
@@ -317,7 +318,7 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
         _trial_fn(cfg, str(prepared), info["classes"],
                   info["splits"][cfg.data.train_split]["images"], str(run_dir),
                   pretrain_weights, single, os.environ.get("RAYDETR_FAULT_INJECT"),
-                  decision_board=board, schedule_fn=_shipped_schedule(cfg), teacher=teacher),
+                  decision_board=board, schedule_fn=_shipped_schedule(cfg), teachers=teachers),
         {"memory": TRIAL_MEMORY_BYTES},
     )
     tune_config = tune.TuneConfig(

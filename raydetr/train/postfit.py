@@ -102,7 +102,7 @@ def finalize(cfg: Config, run_dir: Path, train_dir: Path, info: dict[str, Any], 
     dataset = str(cfg.data.path or "synthetic")
     winner_dir = run_dir / "winner"
     meta = strip_winner(ckpt, winner_dir, dataset=dataset, state=state, cfg=cfg)
-    teacher = teacher_record(run_dir, history)
+    teacher = teacher_record(state)
     if teacher is not None:  # the published student references its teacher, never holds it
         meta["distill"] = teacher
         (winner_dir / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -128,13 +128,12 @@ def finalize(cfg: Config, run_dir: Path, train_dir: Path, info: dict[str, Any], 
                      registered=registered, stopped_early=stopped_early)
 
 
-def teacher_record(run_dir: Path, history: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The distillation teacher of this run (URI, sha256, classes, its own val mAP), or None."""
-    path = run_dir / "teacher.json"
-    if not path.is_file():
+def teacher_record(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The distillation teacher of a checkpoint (URI, sha256, classes, its own val mAP)."""
+    if not state.get("teacher"):
         return None
-    record = json.loads(path.read_text())
-    maps = [h["teacher_map"] for h in history if "teacher_map" in h]
+    record = dict(state["teacher"])
+    maps = [h["teacher_map"] for h in state["history"] if "teacher_map" in h]
     record["map"] = maps[-1] if maps else None
     return record
 

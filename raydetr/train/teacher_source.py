@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+from raydetr.config import Config
 from raydetr.config_distill import DistillConfig
 from raydetr.data.coco_categories import unused_name
 from raydetr.model.convert import ConvertError, convert_checkpoint
@@ -67,10 +68,9 @@ def _model_files(path: Path) -> tuple[Path, Path] | None:
     return None
 
 
-def _materialise(source: str, run_dir: Path) -> tuple[Path, Path]:
-    """(weights, meta) of a local copy of the teacher."""
+def _materialise(source: str, dst: Path) -> tuple[Path, Path]:
+    """(weights, meta) of the teacher, copied into ``dst`` when it is not a local model dir."""
     if source.startswith(REMOTE) and not Path(source).exists():
-        dst = run_dir / "teacher"
         try:
             local, _ = download_model(source, dst)
         except ModelLoadError as exc:
@@ -81,7 +81,6 @@ def _materialise(source: str, run_dir: Path) -> tuple[Path, Path]:
         return files
     path = Path(source).expanduser()
     if path.is_file() and path.suffix in (".pth", ".pt"):
-        dst = run_dir / "teacher"
         try:
             convert_checkpoint(path, dst)
         except ConvertError as exc:
@@ -99,19 +98,38 @@ def _materialise(source: str, run_dir: Path) -> tuple[Path, Path]:
         "models:/name@alias, or an RF-DETR .pth")
 
 
-def resolve_teacher(cfg: DistillConfig, dataset_classes: list[str], run_dir: Path
-                    ) -> TeacherSpec | None:
-    """The teacher every worker will load (None: distillation off). Writes
-    ``<run dir>/teacher.json`` (URI, content hash, classes) for post-fit and MLflow."""
+def resolve_teachers(cfg: Config, dataset_classes: list[str], run_dir: Path, *, search: bool
+                     ) -> dict[str | None, TeacherSpec | None]:
+    """Every teacher the run's trials may use, by ``distill.teacher`` value: the config's, and
+    in a search the values of ``tune.search_space['distill.teacher']`` (grid or choice)."""
+    sources: list[str | None] = [cfg.distill.teacher]
+    space = cfg.tune.search_space.get("distill.teacher") if search else None
+    if isinstance(space, dict):
+        for values in space.values():
+            sources += [v for v in values if v not in sources] if isinstance(values, list) else []
+    if len(sources) == 1:
+        return {sources[0]: resolve_teacher(cfg.distill, dataset_classes, run_dir)}
+    return {src: resolve_teacher(cfg.distill.model_copy(update={"teacher": src}),
+                                 dataset_classes, run_dir, dst=run_dir / "teachers" / str(i),
+                                 record=False)
+            for i, src in enumerate(sources)}
+
+
+def resolve_teacher(cfg: DistillConfig, dataset_classes: list[str], run_dir: Path, *,
+                    dst: Path | None = None, record: bool = True) -> TeacherSpec | None:
+    """The teacher every worker will load (None: distillation off); a copy, when one is needed,
+    goes to ``dst`` (default ``<run dir>/teacher``). ``record``: write ``<run dir>/teacher.json``
+    (URI, content hash, classes)."""
     if cfg.teacher is None:
         return None
+    dst = dst or run_dir / "teacher"
     if cfg.teacher == EMA_TEACHER:
         spec = TeacherSpec(uri=EMA_TEACHER, model_dir=None, sha256=None,
                            classes=list(dataset_classes),
                            class_map=list(range(len(dataset_classes))), same_classes=True)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        weights, meta_path = _materialise(cfg.teacher, run_dir)
+        weights, meta_path = _materialise(cfg.teacher, dst)
         try:
             meta = read_meta(meta_path)
         except ModelLoadError as exc:
@@ -119,7 +137,7 @@ def resolve_teacher(cfg: DistillConfig, dataset_classes: list[str], run_dir: Pat
         mapping, same = class_map_for(list(meta["classes"]), dataset_classes, cfg.teacher)
         model_dir = weights.parent
         if weights.name != "model.safetensors" or meta_path.parent != model_dir:
-            model_dir = run_dir / "teacher_model"  # an MLflow dir's artifact names: normalise
+            model_dir = dst / "model_dir"  # an MLflow dir's artifact names: normalise
             model_dir.mkdir(parents=True, exist_ok=True)
             (model_dir / "model.safetensors").write_bytes(weights.read_bytes())
             (model_dir / "meta.json").write_text(meta_path.read_text())
@@ -127,8 +145,9 @@ def resolve_teacher(cfg: DistillConfig, dataset_classes: list[str], run_dir: Pat
                            sha256=sha256_file(model_dir / "model.safetensors"),
                            classes=list(meta["classes"]), class_map=mapping, same_classes=same,
                            model=dict(meta["model"]), resolution=int(meta["resolution"]))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "teacher.json").write_text(json.dumps(spec.record(), indent=2))
+    if record:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "teacher.json").write_text(json.dumps(spec.record(), indent=2))
     log.info("distill: teacher %s (%s, sha256 %s), %d classes%s", spec.uri,
              spec.record()["preset"] or "the student's EMA", (spec.sha256 or "-")[:12],
              len(spec.classes), "" if spec.same_classes else " (mapped by name onto the dataset's)")

@@ -333,6 +333,8 @@ class Recipe:
         out = Path(tempfile.mkdtemp(prefix=f"raydetr-epoch_{result.epoch:04d}-"))
         state = {**self.state.state_dict(), "classes": self.args.classes,
                  "config": self.cfg.to_dict()}
+        if self.args.teacher is not None:  # what taught this student (never its weights)
+            state["teacher"] = self.args.teacher.record()
         write_checkpoint(out, state=state, bests=self.state.bests, cache=self.cache)
         return ray.train.Checkpoint.from_directory(str(out))
 
