@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from raydetr.config import Config
+from raydetr.eval.coco import coco_metrics
 from raydetr.presets import preset_family, resolution_multiple
 from raydetr.train.checkpoint import (
     BestWeightsCache,
@@ -35,8 +36,10 @@ from raydetr.train.checkpoint import (
     update_bests,
     write_checkpoint,
 )
+from raydetr.train.evaluation import gather_records
 from raydetr.train.record import METRIC_KEYS, EpochResult, epoch_number, score_of
 from raydetr.train.state import TrainState
+from raydetr.train.teacher import Teacher, teacher_records
 
 log = logging.getLogger("raydetr.train")
 
@@ -189,18 +192,12 @@ class Recipe:
         """The frozen teacher (once per worker; never in DDP, the EMA or a checkpoint)."""
         if self.args.teacher is None:
             return None
-        from raydetr.train.teacher import Teacher
-
         return Teacher.load(self.args.teacher, self.cfg.distill, len(self.args.classes),
                             self.criterion, self.device, self.amp_dtype, ema=self.state.ema,
                             student=self.model)
 
     def measure_teacher(self) -> float | None:
         """The teacher's own mAP on this val split (rank 0; None elsewhere and for ``ema``)."""
-        from raydetr.eval.coco import coco_metrics
-        from raydetr.train.evaluation import gather_records
-        from raydetr.train.teacher import teacher_records
-
         records = teacher_records(self.teacher, self.val_batches())
         if records is None:
             return None
@@ -282,8 +279,7 @@ class Recipe:
 
     def evaluate(self, epoch: int, stats: dict[str, float]) -> EpochResult | None:
         """Every variant on the val split; rank 0 returns the record of epoch number ``epoch``."""
-        from raydetr.eval.coco import coco_metrics
-        from raydetr.train.evaluation import gather_records, variant_name
+        from raydetr.train.evaluation import variant_name
         from raydetr.tune.rule import monitored_value, replay
 
         t0 = time.perf_counter()
