@@ -247,6 +247,16 @@ class RunDir:
         return self.root / "history.json"
 
     @property
+    def teacher(self) -> Path:
+        """Where a fetched or converted distillation teacher is kept (``teachers/<i>`` for the
+        values a search tries)."""
+        return self.root / "teacher"
+
+    @property
+    def teacher_record(self) -> Path:
+        return self.root / "teacher.json"
+
+    @property
     def config(self) -> Path:
         return self.root / "config.json"
 

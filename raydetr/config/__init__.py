@@ -20,6 +20,7 @@ from raydetr.config.schema import (
     Config,
     ConfigError,
     DataConfig,
+    DistillConfig,
     EarlyStoppingConfig,
     EmaConfig,
     LossConfig,
@@ -33,7 +34,8 @@ from raydetr.config.schema import (
 )
 
 __all__ = [
-    "RENAMED", "RFDETR_DEFAULTS", "Config", "ConfigError", "DataConfig", "EarlyStoppingConfig",
+    "RENAMED", "RFDETR_DEFAULTS", "Config", "ConfigError", "DataConfig", "DistillConfig",
+    "EarlyStoppingConfig",
     "EmaConfig", "LossConfig", "MlflowConfig", "ModelConfig", "OptimConfig", "PosthocConfig",
     "RunConfig", "ScalingConfig", "TuneConfig", "build_config", "config_from_json", "load_config",
     "set_dotted", "with_overrides",

@@ -337,6 +337,24 @@ RFDETR_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+class DistillConfig(_Strict):
+    """Distillation from a teacher (raydetr.loss.distill; defaults from Teach-DETR, README)."""
+
+    teacher: str | None = Field(
+        None, description="None (off), a model/run dir, models:/name@alias, an RF-DETR .pth, or "
+        "'ema' (the student's first EMA shadow). Resolved on the driver before Ray starts; a "
+        "search may give it a grid or choice.")
+    weight: float = Field(1.0, ge=0, description="Weight of the teacher-box loss.")
+    score_threshold: float = Field(0.3, ge=0, lt=1, description="Teacher detections kept as "
+                                   "boxes to match: score at least this.")
+    max_boxes: int = Field(100, gt=0, description="At most this many teacher boxes per image.")
+    unmatched_weight: float = Field(0.5, ge=0, description="Weight of the no-object term for "
+                                    "queries no teacher box matched.")
+    logit_weight: float = Field(0.2, ge=0, description="Soft-target BCE on matched class "
+                                "probabilities; used only when the teacher's classes are the "
+                                "dataset's.")
+
+
 class Config(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -345,6 +363,7 @@ class Config(_Strict):
     ema: EmaConfig = Field(default_factory=EmaConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
@@ -361,6 +380,15 @@ class Config(_Strict):
             for key, value in (values | extra.get(section, {})).items():
                 if key not in sub.model_fields_set:
                     setattr(sub, key, value)
+        return self
+
+    @model_validator(mode="after")
+    def _ema_teacher_needs_ema(self) -> Config:
+        if self.distill.teacher == "ema" and not self.ema.enabled:
+            raise ValueError("distill.teacher=ema needs ema.enabled=true (its teacher is the EMA)")
+        if self.distill.teacher == "ema" and self.scaling.use_gpu and self.ema.device == "cpu":
+            raise ValueError("distill.teacher=ema runs the EMA shadow through the student on the "
+                             "GPU every step: unset ema.device (it keeps the shadow on the CPU)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -22,6 +22,20 @@ Or name it by import path, with no registration (``ema.schedule=mypkg.decay:line
 on the CLI): the driver resolves it and ships it to every Ray worker. A schedule that takes
 ``total_steps`` (optimizer steps of the whole run; SuperGradients' ``IDecayFunction`` gets it)
 receives it from the worker unless ``ema.schedule_kwargs`` sets it.
+
+SuperGradients' own forms work unchanged, named by import path the same way:
+
+- a class (its ``IDecayFunction`` style, e.g. its documentation's ``LinearDecay``), built once
+  as ``cls(**schedule_kwargs)``, then called ``obj(decay, step, total_steps)``;
+- a plain function ``fn(decay, step, total_steps)`` (first parameter named ``decay``); further
+  keyword parameters of it come from ``schedule_kwargs``.
+
+SuperGradients' trainer calls them with ``step = batch_idx + 1 + len(loader) * epoch`` (from 1,
+once per optimizer step) and ``total_steps = len(loader) * max_epochs``. raydetr passes
+``step = updates`` and ``total_steps`` = optimizer steps of the whole run: the same numbers
+with ``optim.grad_accum_steps=1``. (With accumulation SuperGradients counts micro-batches in
+both; raydetr counts optimizer steps, and a non-finite update skipped by ``ema.nan_guard`` does
+not advance ``step``.)
 """
 
 from __future__ import annotations
@@ -31,25 +45,91 @@ import importlib
 import inspect
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 ScheduleFn = Callable[..., float]
+Form = Literal["raydetr", "sg_class", "sg_function"]
 _REGISTRY: dict[str, ScheduleFn] = {}
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def schedule_form(fn: Any) -> Form:
+    """Which calling convention ``fn`` follows: raydetr's ``fn(updates, *, decay, ...)``,
+    SuperGradients' class (``cls(**kwargs)(decay, step, total_steps)``) or SuperGradients'
+    plain function ``fn(decay, step, total_steps)``."""
+    if inspect.isclass(fn):
+        return "sg_class"
+    params = list(inspect.signature(fn).parameters.values())
+    if params and params[0].name == "decay" and params[0].kind in _POSITIONAL:
+        return "sg_function"
+    return "raydetr"
+
+
+def _sg_call_arity_ok(fn: Any, form: Form) -> bool:
+    target = fn.__call__ if form == "sg_class" else fn
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):
+        return False
+    params = list(sig.parameters.values())
+    if form == "sg_class" and params and params[0].name == "self":
+        params = params[1:]  # signature of the unbound __call__ of a class
+    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params):
+        return True
+    return len([p for p in params if p.kind in _POSITIONAL]) >= 3
+
+
+def _check_form(fn: Any, label: str) -> Form:
+    form = schedule_form(fn)
+    if form == "raydetr" and "decay" not in inspect.signature(fn).parameters:
+        raise TypeError(
+            f"{label} must accept a keyword argument 'decay' (fn(updates, *, decay, ...) -> "
+            "float), or follow SuperGradients: a class whose __call__(decay, step, total_steps) "
+            "returns the decay, or a function fn(decay, step, total_steps)")
+    if form != "raydetr" and not _sg_call_arity_ok(fn, form):
+        what = "__call__" if form == "sg_class" else "it"
+        raise TypeError(f"{label}: {what} must take (decay, step, total_steps), as "
+                        "SuperGradients' IDecayFunction does")
+    return form
+
+
+def _signature(fn: Any, form: Form) -> inspect.Signature:
+    """The raydetr-style signature ``(updates, *, decay, [total_steps], options...)`` that
+    ``schedule_kwargs`` are bound against, whatever the form."""
+    if form == "raydetr":
+        return inspect.Signature(list(inspect.signature(fn).parameters.values()))
+    kw = inspect.Parameter.KEYWORD_ONLY
+    head = [inspect.Parameter("updates", inspect.Parameter.POSITIONAL_ONLY),
+            inspect.Parameter("decay", kw), inspect.Parameter("total_steps", kw)]
+    params = list(inspect.signature(fn).parameters.values())
+    options = params[3:] if form == "sg_function" else params  # a class: its __init__'s
+    rest = [p.replace(kind=kw) if p.kind in _POSITIONAL else p for p in options
+            if p.name not in ("updates", "decay", "total_steps")
+            and p.kind != inspect.Parameter.VAR_POSITIONAL]
+    return inspect.Signature(head + rest)
+
+
+def _sg_call(obj: Any, decay: float, total_steps: int, updates: int) -> float:
+    _check_updates(updates)
+    return float(obj(decay, updates, total_steps))
+
+
+def _sg_function_call(fn: Any, decay: float, total_steps: int, options: dict[str, Any],
+                      updates: int) -> float:
+    _check_updates(updates)
+    return float(fn(decay, updates, total_steps, **options))
 
 
 def register_schedule(name: str) -> Callable[[ScheduleFn], ScheduleFn]:
-    """Decorator: register ``fn(updates, *, decay, **kwargs) -> float`` under ``name``."""
+    """Decorator: register ``fn(updates, *, decay, **kwargs) -> float`` (or one of
+    SuperGradients' forms, see the module docstring) under ``name``."""
     if not name or not isinstance(name, str):
         raise ValueError(f"schedule name must be a non-empty string, got {name!r}")
 
     def deco(fn: ScheduleFn) -> ScheduleFn:
-        params = inspect.signature(fn).parameters
-        if "decay" not in params:
-            raise TypeError(
-                f"schedule '{name}' ({fn.__qualname__}) must accept a keyword argument 'decay'"
-            )
+        _check_form(fn, f"schedule '{name}' ({fn.__qualname__})")
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise ValueError(f"an EMA schedule named '{name}' is already registered")
         _REGISTRY[name] = fn
@@ -64,7 +144,8 @@ def available_schedules() -> list[str]:
 
 def schedule_accepts(name: str, kwarg: str) -> bool:
     """Whether schedule ``name`` takes keyword ``kwarg`` (e.g. ``tau``)."""
-    return kwarg in inspect.signature(resolve_schedule(name)).parameters
+    fn = resolve_schedule(name)
+    return kwarg in _signature(fn, schedule_form(fn)).parameters
 
 
 def is_import_path(name: str) -> bool:
@@ -79,7 +160,8 @@ def resolve_schedule(name: str) -> ScheduleFn:
         raise ValueError(
             f"unknown EMA schedule '{name}' (config key ema.schedule). Known schedules: "
             f"{', '.join(available_schedules())}; or give an import path such as "
-            "mypkg.decay:linear (a function fn(updates, *, decay, ...) -> float)"
+            "mypkg.decay:linear (a function fn(updates, *, decay, ...) -> float, or "
+            "SuperGradients' fn(decay, step, total_steps) or IDecayFunction-style class)"
         )
     module_name, _, attr = name.partition(":")
     try:
@@ -92,11 +174,10 @@ def resolve_schedule(name: str) -> ScheduleFn:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ValueError(f"ema.schedule '{name}': module '{module_name}' has no function '{attr}'")
-    if "decay" not in inspect.signature(fn).parameters:
-        raise ValueError(
-            f"ema.schedule '{name}': {attr} must accept a keyword argument 'decay' "
-            "(fn(updates, *, decay, ...) -> float)"
-        )
+    try:
+        _check_form(fn, f"ema.schedule '{name}': {attr}")
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
     return fn
 
 
@@ -119,7 +200,8 @@ def get_schedule(name: str, decay: float, **kwargs: Any) -> Callable[[int], floa
     fn = resolve_schedule(name)
     if not 0.0 <= float(decay) < 1.0:
         raise ValueError(f"EMA decay must be in [0, 1), got {decay} (schedule '{name}')")
-    sig = inspect.signature(fn)
+    form = schedule_form(fn)
+    sig = _signature(fn, form)
     accepted = [p for p in sig.parameters if p not in ("updates", "decay")]
     try:
         bound = sig.bind_partial(decay=float(decay), **kwargs)
@@ -133,6 +215,7 @@ def get_schedule(name: str, decay: float, **kwargs: Any) -> Callable[[int], floa
         for p in sig.parameters.values()
         if p.name not in ("updates",)
         and p.default is inspect.Parameter.empty
+        and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
         and p.name not in bound.arguments
     ]
     if missing:
@@ -140,7 +223,20 @@ def get_schedule(name: str, decay: float, **kwargs: Any) -> Callable[[int], floa
             f"EMA schedule '{name}' needs {', '.join(missing)} in ema.schedule_kwargs "
             f"(it accepts: {', '.join(accepted)})"
         )
-    sched = functools.partial(fn, **bound.arguments)
+    args = dict(bound.arguments)
+    for p in sig.parameters.values():  # **kwargs arrive as one dict: spread them again
+        if p.kind == inspect.Parameter.VAR_KEYWORD and p.name in args:
+            args.update(args.pop(p.name))
+    if form == "raydetr":
+        sched = functools.partial(fn, **args)
+    else:
+        decay_, total = args.pop("decay"), int(args.pop("total_steps"))
+        if total <= 0:
+            raise ValueError(f"EMA schedule '{name}': total_steps must be > 0, got {total}")
+        if form == "sg_class":  # built once, as SuperGradients' ModelEMA.from_params does
+            sched = functools.partial(_sg_call, fn(**args), decay_, total)
+        else:
+            sched = functools.partial(_sg_function_call, fn, decay_, total, args)
     sched(1)  # validates option values now (e.g. tau <= 0) rather than at the first update
     return sched
 

@@ -38,6 +38,7 @@ from raydetr.ema.schedules import is_import_path, resolve_schedule
 from raydetr.fit.cluster import FitError, check_placeable, init_ray, max_concurrent
 from raydetr.fit.console import EpochLines, configure_console, header
 from raydetr.fit.postfit import FitResult, finalize
+from raydetr.fit.teacher import TeacherError, resolve_teachers
 from raydetr.registry.live import LiveRuns
 from raydetr.stopping.decisions import board_name, start_board, stop_board
 from raydetr.stopping.scheduler import EarlyStoppingScheduler
@@ -122,7 +123,7 @@ def train_name(single: bool, trial_id: str) -> str:
 def _trial_fn(base: Config, prepared: str, classes: list[str], train_images: int,
               run_dir: str, pretrain_weights: str | None, single: bool,
               fault_inject: str | None = None, decision_board: str | None = None,
-              schedule_fn: Any = None):
+              schedule_fn: Any = None, teachers: dict | None = None):
     """The Tune trainable: builds a TorchTrainer whose rank-0 reports reach Tune. ``base`` is
     the parsed Config object; a search's trial applies its parameters to it once."""
 
@@ -142,7 +143,8 @@ def _trial_fn(base: Config, prepared: str, classes: list[str], train_images: int
                                "pretrain_weights": pretrain_weights,
                                "fault_inject": fault_inject, "trial_id": trial_id,
                                "decision_board": decision_board,
-                               "schedule_fn": schedule_fn},
+                               "schedule_fn": schedule_fn,
+                               "teacher": (teachers or {}).get(cfg.distill.teacher)},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                 resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
@@ -224,6 +226,10 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
         log.info("pretrain weights: %s", source)
     prepared = ensure_prepared(cfg)
     info = dataset_info(prepared, cfg)
+    try:  # a bad teacher or class mismatch fails here, before Ray starts
+        teachers = resolve_teachers(cfg, info["classes"], run_dir, search=not single)
+    except TeacherError as exc:
+        raise FitError(str(exc)) from None
     init_ray(cfg)
     check_placeable(cfg)
     for line in header(cfg, {"prepared": prepared, **info}, run_dir,
@@ -241,7 +247,7 @@ def run_trials(cfg: Config, *, param_space: dict[str, Any] | None = None, schedu
         _trial_fn(cfg, str(prepared), info["classes"],
                   info["splits"][cfg.data.train_split]["images"], str(run_dir),
                   pretrain_weights, single, os.environ.get("RAYDETR_FAULT_INJECT"),
-                  decision_board=board, schedule_fn=_shipped_schedule(cfg)),
+                  decision_board=board, schedule_fn=_shipped_schedule(cfg), teachers=teachers),
         {"memory": TRIAL_MEMORY_BYTES},
     )
     tune_config = tune.TuneConfig(

@@ -69,6 +69,8 @@ def strip_winner(checkpoint_dir: Path, winner_dir: Path, *, dataset: str,
         shadow=best.shadow if variant == "ema" else None,
         best_map=bests.regular.map, best_map_ema=bests.map_ema, epoch=best.epoch,
         epochs_run=len(history),
+        # a distilled student references its teacher (URI, sha256, classes, mAP), never holds it
+        source={"distill": teacher} if (teacher := teacher_record(state)) is not None else {},
     )
     src = checkpoint_dir / BEST_FILES[variant]
     if not src.is_file():
@@ -111,6 +113,16 @@ def finalize(cfg: Config, run_dir: Path, train_dir: Path, info: dict[str, Any], 
                                      "winner_bytes": stripped.winner_bytes})
     return FitResult(run_dir=run.root, train_dir=train_dir, winner_dir=run.winner.path, meta=meta,
                      registered=registered, stopped_early=stopped_early)
+
+
+def teacher_record(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The distillation teacher of a checkpoint (URI, sha256, classes, its own val mAP)."""
+    if not state.get("teacher"):
+        return None
+    record = dict(state["teacher"])
+    maps = [h["teacher_map"] for h in state["history"] if "teacher_map" in h]
+    record["map"] = maps[-1] if maps else None
+    return record
 
 
 def publish_winner(cfg: Config, run_dir: Path, winner_dir: Path, history: list[dict[str, Any]],

@@ -46,6 +46,15 @@ from raydetr.serve.export import export_for_registry
 log = logging.getLogger("raydetr.publish")
 
 
+def distill_tags(teacher: dict[str, Any] | None) -> dict[str, str]:
+    """Model-version tags of a distilled student: its teacher's URI, sha256 and val mAP."""
+    if not teacher:
+        return {}
+    return {"distill.teacher": str(teacher["uri"]),
+            "distill.teacher_sha256": str(teacher.get("sha256") or ""),
+            "distill.teacher_map": "" if teacher.get("map") is None else f"{teacher['map']:.4f}"}
+
+
 def publish(winner_dir: str | Path, *, history: list[dict], params: dict[str, Any],
             mlflow_cfg: MlflowConfig, output_dir: str | Path, run_name: str,
             tags: dict[str, Any] | None, dataset: str, parent_run_id: str | None = None,
@@ -123,7 +132,8 @@ def publish(winner_dir: str | Path, *, history: list[dict], params: dict[str, An
         version = str(info.registered_model_version)
         vtags = {"variant": meta.variant, "map": meta.metrics.get("map"), "epoch": meta.epoch,
                  "dataset": dataset, "resolution": meta.resolution,
-                 "classes": json.dumps(meta.classes), **shadow_tags(meta.shadow)}
+                 "classes": json.dumps(meta.classes), **shadow_tags(meta.shadow),
+                 **distill_tags(meta.source.get("distill"))}
         if onnx:
             vtags["onnx_opset"] = onnx[1]
         for key, value in vtags.items():

@@ -62,7 +62,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[di
                     optimizer: torch.optim.Optimizer, lr_scheduler: Any, *, device: torch.device | str,
                     epoch: int, grad_accum_steps: int = 1, clip_max_norm: float = 0.1,
                     ema: Any = None, amp_dtype: torch.dtype | None = None, log_every: int = 0,
-                    on_step: Callable[[nn.Module, int, Tensor | None], None] | None = None
+                    on_step: Callable[[nn.Module, int, Tensor | None], None] | None = None,
+                    distill: Callable[[Tensor, dict], dict[str, Tensor]] | None = None
                     ) -> dict[str, float]:
     """One pass over ``batches`` (Batch dicts, see raydetr.data.loader).
 
@@ -71,6 +72,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[di
     micro-steps run in ``model.no_sync()``. After each optimizer step: ``lr_scheduler.step()``
     then ``ema.update(model)``, then ``on_step(model, steps_this_epoch, grads_finite)``
     (e.g. the post-hoc EMA tracker; ``grads_finite`` is the clipping norm's verdict or None).
+    ``distill(images, outputs)`` (raydetr.train.teacher.Teacher) adds ``loss_distill`` to the
+    loss of every micro-batch.
     ``epoch`` is the epoch's number (from 1), for messages only. Raises NonFiniteLossError
     (epoch, step, image ids, loss terms) on a NaN / inf loss. Returns train_loss (mean over
     micro-batches), steps (optimizer steps), images, seconds, images_per_s, lr (first group's
@@ -80,7 +83,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[di
     model.train()
     criterion.train()
     start = time.perf_counter()
-    total_loss, micro, steps, images = 0.0, 0, 0, 0
+    total_loss, total_distill, micro, steps, images = 0.0, 0.0, 0, 0, 0
     params = [p for g in optimizer.param_groups for p in g["params"]]
     optimizer.zero_grad(set_to_none=True)
     for group in _grouped(batches, max(grad_accum_steps, 1)):
@@ -94,6 +97,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[di
                 with _autocast(device, amp_dtype):
                     outputs = model(imgs, targets)
                 losses = criterion(outputs, targets)
+                if distill is not None:
+                    extra = distill(imgs, outputs)
+                    losses = {**losses, **extra, "loss": losses["loss"] + extra["loss_distill"]}
+                    total_distill += float(extra["loss_distill"].detach())
                 loss = losses["loss"]
                 if not torch.isfinite(loss):
                     terms = {k: round(float(v.detach()), 4) for k, v in losses.items()}
@@ -125,9 +132,12 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[di
             log.info("epoch %d step %d loss %.4f lr %.2e", epoch, steps, total_loss / micro,
                      optimizer.param_groups[0]["lr"])
     seconds = time.perf_counter() - start
-    return {"train_loss": total_loss / max(micro, 1), "steps": steps, "images": images,
-            "seconds": seconds, "images_per_s": images / max(seconds, 1e-9),
-            "lr": float(optimizer.param_groups[0]["lr"])}
+    stats = {"train_loss": total_loss / max(micro, 1), "steps": steps, "images": images,
+             "seconds": seconds, "images_per_s": images / max(seconds, 1e-9),
+             "lr": float(optimizer.param_groups[0]["lr"])}
+    if distill is not None:
+        stats["distill_loss"] = total_distill / max(micro, 1)
+    return stats
 
 
 @torch.no_grad()

@@ -52,6 +52,7 @@ from raydetr.train.memory import keep_freed_memory
 from raydetr.train.optim import build_lr_scheduler, build_optimizer
 from raydetr.train.pretrained import load_pretrained
 from raydetr.train.state import TrainState
+from raydetr.train.teacher import Teacher, teacher_records
 
 log = logging.getLogger("raydetr.train")
 
@@ -70,6 +71,7 @@ class WorkerArgs:
     trial_id: str | None = None
     decision_board: str | None = None  # raydetr.stopping.decisions board, when a scheduler stops
     schedule_fn: Any = None  # an import-path EMA schedule, shipped by value by the driver
+    teacher: Any = None  # raydetr.train.teacher.TeacherSpec when distill.teacher is set
 
 
 def seed_everything(seed: int) -> None:
@@ -190,6 +192,25 @@ class Recipe:
                 "find_unused_parameters": preset_family(self.cfg.model.preset) == "rfdetr"})
 
         self.evaluator = ShadowEvaluator(self.model, self.state.ema)
+        self.teacher, self.teacher_map = self.setup_teacher(), None
+
+    def setup_teacher(self):
+        """The frozen teacher (once per worker; never in DDP, the EMA or a checkpoint)."""
+        if self.args.teacher is None:
+            return None
+        return Teacher.load(self.args.teacher, self.cfg.distill, len(self.args.classes),
+                            self.criterion, self.device, self.amp_dtype, ema=self.state.ema,
+                            student=self.model)
+
+    def measure_teacher(self) -> float | None:
+        """The teacher's own mAP on this val split (rank 0; None elsewhere and for ``ema``)."""
+        records = teacher_records(self.teacher, self.val_batches())
+        if records is None:
+            return None
+        _, max_dets = eval_settings(self.cfg.model.preset)
+        res, _ = evaluate_matches({"teacher": records}, self.args.classes, self.rank, self.world,
+                                  max_dets=(1, 10, max_dets))
+        return None if res is None else float(res["teacher"]["map"])
 
     def make_posthoc(self):
         """Rank 0's post-hoc EMA tracker (the weights are the same on every rank), writing into
@@ -257,7 +278,7 @@ class Recipe:
             s.lr_scheduler, device=self.device, epoch=epoch_number(index),
             grad_accum_steps=o.grad_accum_steps,
             clip_max_norm=o.clip_max_norm, ema=s.ema, amp_dtype=self.amp_dtype,
-            log_every=self.cfg.run.log_every_steps, on_step=on_step)
+            log_every=self.cfg.run.log_every_steps, on_step=on_step, distill=self.teacher)
         s.step += stats["steps"]
         if s.posthoc is not None and s.step == self.total_steps:
             s.posthoc.snapshot(s.step)  # the run's last step has one, whatever every_steps is
@@ -297,6 +318,10 @@ class Recipe:
                  "images_per_s": stats["images_per_s"], "train_seconds": stats["seconds"],
                  "eval_seconds": eval_seconds, "eval_predict_seconds": predict_seconds,
                  "eval_max_dets": max_dets, **coco_seconds}
+        if "distill_loss" in stats:
+            train["distill_loss"] = stats["distill_loss"]
+        if self.teacher_map is not None:
+            train["teacher_map"] = self.teacher_map
         return EpochResult(
             epoch=epoch, step=s.step, regular=regular, ema=per_shadow, bests=s.bests,
             score=score_of(regular["map"], map_ema, self.cfg.tune.metric), monitored=monitored,
@@ -312,6 +337,8 @@ class Recipe:
         out = Path(tempfile.mkdtemp(prefix=f"raydetr-epoch_{result.epoch:04d}-"))
         state = {**self.state.state_dict(), "classes": self.args.classes,
                  "config": self.cfg.to_dict()}
+        if self.args.teacher is not None:  # what taught this student (never its weights)
+            state["teacher"] = self.args.teacher.record()
         write_checkpoint(out, state=state, bests=self.state.bests, cache=self.cache)
         return ray.train.Checkpoint.from_directory(str(out))
 
@@ -331,6 +358,11 @@ class Recipe:
         self.setup_data()
         self.setup_model()
         self.setup_state()
+        if self.teacher is not None:
+            self.teacher_map = self.measure_teacher()
+            if self.teacher_map is not None:
+                log.info("distill: teacher %s mAP %.4f on this val split", self.args.teacher.uri,
+                         self.teacher_map)
         if self.rank == 0:
             self.log_header()
         epochs = self.cfg.optim.epochs

@@ -269,9 +269,17 @@ def test_search_equals_shadows_and_nests_mlflow_runs(tmp_path, reference, caplog
     assert champion.run_id in {c.info.run_id for c in children}
 
 
-def test_import_path_schedule_reaches_two_workers(tmp_path, local_ray, monkeypatch):
+SG_FORMS = Path(__file__).parents[1] / "unit" / "ema"  # sg_decay_forms.py
+
+
+@pytest.mark.parametrize("schedule", ["rdt_sched_pkg.decay:linear", "sg_decay_forms:LinearDecay",
+                                      "sg_decay_forms:linear"])
+def test_import_path_schedule_reaches_two_workers(tmp_path, local_ray, monkeypatch, schedule):
     """Issue 11 defect 4: ``ema.schedule=pkg.module:fn`` (not installed on the workers: it lives
-    in a temp dir only the driver has on sys.path) trains on 2 workers and gets total_steps.
+    in a folder only the driver has on sys.path) trains on 2 workers and gets total_steps; so do
+    SuperGradients' two forms (issue 21: its documentation's ``LinearDecay`` class built with
+    **kwargs and called (decay, step, total_steps), and the same as a plain function), with its
+    values: decay * step / total_steps at step = the optimizer step, from 1.
     Defect 10: the finished run leaves no best-weights cache."""
     pkg = tmp_path / "rdt_sched_pkg"
     pkg.mkdir()
@@ -280,9 +288,9 @@ def test_import_path_schedule_reaches_two_workers(tmp_path, local_ray, monkeypat
         "def linear(updates, *, decay, total_steps):\n"
         "    return decay * min(1.0, updates / total_steps)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(SG_FORMS))
     cfg = tiny(tmp_path, "custom", "scaling.num_workers=2", "optim.epochs=2",
-               "ema.schedule=rdt_sched_pkg.decay:linear", "ema.decay=0.9",
-               "mlflow.enabled=false")
+               f"ema.schedule={schedule}", "ema.decay=0.9", "mlflow.enabled=false")
     result = fit(cfg)
     state = read_state(latest_checkpoint(result.train_dir))
     total = state["ema"]["schedule_kwargs"]["total_steps"]

@@ -1,0 +1,227 @@
+"""Distillation: does a teacher trained longer make an rtdetr-r18 student better at equal steps?
+
+Single process, no Ray (CPU-cheap; the Ray path is tested in tests/integration/test_distill.py):
+per dataset, train a teacher (rtdetr-r18, ``--teacher-factor`` x the student's epochs, its own
+seed), then for each seed a student without and with ``distill.teacher`` (the same data order,
+initialisation, steps and EMA), through raydetr's own train_one_epoch / Teacher / DistillLoss.
+Every model is evaluated on the val split with COCOeval at the end: regular weights (mAP) and
+the EMA (mAP_ema). The teacher's step-time cost is the median seconds per optimizer step of
+the distilled students over that of the plain ones (the sides alternate per seed; the machine is
+shared, so read it as a rough factor).
+
+    .venv/bin/python bench/distill.py                      # synthetic + thermal, seeds 0 1
+    .venv/bin/python bench/distill.py --quick --datasets synthetic
+
+Prints a table and one line ``distilled student / plain student mAP: R`` per dataset (R is the
+mean over seeds of the better of mAP and mAP_ema, distilled over plain); writes
+bench/results/distill.json (``--out``) with the command, the configuration and every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/convergence.py
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from raydetr.config import (  # noqa: E402
+    DataConfig,
+    DistillConfig,  # noqa: E402
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+)
+from raydetr.data.loader import iter_local_batches  # noqa: E402
+from raydetr.data.parquet import is_prepared, load_info, prepare_dataset  # noqa: E402
+from raydetr.ema.ema import ModelEma  # noqa: E402
+from raydetr.model.build import build  # noqa: E402
+from raydetr.train.engine import evaluate, train_one_epoch  # noqa: E402
+from raydetr.train.optim import build_lr_scheduler, build_optimizer  # noqa: E402
+from raydetr.train.teacher import Teacher, TeacherSpec  # noqa: E402
+
+THERMAL = REPO.parent / "shared" / "data" / "thermal-dogs-people"
+SCRATCH_LR = 1e-3  # from scratch on CPU (bench/convergence.py)
+EMA_DECAY = 0.99
+
+
+def prepared(dataset: str, cache: Path, quick: bool) -> Path:
+    out = cache / f"{dataset}{'-quick' if quick else ''}-prepared"
+    if is_prepared(out):
+        return out
+    if dataset == "synthetic":
+        from raydetr.data.synthetic import make_synthetic
+
+        n_train, n_val = (48, 16) if quick else (160, 40)
+        src = make_synthetic(cache / f"synthetic{'-quick' if quick else ''}-raw",
+                             train_images=n_train, val_images=n_val, image_size=96, seed=0,
+                             max_objects=3)
+    else:
+        src = THERMAL
+        if not (src / "data.yaml").is_file():
+            sys.exit(f"thermal dataset not found at {src}")
+    prepare_dataset(src, out, progress=False)
+    return out
+
+
+class Setup:
+    def __init__(self, args, dataset: str) -> None:
+        self.data_dir = prepared(dataset, args.cache, args.quick)
+        info = load_info(self.data_dir)
+        self.classes = info["classes"]
+        self.n_train = info["splits"]["train"]["images"]
+        self.resolution = args.resolution
+        self.model_cfg = ModelConfig(preset="rtdetr-r18", resolution=args.resolution,
+                                     num_queries=args.queries)
+        self.data_cfg = DataConfig(multi_scale=False)
+        self.batch_size = args.batch_size
+
+    def optim(self, epochs: int) -> OptimConfig:
+        return OptimConfig(epochs=epochs, batch_size=self.batch_size, lr=SCRATCH_LR,
+                           lr_encoder=SCRATCH_LR, warmup_steps=10)
+
+    def train_batches(self, seed: int, epoch: int):
+        return iter_local_batches(self.data_dir, "train", batch_size=self.batch_size, train=True,
+                                  resolution=self.resolution, data_cfg=self.data_cfg, seed=seed,
+                                  epoch=epoch)
+
+    def val_batches(self):
+        return iter_local_batches(self.data_dir, "val", batch_size=16, train=False,
+                                  resolution=self.resolution, data_cfg=self.data_cfg)
+
+
+def train(setup: Setup, epochs: int, seed: int, distill: DistillConfig | None = None,
+          teacher_model=None) -> dict:
+    """Train from scratch; returns the final mAP / mAP_ema, seconds per step and the model."""
+    torch.manual_seed(seed)
+    model, criterion, post = build(setup.model_cfg, LossConfig(), len(setup.classes))
+    optim_cfg = setup.optim(epochs)
+    optimizer = build_optimizer(model, optim_cfg)
+    steps_per_epoch = -(-setup.n_train // setup.batch_size)
+    scheduler = build_lr_scheduler(optimizer, optim_cfg, steps_per_epoch)
+    ema = ModelEma(model, decays=[EMA_DECAY], tau=20)
+    teacher = None
+    if distill is not None:
+        n = len(setup.classes)
+        spec = TeacherSpec(uri="bench:teacher", model_dir=None, sha256=None,
+                           classes=list(setup.classes), class_map=list(range(n)),
+                           same_classes=True, resolution=setup.resolution)
+        teacher = Teacher.from_model(spec, distill, n, criterion, teacher_model[0],
+                                     teacher_model[1], torch.device("cpu"), None)
+    seconds, steps, distill_loss = 0.0, 0, []
+    for epoch in range(epochs):
+        stats = train_one_epoch(model, criterion, setup.train_batches(seed, epoch), optimizer,
+                                scheduler, device="cpu", epoch=epoch + 1,
+                                clip_max_norm=optim_cfg.clip_max_norm, ema=ema, distill=teacher)
+        seconds += stats["seconds"]
+        steps += stats["steps"]
+        if "distill_loss" in stats:
+            distill_loss.append(stats["distill_loss"])
+    ema_model = ema.load_into(build(setup.model_cfg, LossConfig(), len(setup.classes))[0])
+    metrics = evaluate({"regular": model, "ema": ema_model}, post, setup.val_batches(),
+                       setup.classes, "cpu")
+    return {"map": round(metrics["regular"]["map"], 4), "map50": round(
+        metrics["regular"]["map50"], 4), "map_ema": round(metrics["ema"]["map"], 4),
+        "map50_ema": round(metrics["ema"]["map50"], 4), "steps": steps,
+        "s_per_step": round(seconds / max(steps, 1), 3),
+        "distill_loss_last_epoch": round(distill_loss[-1], 4) if distill_loss else None,
+        # the better of the two weights is the one a teacher would be published with
+        "model": (ema_model if metrics["ema"]["map"] > metrics["regular"]["map"] else model, post)}
+
+
+def run_dataset(args, dataset: str) -> dict:
+    setup = Setup(args, dataset)
+    distill = DistillConfig(teacher="bench:teacher", weight=args.weight,
+                            score_threshold=args.score_threshold)
+    t0 = time.perf_counter()
+    teacher_epochs = args.epochs * args.teacher_factor
+    print(f"[{dataset}] teacher: rtdetr-r18 @ {setup.resolution}px, {teacher_epochs} epochs, "
+          f"seed 100 ({setup.n_train} train images)", flush=True)
+    teacher = train(setup, teacher_epochs, seed=100)
+    teacher_model = teacher.pop("model")
+    print(f"[{dataset}] teacher mAP {teacher['map']:.4f} mAP_ema {teacher['map_ema']:.4f} "
+          f"({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+    rows = []
+    for i, seed in enumerate(args.seeds):
+        order = ["plain", "distilled"] if i % 2 == 0 else ["distilled", "plain"]
+        for side in order:
+            r = train(setup, args.epochs, seed, distill if side == "distilled" else None,
+                      teacher_model if side == "distilled" else None)
+            r.pop("model")
+            rows.append({"dataset": dataset, "seed": seed, "student": side, **r})
+            print(f"[{dataset}] seed {seed} {side:9s} mAP {r['map']:.4f} mAP_ema "
+                  f"{r['map_ema']:.4f} {r['s_per_step']:.2f} s/step", flush=True)
+
+    def best(side):
+        return statistics.mean(max(r["map"], r["map_ema"]) for r in rows if r["student"] == side)
+
+    def step(side):
+        return statistics.median(r["s_per_step"] for r in rows if r["student"] == side)
+
+    plain, dist = best("plain"), best("distilled")
+    return {"dataset": dataset, "teacher": {**teacher, "epochs": teacher_epochs, "seed": 100},
+            "students": rows, "student_epochs": args.epochs,
+            "mean_best_map": {"plain": round(plain, 4), "distilled": round(dist, 4)},
+            "ratio": round(dist / plain, 3) if plain > 0 else None,
+            "teacher_step_cost": round(step("distilled") / step("plain"), 3),
+            "minutes": round((time.perf_counter() - t0) / 60, 1)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--datasets", nargs="+", default=["synthetic", "thermal"],
+                    choices=["synthetic", "thermal"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--epochs", type=int, default=None, help="student epochs (default 6; quick 2)")
+    ap.add_argument("--teacher-factor", type=int, default=3)
+    ap.add_argument("--resolution", type=int, default=96)
+    ap.add_argument("--queries", type=int, default=50)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--weight", type=float, default=DistillConfig().weight)
+    ap.add_argument("--score-threshold", type=float, default=DistillConfig().score_threshold)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/raydetr-bench-distill"))
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "distill.json")
+    args = ap.parse_args(argv)
+    args.epochs = args.epochs or (2 if args.quick else 6)
+    torch.set_num_threads(args.threads)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    results = [run_dataset(args, d) for d in args.datasets]
+
+    print("\ndataset    student    seed   mAP     mAP_ema  s/step")
+    for res in results:
+        t = res["teacher"]
+        print(f"{res['dataset']:10s} teacher    {t['seed']:>4}   {t['map']:.4f}  {t['map_ema']:.4f}"
+              f"   {t['s_per_step']:.2f}  ({t['epochs']} epochs)")
+        for r in res["students"]:
+            print(f"{res['dataset']:10s} {r['student']:10s} {r['seed']:>4}   {r['map']:.4f}  "
+                  f"{r['map_ema']:.4f}   {r['s_per_step']:.2f}")
+    for res in results:
+        print(f"[{res['dataset']}] teacher step-time cost: x{res['teacher_step_cost']} s/step "
+              f"(median distilled / median plain)")
+        print(f"[{res['dataset']}] distilled student / plain student mAP: {res['ratio']}")
+    out = {"command": " ".join([".venv/bin/python", "bench/distill.py", *(argv or sys.argv[1:])]),
+           "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+           "ema_decay": EMA_DECAY, "lr": SCRATCH_LR, "torch": torch.__version__,
+           "machine": platform.processor() or platform.machine(),
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Teacher-box distillation for DETR students (Teach-DETR, Huang et al. 2023, TPAMI).
+
+The teacher's predictions on the same augmented batch become a second target set: its boxes
+with a (class-mapped) score >= ``score_threshold`` are matched one-to-one to the student's
+queries by the student's own Hungarian matcher, and the student pays the usual DETR losses on
+that matching, weighted by the teacher's score:
+
+- classification: sigmoid focal loss (alpha 0.25, gamma 2) on one-hot teacher labels, per query
+  weighted by the matched teacher box's score, or ``unmatched_weight`` (0.5 in Teach-DETR's
+  released code) for queries matched to no teacher box;
+- boxes: L1 (cxcywh) and 1 - GIoU of each matched pair, times the teacher's score;
+- each term normalised by the number of teacher boxes (averaged over DDP workers) and weighted
+  with the student criterion's ``weight_cls / weight_bbox / weight_giou``; on the final decoder
+  layer and every auxiliary layer (each layer matched on its own), times ``weight``.
+
+Where teacher and student have the same classes (``logit_weight`` > 0), the matched queries
+also learn the teacher's class probabilities: binary cross-entropy against the teacher's sigmoid
+probabilities (soft targets), mean over classes, summed over matches / teacher boxes.
+
+    targets = teacher_targets(teacher_outputs, class_map, score_threshold=0.3)
+    terms = DistillLoss(criterion.matcher, ...)(student_outputs, targets)  # terms["loss_distill"]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from raydetr.loss.criterion import num_boxes_across_workers
+from raydetr.loss.matcher import HungarianMatcher
+from raydetr.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
+
+
+@torch.no_grad()
+def teacher_targets(outputs: dict[str, Tensor], class_map: Tensor, num_logits: int, *,
+                    score_threshold: float, max_boxes: int = 100) -> list[dict[str, Tensor]]:
+    """Teacher outputs -> per image dict(labels int64[N] (student ids), boxes float32[N,4]
+    cxcywh normalised, scores float32[N], probs float32[N, num_logits]).
+
+    outputs: pred_logits [B,Q,C_teacher] (sigmoid logits), pred_boxes [B,Q,4] cxcywh normalised.
+    class_map: int64[C_teacher], the student class of each teacher logit, -1 for none;
+    ``num_logits``: the student's class logits. A query's
+    score is its highest probability among mapped classes; kept when >= ``score_threshold``,
+    at most ``max_boxes`` per image (highest first).
+    """
+    logits = outputs["pred_logits"].float()
+    boxes = outputs["pred_boxes"].float()
+    b, q, _ = logits.shape
+    class_map = class_map.to(logits.device)
+    if len(class_map) != logits.shape[-1]:
+        raise ValueError(f"class_map has {len(class_map)} entries for {logits.shape[-1]} "
+                         "teacher logits")
+    keep_cls = class_map >= 0
+    probs = torch.zeros(b, q, num_logits, device=logits.device)
+    probs[..., class_map[keep_cls]] = logits.sigmoid()[..., keep_cls]
+    out = []
+    for i in range(b):
+        score, label = probs[i].max(-1)
+        idx = torch.nonzero(score >= score_threshold).flatten()
+        if idx.numel() > max_boxes:
+            idx = idx[score[idx].topk(max_boxes).indices]
+        out.append({"labels": label[idx].long(), "boxes": boxes[i, idx],
+                    "scores": score[idx], "probs": probs[i, idx]})
+    return out
+
+
+def _focal(logits: Tensor, onehot: Tensor, alpha: float, gamma: float) -> Tensor:
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
+    p_t = prob * onehot + (1 - prob) * (1 - onehot)
+    loss = ce * (1 - p_t).pow(gamma)
+    return loss * (alpha * onehot + (1 - alpha) * (1 - onehot))
+
+
+class DistillLoss(nn.Module):
+    """forward(student_outputs, teacher_targets) -> {"loss_distill": weighted total (grad),
+    "loss_distill_cls" / "_bbox" / "_giou" / "_logit": detached, unweighted, final layer}."""
+
+    def __init__(self, matcher: HungarianMatcher, *, weight_cls: float, weight_bbox: float,
+                 weight_giou: float, weight: float = 1.0, logit_weight: float = 0.0,
+                 unmatched_weight: float = 0.5, focal_alpha: float = 0.25,
+                 focal_gamma: float = 2.0, group_detr: int = 1) -> None:
+        super().__init__()
+        self.matcher = matcher
+        self.weights = {"cls": weight_cls, "bbox": weight_bbox, "giou": weight_giou}
+        self.weight, self.logit_weight = weight, logit_weight
+        self.unmatched_weight = unmatched_weight
+        self.alpha, self.gamma = focal_alpha, focal_gamma
+        self.group_detr = group_detr
+
+    def _layer(self, out: dict, targets: list[dict], groups: int, num_boxes: float,
+               with_logits: bool) -> dict[str, Tensor]:
+        logits, boxes = out["pred_logits"].float(), out["pred_boxes"].float()
+        b, q, c = logits.shape
+        indices = [(s.to(logits.device), j.to(logits.device))
+                   for s, j in self.matcher(out, targets, groups)]
+        batch_idx = torch.cat([torch.full_like(s, i) for i, (s, _) in enumerate(indices)])
+        src_idx = torch.cat([s for s, _ in indices])
+        labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        scores = torch.cat([t["scores"][j] for t, (_, j) in zip(targets, indices)])
+        onehot = torch.zeros(b, q, c, device=logits.device)
+        onehot[batch_idx, src_idx, labels] = 1.0
+        query_w = torch.full((b, q), self.unmatched_weight, device=logits.device)
+        query_w[batch_idx, src_idx] = scores
+        cls = (_focal(logits, onehot, self.alpha, self.gamma) * query_w[..., None]).sum()
+        src = boxes[batch_idx, src_idx]
+        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()
+        l1 = (F.l1_loss(src, tgt, reduction="none").sum(-1) * scores).sum()
+        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
+        giou_loss = ((1 - giou) * scores).sum()
+        if src.numel() == 0:  # keep every output in the graph (DDP)
+            l1 = l1 + boxes.sum() * 0.0
+            giou_loss = giou_loss + boxes.sum() * 0.0
+        terms = {"cls": cls / num_boxes, "bbox": l1 / num_boxes, "giou": giou_loss / num_boxes}
+        if with_logits:
+            soft = torch.cat([t["probs"][j] for t, (_, j) in zip(targets, indices)]).float()
+            bce = F.binary_cross_entropy_with_logits(logits[batch_idx, src_idx], soft,
+                                                     reduction="none").mean(-1)
+            terms["logit"] = bce.sum() / num_boxes + logits.sum() * 0.0
+        return terms
+
+    def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        device = outputs["pred_logits"].device
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        groups = self.group_detr if self.training else 1
+        num_boxes = num_boxes_across_workers(targets, device, groups)
+        layers = [outputs, *(outputs.get("aux_outputs") or [])]
+        total = outputs["pred_logits"].new_zeros((), dtype=torch.float32)
+        final: dict[str, Tensor] = {}
+        for i, layer in enumerate(layers):
+            with_logits = i == 0 and self.logit_weight > 0
+            terms = self._layer(layer, targets, groups, num_boxes, with_logits)
+            total = total + sum(self.weights[k] * v for k, v in terms.items() if k != "logit")
+            if with_logits:
+                total = total + self.logit_weight * terms["logit"]
+            if i == 0:
+                final = terms
+        result = {"loss_distill": self.weight * total}
+        result.update({f"loss_distill_{k}": v.detach() for k, v in final.items()})
+        return result

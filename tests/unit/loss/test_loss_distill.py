@@ -1,0 +1,117 @@
+"""Teacher-box distillation (Teach-DETR): teacher targets, one-to-one matching with the
+student's own matcher, score weighting, soft class targets, class mapping by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raydetr.fit.teacher import TeacherError, class_map_for
+from raydetr.loss.distill import DistillLoss, teacher_targets
+from raydetr.loss.matcher import HungarianMatcher
+
+
+def _logit(p: float) -> float:
+    return float(torch.logit(torch.tensor(p)))
+
+
+def teacher_outputs() -> dict[str, torch.Tensor]:
+    """1 image, 3 teacher queries over 3 teacher classes (cat, dog, person)."""
+    logits = torch.full((1, 3, 3), _logit(0.01))
+    logits[0, 0, 1] = _logit(0.9)   # dog 0.9
+    logits[0, 1, 2] = _logit(0.5)   # person 0.5
+    logits[0, 2, 0] = _logit(0.2)   # cat 0.2: under the threshold
+    boxes = torch.tensor([[[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4], [0.5, 0.5, 0.1, 0.1]]])
+    return {"pred_logits": logits, "pred_boxes": boxes}
+
+
+def test_teacher_targets_threshold_map_and_cap():
+    # dataset classes: person (0), dog (1); teacher: cat (unmapped), dog, person
+    cmap = torch.tensor([-1, 1, 0])
+    (t,) = teacher_targets(teacher_outputs(), cmap, 2, score_threshold=0.3)
+    assert t["labels"].tolist() == [1, 0]
+    assert t["scores"].tolist() == pytest.approx([0.9, 0.5], abs=1e-6)
+    assert t["probs"].shape == (2, 2)
+    assert t["probs"][0].tolist() == pytest.approx([0.01, 0.9], abs=1e-6)  # [person, dog]
+    (top,) = teacher_targets(teacher_outputs(), cmap, 2, score_threshold=0.3, max_boxes=1)
+    assert top["labels"].tolist() == [1]
+    (none,) = teacher_targets(teacher_outputs(), cmap, 2, score_threshold=0.95)
+    assert len(none["labels"]) == 0
+
+
+def loss_fn(**kw) -> DistillLoss:
+    return DistillLoss(HungarianMatcher(), weight_cls=2.0, weight_bbox=5.0, weight_giou=2.0, **kw)
+
+
+def student(boxes: torch.Tensor, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"pred_logits": logits.clone().requires_grad_(), "pred_boxes": boxes.clone()
+            .requires_grad_()}
+
+
+def test_matched_boxes_cost_nothing_and_scores_weight_the_box_terms():
+    targets = [{"labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2],
+                                                                      [0.7, 0.6, 0.3, 0.4]]),
+                "scores": torch.tensor([0.9, 0.5]), "probs": torch.zeros(2, 2)}]
+    q = 4
+    boxes = torch.tensor([[[0.5, 0.5, 0.1, 0.1], [0.7, 0.6, 0.3, 0.4],
+                           [0.2, 0.8, 0.1, 0.1], [0.3, 0.3, 0.2, 0.2]]])
+    logits = torch.full((1, q, 2), -4.0)
+    logits[0, 3, 0], logits[0, 1, 1] = 4.0, 4.0
+    out = loss_fn()(student(boxes, logits), targets)
+    assert out["loss_distill_bbox"].item() == pytest.approx(0.0, abs=1e-6)  # matched exactly
+    assert out["loss_distill_giou"].item() == pytest.approx(0.0, abs=1e-6)
+    # shift the query matched to the 0.9 box: L1 grows by 0.9 * 0.1 / 2 teacher boxes
+    moved = boxes.clone()
+    moved[0, 3, 0] += 0.1
+    out2 = loss_fn()(student(moved, logits), targets)
+    assert out2["loss_distill_bbox"].item() == pytest.approx(0.9 * 0.1 / 2, rel=1e-4)
+    targets[0]["scores"] = torch.tensor([0.45, 0.5])
+    out3 = loss_fn()(student(moved, logits), targets)
+    assert out3["loss_distill_bbox"].item() == pytest.approx(0.45 * 0.1 / 2, rel=1e-4)
+
+
+def test_gradient_pulls_the_student_onto_the_teacher_boxes():
+    targets = teacher_targets(teacher_outputs(), torch.tensor([-1, 1, 0]), 2, score_threshold=0.3)
+    torch.manual_seed(0)
+    boxes = torch.rand(1, 5, 4) * 0.5 + 0.25
+    raw_boxes = torch.logit(boxes).requires_grad_()
+    raw_logits = torch.zeros(1, 5, 2, requires_grad=True)
+    opt = torch.optim.Adam([raw_boxes, raw_logits], lr=0.05)
+    loss = loss_fn(logit_weight=0.2)
+    first = None
+    for _ in range(150):
+        out = loss({"pred_logits": raw_logits, "pred_boxes": raw_boxes.sigmoid()}, targets)
+        first = first if first is not None else float(out["loss_distill"].detach())
+        opt.zero_grad()
+        out["loss_distill"].backward()
+        opt.step()
+    assert float(out["loss_distill"].detach()) < 0.3 * first
+    assert out["loss_distill_bbox"].item() < 0.02  # every teacher box has a student query
+
+
+def test_no_teacher_boxes_keeps_the_graph_and_only_pushes_scores_down():
+    targets = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4),
+                "scores": torch.zeros(0), "probs": torch.zeros(0, 2)}]
+    out = student(torch.rand(1, 3, 4), torch.zeros(1, 3, 2))
+    res = loss_fn(logit_weight=0.2)(out, targets)
+    res["loss_distill"].backward()
+    assert torch.isfinite(res["loss_distill"])
+    assert out["pred_boxes"].grad is not None and out["pred_boxes"].grad.abs().sum() == 0
+    assert (out["pred_logits"].grad > 0).all()  # every query is told: no object here
+
+
+def test_aux_layers_are_distilled_too():
+    targets = teacher_targets(teacher_outputs(), torch.tensor([-1, 1, 0]), 2, score_threshold=0.3)
+    main = student(torch.rand(1, 4, 4), torch.zeros(1, 4, 2))
+    aux = student(torch.rand(1, 4, 4), torch.zeros(1, 4, 2))
+    loss_fn()({**main, "aux_outputs": [aux]}, targets)["loss_distill"].backward()
+    assert aux["pred_boxes"].grad.abs().sum() > 0
+
+
+def test_classes_map_by_name_or_the_error_names_them():
+    mapping, same = class_map_for(["Cat", "dog ", "person"], ["person", "dog"], "t")
+    assert mapping == [-1, 1, 0] and not same
+    assert class_map_for(["b", "a"], ["a", "b"], "t") == ([1, 0], True)
+    assert class_map_for(["unused_0", "b", "a"], ["a", "b"], "t") == ([-1, 1, 0], True)
+    with pytest.raises(TeacherError, match=r"\['zebra'\] are not among the teacher's classes"):
+        class_map_for(["cat", "dog"], ["dog", "zebra"], "coco-teacher")

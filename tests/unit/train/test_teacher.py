@@ -1,0 +1,79 @@
+"""The worker-side teacher: frozen while the student trains, and ``teacher=ema`` runs the
+student's own module with its EMA shadow (no second model)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from detr_shapes import batches, make_images
+from test_train_engine import TinyDetector, _criterion
+
+from raydetr.config import DistillConfig, OptimConfig
+from raydetr.ema.ema import ModelEma
+from raydetr.train.engine import train_one_epoch
+from raydetr.train.optim import build_lr_scheduler, build_optimizer
+from raydetr.train.teacher import Teacher, TeacherSpec
+
+
+def spec(model_dir=None) -> TeacherSpec:
+    return TeacherSpec(uri="test", model_dir=model_dir, sha256=None, classes=["a", "b"],
+                       class_map=[0, 1], same_classes=True)
+
+
+def frozen_teacher(criterion, cfg) -> Teacher:
+    torch.manual_seed(1)
+    return Teacher.from_model(spec(), cfg, 2, criterion, TinyDetector(), torch.nn.Identity(),
+                              torch.device("cpu"), None)
+
+
+def train(distill):
+    torch.manual_seed(0)
+    model = TinyDetector()
+    cfg = OptimConfig(lr=1e-2, lr_encoder=1e-2, warmup_steps=0, epochs=1)
+    opt = build_optimizer(model, cfg)
+    stats = train_one_epoch(model, _criterion(), batches(make_images(4, size=32, seed=3,
+                                                                      num_classes=2), 2, size=32),
+                            opt, build_lr_scheduler(opt, cfg, 1), device="cpu", epoch=1,
+                            clip_max_norm=0.0, distill=distill)
+    return model, stats
+
+
+def test_teacher_is_frozen_and_changes_the_student():
+    cfg = DistillConfig(teacher="test", score_threshold=0.0)
+    teacher = frozen_teacher(_criterion(), cfg)
+    before = copy.deepcopy(teacher.model.state_dict())
+    distilled, stats = train(teacher)
+    plain, plain_stats = train(None)
+    for k, v in teacher.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in teacher.model.parameters())
+    assert stats["distill_loss"] > 0 and "distill_loss" not in plain_stats
+    assert any(not torch.equal(a, b) for a, b in zip(distilled.state_dict().values(),
+                                                     plain.state_dict().values()))
+    again, _ = train(frozen_teacher(_criterion(), cfg))  # deterministic: restarts stay exact
+    for a, b in zip(again.state_dict().values(), distilled.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_ema_teacher_runs_the_shadow_through_the_student_module():
+    torch.manual_seed(0)
+    student = TinyDetector()
+    ema = ModelEma(student, decay=0.5, schedule="constant")
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.3)
+    ema.update(student)
+    student.train()
+    t = Teacher.load(spec(), DistillConfig(teacher="ema"), 2, _criterion(), torch.device("cpu"),
+                     None, ema=ema, student=student)
+    assert t.model is None  # no second model
+    images = torch.rand(2, 3, 32, 32)
+    reference = ema.load_into(copy.deepcopy(student)).eval()
+    got = t.outputs(images)
+    want = reference(images)
+    assert torch.allclose(got["pred_boxes"], want["pred_boxes"])
+    assert torch.allclose(got["pred_logits"], want["pred_logits"])
+    assert student.training  # left as it was
+    regular = student.eval()(images)
+    assert not torch.allclose(got["pred_boxes"], regular["pred_boxes"])
