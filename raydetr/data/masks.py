@@ -178,8 +178,12 @@ def _rle_counts(seg: dict, width: int, height: int, where: str, problems: Proble
         problems.add(f"{where}: RLE 'counts' must be a list or a string, got {type(counts).__name__}")
         return None
     # a truncated/garbled string decodes to a different pixel total: re-encode and compare
-    decoded = mask_utils.decode(_rle(counts, height, width))
-    if decoded.shape[:2] != (height, width) or mask_utils.encode(decoded)["counts"] != counts:
+    try:
+        decoded = mask_utils.decode(_rle(counts, height, width))
+    except ValueError:  # pycocotools: "Invalid RLE mask representation"
+        decoded = None
+    if decoded is None or decoded.shape[:2] != (height, width) \
+            or mask_utils.encode(decoded)["counts"] != counts:
         problems.add(f"{where}: compressed RLE 'counts' is not valid for a {width}x{height} image")
         return None
     return counts

@@ -265,7 +265,7 @@ def prepare_dataset(src: Path | str, out: Path | str, shard_size: int = 256,
                                                      metadata, bar)
                 rep = data.report
                 info["splits"][name] = {"images": rep.images, "boxes": rep.boxes,
-                                        "masks": rep.masks,
+                                        **({"masks": rep.masks} if first.has_masks else {}),
                                         "negatives": rep.negatives, "files": files,
                                         "bytes": nbytes, "row_group_size": row_group_size,
                                         "shards": shards}
