@@ -68,7 +68,7 @@ def ensure_prepared(cfg: Config) -> Path | str:
     datasets = Path(cfg.run.output_dir).resolve() / "datasets"
     if cfg.data.path is None:
         d = cfg.data
-        key = f"synthetic-{d.synthetic_train_images}-{d.synthetic_val_images}-{d.synthetic_image_size}-{cfg.run.seed}"
+        key = f"synthetic-m-{d.synthetic_train_images}-{d.synthetic_val_images}-{d.synthetic_image_size}-{cfg.run.seed}"
         out = datasets / key / "prepared"
         if not is_prepared(out):
 

@@ -18,6 +18,7 @@ from raydetr.data.dataset import read_dataset
 from raydetr.data.formats import DatasetError
 from raydetr.data.loader import SplitReader, iter_local_batches
 from raydetr.data.parquet import load_info, prepare_dataset
+from raydetr.data.synthetic import make_synthetic
 from raydetr.data.transforms import random_geometric_instances
 from raydetr.fit.cluster import FitError
 from raydetr.fit.driver import dataset_info
@@ -332,3 +333,13 @@ def test_prepare_brain_tumor_seg(tmp_path):
             assert abs(my1 - (cy - bh / 2)) <= 2 and abs(my2 - (cy + bh / 2)) <= 2
             n += 1
     assert n > 0
+
+
+def test_synthetic_shapes_carry_masks_tight_to_their_boxes(tmp_path):
+    raw = make_synthetic(tmp_path / "s", train_images=6, val_images=2, image_size=64, seed=1)
+    split = read_dataset(raw)["train"]
+    assert split.has_masks and split.report.box_masks == 0
+    for r in split.records:
+        assert len(r.masks) == len(r.boxes_xyxy) > 0
+        for rle, box in zip(r.masks, r.boxes_xyxy):
+            np.testing.assert_array_equal(mk.bbox_xyxy(rle, 64, 64), box)
