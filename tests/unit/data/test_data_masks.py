@@ -343,3 +343,23 @@ def test_synthetic_shapes_carry_masks_tight_to_their_boxes(tmp_path):
         assert len(r.masks) == len(r.boxes_xyxy) > 0
         for rle, box in zip(r.masks, r.boxes_xyxy):
             np.testing.assert_array_equal(mk.bbox_xyxy(rle, 64, 64), box)
+
+
+@pytest.mark.parametrize("augment", ["rfdetr", "raydetr"])
+def test_loader_masks_are_what_the_seg_criterion_takes(seg_prepared, augment):
+    """A real batch (rfdetr: masks at S, images resized per step) into rfdetr-seg-nano's loss."""
+    import torch
+
+    from raydetr.model.build import build
+
+    cfg = load_config(None, ["model.preset=rfdetr-seg-nano", "model.resolution=48",
+                             f"data.augment={augment}"])
+    torch.manual_seed(0)
+    model, criterion, _ = build(cfg.model, cfg.loss, 2)
+    batch = next(iter_local_batches(seg_prepared, "train", batch_size=2, train=True,
+                                    resolution=48, data_cfg=cfg.data, masks=True,
+                                    drop_last=True))
+    assert any(len(t["masks"]) for t in batch["targets"])
+    out = criterion(model.train()(batch["images"]), batch["targets"])
+    assert torch.isfinite(out["loss"]) and out["loss_mask_dice"] >= 0
+    out["loss"].backward()
