@@ -2,8 +2,10 @@
 
 Stored form (chosen for the Parquet shards): one COCO **compressed RLE** ``counts`` string per
 instance, as bytes, at the **original image size** (the record's height x width, which the shard
-stores beside it), so a mask costs a few dozen to a few hundred bytes and decodes with
-pycocotools in microseconds. Polygons are rasterised once, at ``prepare``, the way COCO does it
+stores beside it). Measured on ../shared/data/brain-tumor-seg's train split (481 masks,
+640x640 images): median 373 bytes per mask, largest 1283 (a bool mask is 409,600 bytes), and one
+``decode`` took about 1 ms (pycocotools writes the pixels; shared 2-core machine, loaded), which
+the loader pays per instance of a segmentation batch, beside the image's own decode. Polygons are rasterised once, at ``prepare``, the way COCO does it
 (``pycocotools.mask.frPyObjects``, the parts of one instance OR-ed together).
 
     rle = polygon_rle([[10, 10, 50, 10, 50, 40]], height=100, width=80)   # -> bytes
@@ -86,7 +88,7 @@ def decode(rles: Sequence[bytes], height: int, width: int) -> np.ndarray:
     if len(rles) == 0:
         return np.zeros((0, height, width), dtype=bool)
     objs = [_rle(bytes(c), height, width) for c in rles]
-    return np.ascontiguousarray(mask_utils.decode(objs).transpose(2, 0, 1).astype(bool))
+    return np.ascontiguousarray(mask_utils.decode(objs).transpose(2, 0, 1)).view(bool)
 
 
 def encode(masks: np.ndarray) -> list[bytes]:
