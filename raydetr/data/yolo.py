@@ -25,6 +25,7 @@ from raydetr.data.formats import (
     progress_bar,
 )
 
+
 # ---------------------------------------------------------------- YOLO
 def _yolo_names(cfg: dict[str, Any], yaml_path: Path) -> list[str]:
     names = cfg.get("names")

@@ -207,7 +207,7 @@ def test_flips_and_crops_keep_masks_on_their_pixels_and_boxes(seed):
     out, b, lab, m = random_geometric_instances(image, boxes, labels, masks, rng,
                                                 hflip_prob=0.5, crop_prob=1.0)
     assert m.shape == (len(b), *out.shape[:2]) and len(lab) == len(b)
-    for k, (mask, box, label) in enumerate(zip(m, b, lab)):
+    for mask, box, label in zip(m, b, lab):
         # the mask still covers exactly the pixels of its instance's colour
         np.testing.assert_array_equal(mask, out[..., 0] == 40 * (label + 1))
         ys, xs = np.nonzero(mask)
@@ -270,6 +270,12 @@ def test_loader_yields_masks_only_when_asked(seg_prepared):
     full = mk.decode(t0["masks_rle"], H, W)
     np.testing.assert_allclose(t0["masks"].float().mean((1, 2)).numpy(), full.mean((1, 2)),
                                atol=0.02)
+    # RF-DETR's per-step multi-scale: images at the step's size, masks stay at S (largest)
+    reader = SplitReader(seg_prepared, "train", DataConfig(augment="rfdetr"), masks=True)
+    for batch in reader.train_batches(seed=0, epoch=0, rank=0, world=1, batch_size=3,
+                                      resolution=48, scales=(24, 36, 48)):
+        assert batch["images"].shape[-1] in (24, 36, 48)
+        assert all(tuple(t["masks"].shape[1:]) == (48, 48) for t in batch["targets"])
     plain = next(iter_local_batches(seg_prepared, "val", batch_size=3, train=False,
                                     resolution=48, data_cfg=DataConfig()))
     assert all("masks" not in t for t in plain["targets"])
@@ -304,17 +310,13 @@ def test_seg_preset_on_box_only_dataset_fails_before_ray(make_coco, seg_prepared
 
 
 # --------------------------------------------------------------------------- a real export
-BRAIN = Path(__file__).resolve().parents[4] / "shared" / "data" / "brain-tumor-seg"
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not BRAIN.is_dir(), reason=f"{BRAIN} (../shared/data/brain-tumor-seg, a "
-                    "Roboflow COCO segmentation export) is not present")
-def test_prepare_brain_tumor_seg(tmp_path):
-    info = prepare_dataset(BRAIN, tmp_path / "bt", progress=False)
+def test_prepare_brain_tumor_seg(brain_tumor_seg_dir, tmp_path):
+    brain = brain_tumor_seg_dir
+    info = prepare_dataset(brain, tmp_path / "bt", progress=False)
     assert info["masks"] is True
     for split, folder in (("train", "train"), ("val", "valid"), ("test", "test")):
-        coco = json.loads((BRAIN / folder / "_annotations.coco.json").read_text())
+        coco = json.loads((brain / folder / "_annotations.coco.json").read_text())
         with_seg = [a for a in coco["annotations"] if a.get("segmentation") and not a["iscrowd"]]
         s, rep = info["splits"][split], info["report"][split]
         assert s["images"] == len(coco["images"])
