@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RAYDETR_SHARED_DATA", REPO.parent / "shared" / "data"))
 THERMAL = SHARED_DATA / "thermal-dogs-people"
 COCO_REFERENCE = SHARED_DATA / "coco-reference"
+BRAIN_TUMOR_SEG = SHARED_DATA / "brain-tumor-seg"  # Roboflow COCO segmentation export
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +43,14 @@ def thermal_dir() -> Path:
     if not (THERMAL / "data.yaml").is_file():
         pytest.skip(f"shared thermal dataset not found at {THERMAL} (../shared/data beside the repo)")
     return THERMAL
+
+
+@pytest.fixture(scope="session")
+def brain_tumor_seg_dir() -> Path:
+    if not (BRAIN_TUMOR_SEG / "train" / "_annotations.coco.json").is_file():
+        pytest.skip(f"shared brain-tumor-seg dataset not found at {BRAIN_TUMOR_SEG} "
+                    "(../shared/data beside the repo)")
+    return BRAIN_TUMOR_SEG
 
 
 @pytest.fixture(scope="session")

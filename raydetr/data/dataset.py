@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from raydetr.data import readers as r
+from raydetr.data import yolo
 from raydetr.data.formats import DatasetError, Problems, SplitData, detect_format
 
 
@@ -27,7 +28,7 @@ def read_dataset(src: Path | str, fmt: str | None = None, *, classes: Sequence[s
     if not src.exists():
         raise DatasetError(f"dataset not found: {src}")
     fmt = (fmt or detect_format(src)).lower()
-    readers = {"coco": r.read_coco, "yolo": r.read_yolo, "voc": r.read_voc}
+    readers = {"coco": r.read_coco, "yolo": yolo.read_yolo, "voc": r.read_voc}
     if fmt not in readers:
         raise DatasetError(f"unknown dataset format '{fmt}'; use one of {sorted(readers)}")
     problems = Problems(src)

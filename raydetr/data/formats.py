@@ -51,13 +51,21 @@ class ValidationReport:
     clipped_boxes: int = 0
     size_mismatches: int = 0
     skipped_crowd: int = 0
+    masks: int = 0                # instances stored with a mask (datasets with masks only)
+    box_masks: int = 0            # ... of which the box stands in (no segmentation given)
+    clipped_masks: int = 0        # polygons with points outside the image, clipped
+    dropped_mask_parts: int = 0   # polygon parts with fewer than 3 points, left out
+    dropped_instances: int = 0    # instances dropped for their mask (no valid part, no pixels)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self, max_warnings: int = 50) -> dict[str, Any]:
         return {
             "images": self.images, "boxes": self.boxes, "negatives": self.negatives,
             "clipped_boxes": self.clipped_boxes, "size_mismatches": self.size_mismatches,
-            "skipped_crowd": self.skipped_crowd, "warnings_total": len(self.warnings),
+            "skipped_crowd": self.skipped_crowd, "masks": self.masks,
+            "box_masks": self.box_masks, "clipped_masks": self.clipped_masks,
+            "dropped_mask_parts": self.dropped_mask_parts,
+            "dropped_instances": self.dropped_instances, "warnings_total": len(self.warnings),
             "warnings": self.warnings[:max_warnings],
         }
 
@@ -65,7 +73,9 @@ class ValidationReport:
 @dataclass
 class Record:
     """One image. ``boxes_xyxy``: float32[N, 4] absolute pixels of the image file, clipped to
-    [0, width] x [0, height]; ``labels``: int64[N] contiguous class index 0..C-1."""
+    [0, width] x [0, height]; ``labels``: int64[N] contiguous class index 0..C-1; ``masks``:
+    None for a dataset without masks, else one COCO compressed-RLE ``counts`` (bytes) per
+    instance at height x width (``raydetr.data.masks``)."""
 
     image_id: int
     file_name: str
@@ -74,6 +84,7 @@ class Record:
     height: int
     boxes_xyxy: np.ndarray
     labels: np.ndarray
+    masks: list[bytes] | None = None
 
 
 @dataclass
@@ -83,6 +94,7 @@ class SplitData:
     classes: list[str]
     source_format: str
     report: ValidationReport
+    has_masks: bool = False
 
 
 class Problems:
@@ -143,12 +155,14 @@ def check_box(xyxy: Sequence[float], w: int, h: int, where: str, report: Validat
 
 
 def make_record(image_id: int, file_name: str, path: Path, w: int, h: int, boxes: list[list[float]],
-            labels: list[int], report: ValidationReport) -> Record:
+            labels: list[int], report: ValidationReport, masks: list | None = None) -> Record:
+    """``masks``: one entry per box (see ``raydetr.data.masks.finish_masks``) or None."""
     report.images += 1
     report.boxes += len(boxes)
     report.negatives += not boxes
     return Record(image_id, file_name, path, w, h,
-                  np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64))
+                  np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64),
+                  masks)
 
 
 def progress_bar(items: Sequence[Any], progress: bool, desc: str) -> Iterable[Any]:

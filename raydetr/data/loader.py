@@ -7,6 +7,9 @@
     for batch in iter_local_batches(prepared, "val", batch_size=8, train=False, ...): ...
 
 ``prepared`` is a local path or a pyarrow filesystem URI (s3://, gs://, file://...).
+``masks=True`` (segmentation presets) also reads the ``masks`` column and gives every target its
+instance masks (``collate``); a dataset without masks is refused when the reader opens. Without
+it the masks column is never read: a detection preset ignores a segmentation dataset's masks.
 
 Order. Training (``train_plan``): a permutation of the whole split seeded by (seed, epoch) -- a
 global shuffle, not a window -- cut into global batches of batch_size x world rows; rank r takes
@@ -48,9 +51,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raydetr.config import DataConfig
-from raydetr.data.collate import COLUMNS, Batch, collate, rows_of
+from raydetr.data.collate import COLUMNS, MASK_COLUMN, Batch, collate, rows_of
 from raydetr.data.formats import DatasetError
-from raydetr.data.parquet import load_info, open_prepared, split_files
+from raydetr.data.parquet import has_masks, load_info, open_prepared, split_files
 
 OPEN_FILES_PER_THREAD = 32  # a thread keeps this many shard files open (LRU)
 _PLAN_STREAM, _AUGMENT_STREAM = 11, 12  # keep the order and augmentation draws independent
@@ -88,13 +91,22 @@ class SplitReader:
     compressed column chunks of every row group read (or whole files when materialised).
     """
 
-    def __init__(self, prepared: Path | str, split: str, data_cfg: DataConfig) -> None:
+    def __init__(self, prepared: Path | str, split: str, data_cfg: DataConfig, *,
+                 masks: bool = False) -> None:
         self.where = f"{prepared} split '{split}'"
         self.data_cfg = data_cfg
         self.fs, _ = open_prepared(prepared)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.files = split_files(prepared, split)
-        expected = int(load_info(prepared)["splits"][split]["images"])
+        info = load_info(prepared)
+        if masks and not has_masks(info):
+            raise DatasetError(f"{prepared} has no instance masks (prepared from boxes only, or "
+                               "by a raydetr without masks): a segmentation preset needs a "
+                               "dataset with polygons or RLE; prepare one, or use a detection "
+                               "preset")
+        self.masks = masks
+        self.columns = [*COLUMNS, MASK_COLUMN] if masks else list(COLUMNS)
+        expected = int(info["splits"][split]["images"])
         self._lock = threading.Lock()
         self._local = threading.local()
         self._table: pa.Table | None = None
@@ -114,9 +126,10 @@ class SplitReader:
             self.bytes_read += md.serialized_size + 8  # footer + its length + magic
             # leaf columns ("boxes.list.element"...) of the top-level columns read
             tops = [md.schema.column(i).path.split(".")[0] for i in range(md.num_columns)]
-            wanted = [i for i, top in enumerate(tops) if top in COLUMNS]
-            if set(COLUMNS) - set(tops):
-                raise DatasetError(f"{path}: missing columns {sorted(set(COLUMNS) - set(tops))}; "
+            wanted = [i for i, top in enumerate(tops) if top in self.columns]
+            if set(self.columns) - set(tops):
+                raise DatasetError(f"{path}: missing columns "
+                                   f"{sorted(set(self.columns) - set(tops))}; "
                                    "prepare the dataset again")
             for g in range(md.num_row_groups):
                 rg = md.row_group(g)
@@ -152,7 +165,7 @@ class SplitReader:
     def _whole(self) -> pa.Table:
         with self._lock:
             if self._table is None:
-                parts = [self._parquet_file(k).read(columns=list(COLUMNS))
+                parts = [self._parquet_file(k).read(columns=self.columns)
                          for k in range(len(self.files))]
                 self._table = pa.concat_tables(parts).combine_chunks()
                 self.bytes_read += self.file_bytes
@@ -162,7 +175,7 @@ class SplitReader:
         """Row groups ``groups`` (ascending, all in file ``k``) in one read call."""
         local = [int(i) for i in self.group_local[groups]]
         try:
-            table = self._parquet_file(k).read_row_groups(local, columns=list(COLUMNS))
+            table = self._parquet_file(k).read_row_groups(local, columns=self.columns)
         except (OSError, pa.ArrowInvalid) as exc:
             raise DatasetError(f"{self.files[k]} row groups {local}: unreadable ({exc}); "
                                "prepare the dataset again") from None
@@ -197,7 +210,7 @@ class SplitReader:
             rows = rows_of(self.read_rows(plan[i]))
             rng = np.random.default_rng([seed, epoch, rank, i, _AUGMENT_STREAM])
             return collate(rows, train=train, resolution=resolution, data_cfg=self.data_cfg,
-                           rng=rng, scales=scales)
+                           rng=rng, scales=scales, masks=self.masks)
 
         return prefetch(make, len(plan), threads=self.data_cfg.loader_threads,
                         depth=self.data_cfg.prefetch_batches)
@@ -241,10 +254,11 @@ def prefetch(make: Callable[[int], Batch], n: int, *, threads: int, depth: int
 
 def iter_local_batches(prepared: Path | str, split: str, *, batch_size: int, train: bool,
                        resolution: int, data_cfg: DataConfig, seed: int = 0, epoch: int = 0,
-                       shuffle: bool | None = None, drop_last: bool = False) -> Iterator[Batch]:
+                       shuffle: bool | None = None, drop_last: bool = False,
+                       masks: bool = False) -> Iterator[Batch]:
     """All batches of a split in one process (evaluation, benches, tests). ``shuffle``
-    defaults to ``train``: the order of a one-rank ``train_plan``."""
-    reader = SplitReader(prepared, split, data_cfg)
+    defaults to ``train``: the order of a one-rank ``train_plan``; ``masks``: as SplitReader."""
+    reader = SplitReader(prepared, split, data_cfg, masks=masks)
     shuffle = train if shuffle is None else shuffle
     plan = train_plan(reader.num_rows, seed=seed, epoch=epoch, rank=0, world=1,
                       batch_size=batch_size, shuffle=shuffle)

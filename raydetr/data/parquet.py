@@ -13,7 +13,10 @@ A prepared dataset is read from a local path or any pyarrow filesystem URI (``s3
 ``gs://``, ``file://``...; ``open_prepared``). ``prepare`` writes locally; upload OUT as is.
 
 Images are stored as their original encoded bytes (no re-encoding, no quality loss); boxes as a
-flat list of xyxy absolute pixels (4N floats), labels as contiguous class indices. Writing
+flat list of xyxy absolute pixels (4N floats), labels as contiguous class indices; ``masks``
+(datasets with masks only, else null) as one COCO compressed-RLE ``counts`` string per instance
+at the stored image's height x width (``raydetr.data.masks``; dataset.json ``"masks": true``).
+Shards written before masks existed have no ``masks`` column and read as box-only. Writing
 streams: at most one row group of images is in memory. Everything is written into a temporary
 folder beside OUT and renamed into place at the end, so an OUT that exists with a dataset.json
 is always complete.
@@ -47,7 +50,8 @@ from raydetr.data.formats import DatasetError, Record, SplitData
 log = logging.getLogger("raydetr.data")
 
 # 2: each split has ``shards`` ({file: {bytes, sha256}}); version-1 datasets lack it.
-FORMAT_VERSION = 2
+# 3: a ``masks`` column and dataset.json ``masks``; older datasets are box-only.
+FORMAT_VERSION = 3
 INFO_FILE = "dataset.json"
 SCHEMA = pa.schema([
     ("image_id", pa.int64()),
@@ -57,6 +61,7 @@ SCHEMA = pa.schema([
     ("height", pa.int32()),
     ("boxes", pa.list_(pa.float32())),
     ("labels", pa.list_(pa.int64())),
+    ("masks", pa.list_(pa.binary())),   # null in box-only datasets
 ])
 
 
@@ -138,14 +143,15 @@ def _table(records: list[Record], metadata: dict[bytes, bytes]) -> pa.Table:
         "height": [r.height for r in records],
         "boxes": [r.boxes_xyxy.reshape(-1) for r in records],
         "labels": [r.labels for r in records],
+        "masks": [r.masks for r in records],
     }, schema=SCHEMA.with_metadata(metadata))
 
 
 WRITE_BATCH_IMAGES = 32  # images read into memory per write call (then written as row groups)
 # Encoded images do not compress further: store them as is, compress the rest. Min/max
-# statistics of the image column would copy image bytes into the footer: write none for it.
+# statistics of the image (and mask) columns would copy their bytes into the footer: none.
 _COMPRESSION = {c: ("none" if c == "image" else "snappy") for c in SCHEMA.names}
-_STATISTICS = [c for c in SCHEMA.names if c != "image"]
+_STATISTICS = [c for c in SCHEMA.names if c not in ("image", "masks")]
 
 
 class _HashingFile:
@@ -250,6 +256,7 @@ def prepare_dataset(src: Path | str, out: Path | str, shard_size: int = 256,
     try:
         info: dict[str, Any] = {"format_version": FORMAT_VERSION, "classes": first.classes,
                                 "source_format": first.source_format, "source": str(src),
+                                "masks": first.has_masks,
                                 "splits": {}, "report": {}}
         total = sum(len(s.records) for s in splits.values())
         with tqdm(total=total, desc="prepare", unit="img", disable=not progress) as bar:
@@ -258,6 +265,7 @@ def prepare_dataset(src: Path | str, out: Path | str, shard_size: int = 256,
                                                      metadata, bar)
                 rep = data.report
                 info["splits"][name] = {"images": rep.images, "boxes": rep.boxes,
+                                        **({"masks": rep.masks} if first.has_masks else {}),
                                         "negatives": rep.negatives, "files": files,
                                         "bytes": nbytes, "row_group_size": row_group_size,
                                         "shards": shards}
@@ -283,14 +291,22 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def has_masks(info: dict[str, Any]) -> bool:
+    """True if a dataset.json describes a dataset with instance masks (False for box-only
+    datasets and those prepared before masks existed)."""
+    return bool(info.get("masks", False))
+
+
 def summary(info: dict[str, Any]) -> str:
     """Human summary: one line per split (images / boxes / negatives / clipped)."""
     lines = [f"prepared {info['source']} ({info['source_format']}, {len(info['classes'])} "
              f"classes: {', '.join(info['classes'])})"]
     for name, s in info["splits"].items():
         rep = info["report"].get(name, {})
+        masks = (f"masks={s.get('masks', 0)} dropped={rep.get('dropped_instances', 0)} "
+                 if has_masks(info) else "")
         lines.append(f"  {name:<5} images={s['images']} boxes={s['boxes']} "
-                     f"negatives={s['negatives']} clipped={rep.get('clipped_boxes', 0)} "
+                     f"negatives={s['negatives']} clipped={rep.get('clipped_boxes', 0)} {masks}"
                      f"warnings={rep.get('warnings_total', 0)} shards={len(s['files'])}")
     return "\n".join(lines)
 

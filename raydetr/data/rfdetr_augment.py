@@ -15,7 +15,7 @@ int64[N] labels, optional bool[N, H, W] masks, all following every step):
 3. then, per batch, the whole batch is resized to the step's size (``batch_resize``).
 
 Images resize with PIL bilinear (torchvision's resize of a PIL image, antialiased when
-shrinking); boxes scale by (S/W, S/H); masks resize nearest (``F.interpolate``) then > 0.5.
+shrinking); boxes scale by (S/W, S/H); masks resize nearest (``transforms.resize_masks``).
 Every draw comes from the ``np.random.Generator`` passed in (raydetr seeds one per batch), in
 RF-DETR's order: flip, branch, shorter side, crop width, crop height, crop top, crop left.
 RF-DETR draws from Python's and torch's global generators instead; the distributions are the
@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from raydetr.data.transforms import resize_masks
 
 SHORTER_SIDES = (400, 500, 600)   # RandomResize([400, 500, 600]), no max size
 CROP_MIN, CROP_MAX = 384, 600     # RandomSizeCrop(384, 600)
@@ -96,13 +98,6 @@ def hflip(s: Sample) -> Sample:
                    masks=masks)
 
 
-def _resize_masks(masks: np.ndarray, h: int, w: int) -> np.ndarray:
-    if masks.shape[0] == 0:
-        return np.zeros((0, h, w), dtype=bool)
-    m = torch.from_numpy(np.ascontiguousarray(masks)).float()[:, None]
-    return (F.interpolate(m, size=(h, w), mode="nearest")[:, 0] > 0.5).numpy()
-
-
 def resize(s: Sample, h: int, w: int) -> Sample:
     """Image to h x w (PIL bilinear), boxes scaled by (w/W, h/H), masks nearest."""
     h0, w0 = s.hw
@@ -110,7 +105,7 @@ def resize(s: Sample, h: int, w: int) -> Sample:
         return s
     image = np.asarray(Image.fromarray(s.image).resize((w, h), Image.BILINEAR))
     scale = np.array([w / w0, h / h0, w / w0, h / h0], dtype=np.float32)
-    masks = None if s.masks is None else _resize_masks(s.masks, h, w)
+    masks = None if s.masks is None else resize_masks(s.masks, h, w)
     return replace(s, image=image, boxes_xyxy=(s.boxes_xyxy * scale).astype(np.float32),
                    masks=masks)
 

@@ -7,7 +7,9 @@ Each image has a textured random background and 1..max_objects filled shapes; th
 shape: 0 rectangle, 1 ellipse, 2 triangle (COCO category ids 1..3 under a Roboflow-style
 superclass category 0 "shapes", which the reader skips). Colours and sizes vary, the smaller side
 of a shape is at least ~10% of the image, boxes are tight to the drawn pixels (a later shape may
-occlude part of an earlier one; its box is still the full shape). Image k of a split is drawn
+occlude part of an earlier one; its box is still the full shape). Each annotation also carries
+the shape's mask as a COCO compressed RLE ``segmentation`` (the full shape, like its box), so the
+set serves segmentation presets too; detection presets ignore it. Image k of a split is drawn
 from its own Generator seeded by (seed, split, k): the output is a pure function of the
 arguments.
 """
@@ -25,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from raydetr.data import masks as mk
 from raydetr.data.formats import DatasetError
 
 CLASSES = ("rectangle", "ellipse", "triangle")
@@ -61,10 +64,17 @@ def _iou(a: list[float], b: list[float]) -> float:
 def draw_image(rng: np.random.Generator, size: int, max_objects: int
                ) -> tuple[Image.Image, list[list[float]], list[int]]:
     """One image: (RGB image, boxes xyxy pixels (exclusive right/bottom), class index per box)."""
+    return draw_shapes(rng, size, max_objects)[:3]
+
+
+def draw_shapes(rng: np.random.Generator, size: int, max_objects: int
+                ) -> tuple[Image.Image, list[list[float]], list[int], list[np.ndarray]]:
+    """``draw_image`` plus each shape's full mask, bool[size, size] (same draws)."""
     image = _background(rng, size)
     draw = ImageDraw.Draw(image)
     boxes: list[list[float]] = []
     labels: list[int] = []
+    masks: list[np.ndarray] = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
         for _try in range(10):  # avoid near-total overlap so every box stays learnable
             bw, bh = (int(v) for v in rng.uniform(MIN_SIDE, MAX_SIDE, 2) * size)
@@ -92,7 +102,8 @@ def draw_image(rng: np.random.Generator, size: int, max_objects: int
         draw.bitmap((0, 0), mask, fill=_colour(rng))
         boxes.append([float(v) for v in bbox])
         labels.append(cls)
-    return image, boxes, labels
+        masks.append(np.asarray(mask) > 0)
+    return image, boxes, labels, masks
 
 
 def _write_split(folder: Path, n: int, split_idx: int, image_size: int, seed: int,
@@ -101,14 +112,16 @@ def _write_split(folder: Path, n: int, split_idx: int, image_size: int, seed: in
     images, annotations = [], []
     for k in range(n):
         rng = np.random.default_rng([seed, split_idx, k])
-        image, boxes, labels = draw_image(rng, image_size, max_objects)
+        image, boxes, labels, masks = draw_shapes(rng, image_size, max_objects)
+        rles = mk.encode(np.stack(masks)) if masks else []
         name = f"{k:06d}.jpg"
         image.save(folder / name, quality=92)
         images.append({"id": k, "file_name": name, "width": image_size, "height": image_size})
-        for (x1, y1, x2, y2), cls in zip(boxes, labels):
+        for (x1, y1, x2, y2), cls, rle in zip(boxes, labels, rles):
             annotations.append({"id": len(annotations), "image_id": k, "category_id": cls + 1,
                                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
-                                "iscrowd": 0, "segmentation": []})
+                                "iscrowd": 0, "segmentation": {"size": [image_size, image_size],
+                                                               "counts": rle.decode()}})
         bar.update(1)
     categories = [{"id": 0, "name": "shapes", "supercategory": "none"}] + [
         {"id": i + 1, "name": c, "supercategory": "shapes"} for i, c in enumerate(CLASSES)]
@@ -132,7 +145,8 @@ def make_synthetic(out: Path | str, train_images: int = 256, val_images: int = 6
                            f"{image_size})")
     out = Path(out).expanduser().resolve()
     params: dict[str, Any] = {"train_images": train_images, "val_images": val_images,
-                              "image_size": image_size, "seed": seed, "max_objects": max_objects}
+                              "image_size": image_size, "seed": seed, "max_objects": max_objects,
+                              "masks": True}  # sets made before masks lack this: not reused
     if out.exists():
         marker = out / MARKER
         existing = json.loads(marker.read_text()) if marker.is_file() else None

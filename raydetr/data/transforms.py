@@ -62,11 +62,10 @@ def crop_boxes(boxes_xyxy: np.ndarray, x0: float, y0: float, x1: float, y1: floa
     return clipped[keep].astype(np.float32), keep
 
 
-def random_crop(image: np.ndarray, boxes_xyxy: np.ndarray, labels: np.ndarray,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Random crop (sides in [0.5, 1] x image). An image that had boxes keeps at least one:
-    up to CROP_TRIES crops are drawn and, if all lose every box, the image is left uncropped."""
-    h, w = image.shape[:2]
+def _crop_window(h: int, w: int, boxes_xyxy: np.ndarray, rng: np.random.Generator
+                 ) -> tuple[int, int, int, int, np.ndarray, np.ndarray] | None:
+    """(x0, y0, crop w, crop h, clipped boxes, kept) of a crop that keeps a box (or any crop of
+    an image without boxes); None after CROP_TRIES crops that all lose every box."""
     for _ in range(CROP_TRIES):
         cw = int(round(w * rng.uniform(CROP_MIN_SIDE, 1.0)))
         ch = int(round(h * rng.uniform(CROP_MIN_SIDE, 1.0)))
@@ -74,8 +73,29 @@ def random_crop(image: np.ndarray, boxes_xyxy: np.ndarray, labels: np.ndarray,
         y0 = int(rng.integers(0, h - ch + 1))
         boxes, keep = crop_boxes(boxes_xyxy, x0, y0, x0 + cw, y0 + ch)
         if len(boxes_xyxy) == 0 or keep.any():
-            return image[y0:y0 + ch, x0:x0 + cw], boxes, labels[keep]
-    return image, boxes_xyxy, labels
+            return x0, y0, cw, ch, boxes, keep
+    return None
+
+
+def random_crop(image: np.ndarray, boxes_xyxy: np.ndarray, labels: np.ndarray,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random crop (sides in [0.5, 1] x image). An image that had boxes keeps at least one:
+    up to CROP_TRIES crops are drawn and, if all lose every box, the image is left uncropped."""
+    return random_crop_instances(image, boxes_xyxy, labels, None, rng)[:3]
+
+
+def random_crop_instances(image: np.ndarray, boxes_xyxy: np.ndarray, labels: np.ndarray,
+                          masks: np.ndarray | None, rng: np.random.Generator
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """``random_crop`` with optional masks bool[N, H, W]: sliced to the crop, and dropped
+    together with the boxes the crop drops."""
+    window = _crop_window(*image.shape[:2], boxes_xyxy, rng)
+    if window is None:
+        return image, boxes_xyxy, labels, masks
+    x0, y0, cw, ch, boxes, keep = window
+    if masks is not None:
+        masks = np.ascontiguousarray(masks[keep][:, y0:y0 + ch, x0:x0 + cw])
+    return image[y0:y0 + ch, x0:x0 + cw], boxes, labels[keep], masks
 
 
 def random_geometric(image: np.ndarray, boxes_xyxy: np.ndarray, labels: np.ndarray,
@@ -87,13 +107,35 @@ def random_geometric(image: np.ndarray, boxes_xyxy: np.ndarray, labels: np.ndarr
     kinds in the frame of the new image (boxes dropped by the crop take their labels along).
     The draws use ``rng`` in a fixed order, so a seeded rng gives the same result every time.
     """
+    return random_geometric_instances(image, boxes_xyxy, labels, None, rng, hflip_prob,
+                                      crop_prob)[:3]
+
+
+def random_geometric_instances(image: np.ndarray, boxes_xyxy: np.ndarray, labels: np.ndarray,
+                               masks: np.ndarray | None, rng: np.random.Generator,
+                               hflip_prob: float = 0.5, crop_prob: float = 0.3
+                               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """``random_geometric`` with optional masks bool[N, H, W] following the crop and the flip
+    (same draws as without masks)."""
     boxes_xyxy = np.asarray(boxes_xyxy, np.float32).reshape(-1, 4)
     labels = np.asarray(labels, np.int64)
     if crop_prob > 0 and rng.random() < crop_prob:
-        image, boxes_xyxy, labels = random_crop(image, boxes_xyxy, labels, rng)
+        image, boxes_xyxy, labels, masks = random_crop_instances(image, boxes_xyxy, labels,
+                                                                 masks, rng)
     if hflip_prob > 0 and rng.random() < hflip_prob:
         image, boxes_xyxy = hflip(image, boxes_xyxy)
-    return image, boxes_xyxy, labels
+        masks = None if masks is None else np.ascontiguousarray(masks[:, :, ::-1])
+    return image, boxes_xyxy, labels, masks
+
+
+def resize_masks(masks: np.ndarray, h: int, w: int) -> np.ndarray:
+    """bool[N, H, W] -> bool[N, h, w], nearest (``F.interpolate``), as RF-DETR resizes masks."""
+    if masks.shape[1:] == (h, w):
+        return masks
+    if masks.shape[0] == 0:
+        return np.zeros((0, h, w), dtype=bool)
+    m = torch.from_numpy(np.ascontiguousarray(masks)).to(torch.uint8)[:, None]
+    return torch.nn.functional.interpolate(m, size=(h, w), mode="nearest")[:, 0].bool().numpy()
 
 
 def normalise_boxes(boxes_xyxy: np.ndarray, w: int, h: int) -> np.ndarray:

@@ -25,8 +25,10 @@ from typing import Any
 
 from raydetr.artifacts import RunDir, atomic_write_json
 from raydetr.config import Config, with_overrides
+from raydetr.config.presets import is_segmentation
 from raydetr.data.parquet import (
     has_info,
+    has_masks,
     is_prepared,
     is_uri,
     load_info,
@@ -66,7 +68,7 @@ def ensure_prepared(cfg: Config) -> Path | str:
     datasets = Path(cfg.run.output_dir).resolve() / "datasets"
     if cfg.data.path is None:
         d = cfg.data
-        key = f"synthetic-{d.synthetic_train_images}-{d.synthetic_val_images}-{d.synthetic_image_size}-{cfg.run.seed}"
+        key = f"synthetic-m-{d.synthetic_train_images}-{d.synthetic_val_images}-{d.synthetic_image_size}-{cfg.run.seed}"
         out = datasets / key / "prepared"
         if not is_prepared(out):
 
@@ -103,6 +105,11 @@ def dataset_info(prepared: Path | str, cfg: Config) -> dict[str, Any]:
     (a missing/truncated shard fails here, before Ray starts, naming the shard)."""
 
     info = load_info(prepared)
+    if is_segmentation(cfg.model.preset) and not has_masks(info):
+        raise FitError(f"model.preset {cfg.model.preset} segments, but the dataset {prepared} "
+                       "has no instance masks (boxes only); use a dataset with polygons or RLE "
+                       "(COCO segmentation, YOLO segments) prepared by this raydetr, or a "
+                       "detection preset")
     for split in (cfg.data.train_split, cfg.data.val_split):
         if split not in info["splits"]:
             raise FitError(

@@ -28,7 +28,12 @@ import numpy as np
 import torch
 
 from raydetr.config import Config
-from raydetr.config.presets import eval_settings, preset_family, resolution_multiple
+from raydetr.config.presets import (
+    eval_settings,
+    is_segmentation,
+    preset_family,
+    resolution_multiple,
+)
 from raydetr.data.collate import rfdetr_scales
 from raydetr.data.loader import SplitReader, steps_per_epoch
 from raydetr.ema.ema import ModelEma
@@ -125,8 +130,10 @@ class Recipe:
                 f"(optim.batch_size {cfg.optim.batch_size} x {world} workers): lower either")
         self.steps_per_epoch = math.ceil(batches / cfg.optim.grad_accum_steps)
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
-        self.train_data = SplitReader(self.args.prepared, cfg.data.train_split, cfg.data)
-        self.val_data = SplitReader(self.args.prepared, cfg.data.val_split, cfg.data)
+        masks = is_segmentation(cfg.model.preset)  # a detection preset never reads masks
+        self.train_data = SplitReader(self.args.prepared, cfg.data.train_split, cfg.data,
+                                      masks=masks)
+        self.val_data = SplitReader(self.args.prepared, cfg.data.val_split, cfg.data, masks=masks)
         log.info("rank %d of %d on node %s", self.rank, world,
                   ray.get_runtime_context().get_node_id())
 
