@@ -42,20 +42,23 @@ def rfdetr_scales(resolution: int, step: int) -> tuple[int, ...]:
 
 
 def collate(rows: dict[str, np.ndarray], *, train: bool, resolution: int, data_cfg: DataConfig,
-            rng: np.random.Generator, scales: tuple[int, ...] | None = None) -> Batch:
+            rng: np.random.Generator, scales: tuple[int, ...] | None = None,
+            step_rng: np.random.Generator | None = None) -> Batch:
     """Decode, augment (train only) and resize a batch of parquet rows (see module docstring).
 
     ``rows``: column -> array of length B, as ``rows_of`` gives them (``image``
     an object array of bytes; ``boxes`` / ``labels`` object arrays of 1-D arrays, or 2-D arrays
     when all rows happen to have the same number of values). Training with
     ``data_cfg.multi_scale`` resizes the whole batch to one size from ``scales`` (the model
-    family's rule, e.g. ``rfdetr_scales``) or, when None, ``scale_choices``.
+    family's rule, e.g. ``rfdetr_scales``) or, when None, ``scale_choices``. ``step_rng``
+    (default ``rng``) draws RF-DETR's per-step size: the loader gives every rank and
+    micro-batch of one optimizer step the same one.
     """
     n = len(rows["image_id"])
     if n == 0:
         raise ValueError("collate got an empty batch")
     if train and data_cfg.augment == "rfdetr":
-        return _collate_rfdetr(rows, resolution, data_cfg, rng, scales)
+        return _collate_rfdetr(rows, resolution, data_cfg, rng, scales, step_rng or rng)
     size = resolution
     if train and data_cfg.multi_scale:
         choices = scales or scale_choices(resolution, tuple(data_cfg.scale_range))
@@ -97,10 +100,11 @@ def _decoded(rows: dict[str, np.ndarray], i: int) -> tuple[int, np.ndarray, np.n
 
 
 def _collate_rfdetr(rows: dict[str, np.ndarray], resolution: int, data_cfg: DataConfig,
-                    rng: np.random.Generator, scales: tuple[int, ...] | None) -> Batch:
+                    rng: np.random.Generator, scales: tuple[int, ...] | None,
+                    step_rng: np.random.Generator) -> Batch:
     """RF-DETR's training pipeline (raydetr.data.rfdetr_augment): every image augmented and
     square-resized to the largest multi-scale size S, then the normalised batch resized to one
-    size drawn from ``scales`` (RF-DETR's per-step multi-scale). Without multi-scale (or
+    size drawn from ``scales`` with ``step_rng`` (RF-DETR's per-step multi-scale). Without multi-scale (or
     without ``scales``) S is ``resolution`` and there is no batch resize."""
     multi = bool(data_cfg.multi_scale and scales)
     big = max(scales) if multi else resolution
@@ -117,7 +121,7 @@ def _collate_rfdetr(rows: dict[str, np.ndarray], resolution: int, data_cfg: Data
         })
     batch = to_model_input(images, big)
     if multi:
-        batch = rfdetr_augment.batch_resize(batch, int(scales[rng.integers(len(scales))]))
+        batch = rfdetr_augment.batch_resize(batch, int(scales[step_rng.integers(len(scales))]))
     return {"images": batch, "targets": targets}
 
 
