@@ -21,6 +21,7 @@ raydetr.train.evaluation):
   - EMA update: median seconds of ``ModelEma.update`` (one shadow) against
     bytes / bandwidth, bytes = 3 x the float32 shadow (read shadow, read model, write shadow),
     bandwidth = a large device-to-device copy measured here (read + write bytes / seconds);
+    the JSON also gives the bound of the shadow's own read + write (2 x) alone;
   - evaluation: seconds for ``--val-images`` images through ShadowEvaluator.predict (regular and
     the EMA shadow) + evaluate_matches, as the worker's epoch-end evaluation runs it on 1 rank.
 Writes bench/results/gpu.json.
@@ -195,7 +196,9 @@ def ema_vs_bound(preset: str, a: dict[str, Any], bandwidth: float) -> dict[str, 
         sec = timed(lambda: ema.update(model, finite=finite), device, a["ema_repeats"])
     bound = 3 * shadow_bytes / bandwidth
     return {"shadow_bytes": shadow_bytes, "update_seconds": sec, "bound_seconds": bound,
-            "update_over_bound": sec / bound}
+            "update_over_bound": sec / bound,
+            # the shadow's own traffic only (read + write), without reading the model
+            "bound_seconds_shadow_only": 2 * shadow_bytes / bandwidth}
 
 
 def eval_seconds(preset: str, a: dict[str, Any]) -> dict[str, Any]:
