@@ -31,7 +31,7 @@ import common  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 ORDER = ["ema", "checkpoint_size", "ray_overhead", "scaling", "eval_cost", "eval_scale",
-         "posthoc_snapshots", "data_path", "export", "tune_vs_shadows"]
+         "posthoc_snapshots", "data_path", "export", "gpu", "tune_vs_shadows"]
 
 
 def ema_args(quick: bool, presets: list[str]) -> list[str]:

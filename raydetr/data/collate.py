@@ -59,7 +59,7 @@ def rfdetr_scales(resolution: int, step: int) -> tuple[int, ...]:
 
 def collate(rows: dict[str, np.ndarray], *, train: bool, resolution: int, data_cfg: DataConfig,
             rng: np.random.Generator, scales: tuple[int, ...] | None = None,
-            masks: bool = False) -> Batch:
+            masks: bool = False, step_rng: np.random.Generator | None = None) -> Batch:
     """Decode, augment (train only) and resize a batch of parquet rows (see module docstring).
 
     ``rows``: column -> array of length B, as ``rows_of`` gives them (``image``
@@ -68,12 +68,14 @@ def collate(rows: dict[str, np.ndarray], *, train: bool, resolution: int, data_c
     ``data_cfg.multi_scale`` resizes the whole batch to one size from ``scales`` (the model
     family's rule, e.g. ``rfdetr_scales``) or, when None, ``scale_choices``. ``masks``: add
     each image's masks to its target (``rows`` then has a ``masks`` column).
+    ``step_rng`` (default ``rng``) draws RF-DETR's per-step size: the loader gives every rank and
+    micro-batch of one optimizer step the same one.
     """
     n = len(rows["image_id"])
     if n == 0:
         raise ValueError("collate got an empty batch")
     if train and data_cfg.augment == "rfdetr":
-        return _collate_rfdetr(rows, resolution, data_cfg, rng, scales, masks)
+        return _collate_rfdetr(rows, resolution, data_cfg, rng, scales, masks, step_rng or rng)
     size = resolution
     if train and data_cfg.multi_scale:
         choices = scales or scale_choices(resolution, tuple(data_cfg.scale_range))
@@ -129,10 +131,10 @@ def _masks(rows: dict[str, np.ndarray], i: int, image_id: int, hw: tuple[int, in
 
 def _collate_rfdetr(rows: dict[str, np.ndarray], resolution: int, data_cfg: DataConfig,
                     rng: np.random.Generator, scales: tuple[int, ...] | None,
-                    masks: bool = False) -> Batch:
+                    masks: bool, step_rng: np.random.Generator) -> Batch:
     """RF-DETR's training pipeline (raydetr.data.rfdetr_augment): every image augmented and
     square-resized to the largest multi-scale size S, then the normalised batch resized to one
-    size drawn from ``scales`` (RF-DETR's per-step multi-scale). Without multi-scale (or
+    size drawn from ``scales`` with ``step_rng`` (RF-DETR's per-step multi-scale). Without multi-scale (or
     without ``scales``) S is ``resolution`` and there is no batch resize."""
     multi = bool(data_cfg.multi_scale and scales)
     big = max(scales) if multi else resolution
@@ -153,7 +155,7 @@ def _collate_rfdetr(rows: dict[str, np.ndarray], resolution: int, data_cfg: Data
         targets.append(target)
     batch = to_model_input(images, big)
     if multi:
-        batch = rfdetr_augment.batch_resize(batch, int(scales[rng.integers(len(scales))]))
+        batch = rfdetr_augment.batch_resize(batch, int(scales[step_rng.integers(len(scales))]))
     return {"images": batch, "targets": targets}
 
 

@@ -57,6 +57,7 @@ from raydetr.data.parquet import has_masks, load_info, open_prepared, split_file
 
 OPEN_FILES_PER_THREAD = 32  # a thread keeps this many shard files open (LRU)
 _PLAN_STREAM, _AUGMENT_STREAM = 11, 12  # keep the order and augmentation draws independent
+_STEP_SIZE_STREAM = 13  # the per-step multi-scale size: one per optimizer step, every rank
 
 
 def steps_per_epoch(num_rows: int, batch_size: int, world: int) -> int:
@@ -202,27 +203,32 @@ class SplitReader:
 
     # ------------------------------------------------------------------ batches
     def batches(self, plan: list[np.ndarray], *, train: bool, resolution: int, seed: int = 0,
-                epoch: int = 0, rank: int = 0, scales: tuple[int, ...] | None = None
-                ) -> Iterator[Batch]:
+                epoch: int = 0, rank: int = 0, scales: tuple[int, ...] | None = None,
+                grad_accum_steps: int = 1) -> Iterator[Batch]:
         """Decoded batches of ``plan`` in order, prepared ahead by the loader threads;
-        ``scales``: the multi-scale sizes of the model family (see ``collate``)."""
+        ``scales``: the multi-scale sizes of the model family (see ``collate``). RF-DETR's
+        per-step size is drawn once per optimizer step (``grad_accum_steps`` batches) from a
+        generator without the rank, so every rank and micro-batch of a step share it, as
+        RF-DETR's ``random.seed(it)`` makes them share it."""
         def make(i: int) -> Batch:
             rows = rows_of(self.read_rows(plan[i]))
             rng = np.random.default_rng([seed, epoch, rank, i, _AUGMENT_STREAM])
+            step_rng = np.random.default_rng(
+                [seed, epoch, i // max(grad_accum_steps, 1), _STEP_SIZE_STREAM])
             return collate(rows, train=train, resolution=resolution, data_cfg=self.data_cfg,
-                           rng=rng, scales=scales, masks=self.masks)
+                           rng=rng, scales=scales, masks=self.masks, step_rng=step_rng)
 
         return prefetch(make, len(plan), threads=self.data_cfg.loader_threads,
                         depth=self.data_cfg.prefetch_batches)
 
     def train_batches(self, *, seed: int, epoch: int, rank: int, world: int, batch_size: int,
-                      resolution: int, scales: tuple[int, ...] | None = None
-                      ) -> Iterator[Batch]:
+                      resolution: int, scales: tuple[int, ...] | None = None,
+                      grad_accum_steps: int = 1) -> Iterator[Batch]:
         """This rank's augmented training batches of ``epoch`` (``train_plan``)."""
         plan = train_plan(self.num_rows, seed=seed, epoch=epoch, rank=rank, world=world,
                           batch_size=batch_size)
         return self.batches(plan, train=True, resolution=resolution, seed=seed, epoch=epoch,
-                            rank=rank, scales=scales)
+                            rank=rank, scales=scales, grad_accum_steps=grad_accum_steps)
 
     def eval_batches(self, *, rank: int, world: int, batch_size: int,
                      resolution: int) -> Iterator[Batch]:

@@ -11,9 +11,11 @@ The graph has one input, ``images`` float32[B, 3, S, S] (ImageNet-normalised, as
                       (+ pred_masks f32[B,Q,h,w] mask logits, for a model that returns them)
     --postprocess     scores f32[B,K], labels i64[B,K], boxes_xyxy f32[B,K,4] normalised 0..1,
                       best first (raydetr.model.postprocess.decode_topk, the torch path's own decode)
-                      (+ masks f32[B,K,h,w] mask probabilities of the selected queries)
+                      (+ mask_logits f32[B,K,h,w]: the selected queries' mask logits at the
+                      model's mask resolution S/4; > 0 is RF-DETR's mask after resizing)
 
-B is dynamic unless a fixed batch is asked for. Inputs and outputs stay float32 in a ``--half``
+B is dynamic unless a fixed batch is asked for; every other dimension is fixed by the
+resolution and written into the graph's output shapes. Inputs and outputs stay float32 in a ``--half``
 export (the weights and the compute inside are float16). The model's ``meta.json`` rides in the
 graph's metadata (key ``raydetr.meta``), so a ``.onnx`` file alone is enough for ``raydetr
 predict`` / ``evaluate``. onnx and onnxruntime are imported where used (optional, heavy).
@@ -46,7 +48,7 @@ from raydetr.model.rfdetr.backbone import Embeddings
 
 INPUT_NAME = "images"
 RAW_OUTPUTS = ("pred_logits", "pred_boxes", "pred_masks")
-DECODED_OUTPUTS = ("scores", "labels", "boxes_xyxy", "masks")
+DECODED_OUTPUTS = ("scores", "labels", "boxes_xyxy", "mask_logits")
 META_KEY = "raydetr.meta"
 DEFAULT_OPSET = 17
 MIN_OPSET = 16  # GridSample (both families' deformable attention) is in ONNX from opset 16
@@ -78,10 +80,10 @@ class GraphOutputs(nn.Module):
             return tuple(out[name].float() for name in self.output_names)
         d = decode_topk(out["pred_logits"], out["pred_boxes"], self.top_k)
         result = {"scores": d["scores"], "labels": d["labels"], "boxes_xyxy": d["boxes_xyxy"]}
-        if "masks" in self.output_names:
+        if "mask_logits" in self.output_names:
             masks = out["pred_masks"].float()
             idx = d["queries"][:, :, None, None].expand(-1, -1, *masks.shape[-2:])
-            result["masks"] = masks.gather(1, idx).sigmoid()
+            result["mask_logits"] = masks.gather(1, idx)  # a query repeats per label
         return tuple(result[name] for name in self.output_names)
 
 
@@ -95,7 +97,7 @@ def output_names(model: nn.Module, resolution: int, postprocess: bool) -> list[s
     names = [k for k in RAW_OUTPUTS if isinstance(out.get(k), Tensor)]
     if not postprocess:
         return names
-    return list(DECODED_OUTPUTS[:3]) + (["masks"] if "pred_masks" in names else [])
+    return list(DECODED_OUTPUTS[:3]) + (["mask_logits"] if "pred_masks" in names else [])
 
 
 def export_onnx(model: nn.Module, path: str | Path, *, resolution: int, meta: dict[str, Any],
@@ -123,6 +125,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, resolution: int, meta: di
         decode_k = min(top_k, q * c)
     wrapper = GraphOutputs(fixed_input_size(model, resolution), names, decode_k).eval()
     dummy = torch.zeros(batch or 2, 3, resolution, resolution)
+    with torch.no_grad():
+        shapes = [tuple(t.shape) for t in wrapper(dummy)]
     dynamic = None if batch else {n: {0: "batch"} for n in (INPUT_NAME, *names)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -138,6 +142,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, resolution: int, meta: di
         raise OnnxExportError(f"ONNX export of {meta['model'].get('preset')} at opset {opset} "
                               f"failed: {str(exc).splitlines()[0][:300]}") from None
     graph = onnx.load(str(tmp))
+    _fix_output_shapes(graph, shapes, dynamic_batch=batch is None)
     if half:
         from onnxruntime.transformers.float16 import convert_float_to_float16
         from onnxruntime.transformers.onnx_model import OnnxModel
@@ -153,6 +158,18 @@ def export_onnx(model: nn.Module, path: str | Path, *, resolution: int, meta: di
     onnx.save(graph, str(path))
     tmp.unlink(missing_ok=True)
     return path, opset
+
+
+def _fix_output_shapes(graph: Any, shapes: Sequence[tuple[int, ...]], dynamic_batch: bool) -> None:
+    """Write each output's traced sizes into the graph (all but a dynamic batch): the exporter's
+    own symbolic names can be wrong (a seg model's mask height came out named ``batch``)."""
+    for out, shape in zip(graph.graph.output, shapes):
+        dims = out.type.tensor_type.shape.dim
+        for i, size in enumerate(shape):
+            if i == 0 and dynamic_batch:
+                dims[i].dim_param = "batch"
+            else:
+                dims[i].dim_value = int(size)
 
 
 @contextlib.contextmanager
@@ -256,8 +273,12 @@ class DecodedPostProcessor(nn.Module):
     def forward(self, outputs: dict, orig_sizes: Tensor, top_k: int = 100) -> list[dict[str, Tensor]]:
         k = min(top_k, outputs["scores"].shape[1])
         boxes = scale_boxes(outputs["boxes_xyxy"][:, :k], orig_sizes)
-        return [{"scores": s, "labels": lab, "boxes": bx}
-                for s, lab, bx in zip(outputs["scores"][:, :k], outputs["labels"][:, :k], boxes)]
+        results = [{"scores": s, "labels": lab, "boxes": bx}
+                   for s, lab, bx in zip(outputs["scores"][:, :k], outputs["labels"][:, :k], boxes)]
+        if "mask_logits" in outputs:  # as PostProcessor gives them: (k, h, w) per image
+            for r, m in zip(results, outputs["mask_logits"][:, :k]):
+                r["mask_logits"] = m
+        return results
 
 
 def load_runtime(path: str | Path, threads: int | None = None

@@ -259,7 +259,8 @@ class Recipe:
         c = self.cfg
         return self.train_data.train_batches(seed=c.run.seed, epoch=epoch, rank=self.rank,
                                              world=self.world, batch_size=c.optim.batch_size,
-                                             resolution=self.resolution, scales=self.train_scales)
+                                             resolution=self.resolution, scales=self.train_scales,
+                                             grad_accum_steps=c.optim.grad_accum_steps)
 
     def val_batches(self):
         return self.val_data.eval_batches(rank=self.rank, world=self.world,

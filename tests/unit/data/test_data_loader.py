@@ -81,3 +81,22 @@ def test_eval_batches_in_order(prepared):
     assert t["boxes"].dtype == torch.float32 and t["labels"].dtype == torch.int64
     assert t["image_id"].shape == () and t["orig_size"].tolist() == [64, 64]
     assert ((t["boxes"] > 0) & (t["boxes"] <= 1)).all()
+
+
+def test_rfdetr_step_size_is_shared_by_ranks_and_micro_batches_of_a_step(prepared):
+    """RF-DETR seeds its per-step size with the optimizer step (``random.seed(it)``): every
+    rank and every micro-batch of one step get the same size; steps differ."""
+    from raydetr.data.loader import SplitReader
+
+    reader = SplitReader(prepared, "train", DataConfig(augment="rfdetr"))
+    scales = rfdetr_scales(96, 32)
+    kw = dict(seed=0, epoch=0, world=2, batch_size=1, resolution=96, scales=scales,
+              grad_accum_steps=2)
+    sizes = [[b["images"].shape[-1] for b in reader.train_batches(rank=r, **kw)] for r in (0, 1)]
+    assert sizes[0] == sizes[1] and len(sizes[0]) == 6
+    steps = sizes[0][::2]
+    assert sizes[0][1::2] == steps  # both micro-batches of a step
+    assert all(s in scales for s in steps)
+    every = {b["images"].shape[-1] for e in range(6)
+             for b in reader.train_batches(rank=0, **{**kw, "epoch": e})}
+    assert len(every) > 2  # but the size does change from step to step

@@ -18,6 +18,7 @@ from torch import nn
 
 from raydetr.commands.cli import main
 from raydetr.config import ModelConfig
+from raydetr.model.postprocess import PostProcessor
 from raydetr.serve.detector import Detector
 from raydetr.serve.export import export_detector
 from raydetr.serve.onnx import (
@@ -172,14 +173,14 @@ def test_a_model_with_masks_exports_them_as_named_outputs(tmp_path):
     dec, _ = export_onnx(model, tmp_path / "dec.onnx", resolution=32, meta=meta, postprocess=True,
                          top_k=4)
     out = _session_outputs(dec, images)
-    assert list(out) == ["scores", "labels", "boxes_xyxy", "masks"]
-    assert out["masks"].shape == (3, 4, 8, 8)
-    # each kept detection's mask is the sigmoid of its query's mask logits
+    assert list(out) == ["scores", "labels", "boxes_xyxy", "mask_logits"]
+    assert out["mask_logits"].shape == (3, 4, 8, 8)
+    # each kept detection's mask logits are its query's
     flat = ref["pred_logits"].sigmoid().flatten(1).topk(4, dim=1).indices // 3
     for b in range(3):
         for k in range(4):
-            expect = ref["pred_masks"][b, flat[b, k]].sigmoid().numpy()
-            assert np.abs(out["masks"][b, k] - expect).max() <= 1e-5
+            expect = ref["pred_masks"][b, flat[b, k]].numpy()
+            assert np.abs(out["mask_logits"][b, k] - expect).max() <= 1e-4
 
 
 class Ranked(nn.Module):
@@ -340,3 +341,45 @@ def test_a_run_dir_exports_its_winner_or_the_other_variant(rtdetr_dir, tmp_path,
         expected = Detector.from_dir(other, device="cpu").model(images)["pred_logits"].numpy()
     got = _session_outputs(regular, images)["pred_logits"]
     assert np.abs(got - expected).max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_rfdetr_seg_nano_exports_masks_and_onnxruntime_equals_torch(tmp_path, capsys):
+    """`raydetr export` of a seg model: pred_masks is a named output with its real sizes, equal
+    to torch at batch 1 and 4; --postprocess adds the top-k detections' mask logits."""
+    res = 120  # seg-nano's multiple is 12; 10 x 10 patches hold its 100 queries
+    model_dir = write_model_dir(tmp_path / "seg", ModelConfig(preset="rfdetr-seg-nano",
+                                                              resolution=res), res)
+    assert main(["export", str(model_dir), "--format", "onnx"]) == 0
+    assert "onnxruntime vs torch, batch 4" in capsys.readouterr().out
+    path = model_dir / "model.onnx"
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    shapes = {o.name: o.shape for o in sess.get_outputs()}
+    assert shapes == {"pred_logits": ["batch", 100, 3], "pred_boxes": ["batch", 100, 4],
+                      "pred_masks": ["batch", 100, res // 4, res // 4]}
+    model = Detector.from_dir(model_dir, device="cpu").model
+    images = check_images(res, 4, seed=11)
+    with torch.no_grad():
+        ref = model(images)
+    four = _session_outputs(sess, images)
+    ones = [_session_outputs(sess, images[i:i + 1]) for i in range(4)]
+    diffs = {n: float(np.abs(four[n] - ref[n].numpy()).max())
+             for n in ("pred_logits", "pred_boxes", "pred_masks")}
+    print("seg-nano 120 px, batch 4, max |onnxruntime - torch|:", diffs)
+    assert max(diffs.values()) <= 1e-4, diffs
+    for name in diffs:
+        for i, one in enumerate(ones):  # per-image results equal across batch sizes
+            assert np.abs(one[name][0] - four[name][i]).max() <= 1e-4, (name, i)
+
+    decoded = tmp_path / "decoded.onnx"
+    assert main(["export", str(model_dir), str(decoded), "--format", "onnx",
+                 "--postprocess"]) == 0
+    out = _session_outputs(decoded, images)
+    assert list(out) == ["scores", "labels", "boxes_xyxy", "mask_logits"]
+    assert out["mask_logits"].shape == (4, 100, res // 4, res // 4)
+    sizes = torch.tensor([[res, res]] * 4)
+    expected = PostProcessor()(ref, sizes, top_k=100)  # the torch path's decode
+    for i, e in enumerate(expected):
+        assert np.array_equal(out["labels"][i], e["labels"].numpy())
+        assert np.abs(out["scores"][i] - e["scores"].numpy()).max() <= 1e-4
+        assert np.abs(out["mask_logits"][i] - e["mask_logits"].numpy()).max() <= 1e-4
