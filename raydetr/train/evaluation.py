@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from raydetr.eval.coco import with_segm
 from raydetr.eval.distributed import coco_metrics_of_matches, match_records
 from raydetr.eval.matching import DEFAULT_MAX_DETS, Matches
 from raydetr.train.engine import predict_records
@@ -79,21 +80,30 @@ def gather_matches(parts: dict[Any, Matches], rank: int,
 
 
 def evaluate_matches(records: dict[str, list[dict]], classes: list[str], rank: int, world: int,
-                     max_dets: Sequence[int] = DEFAULT_MAX_DETS
+                     max_dets: Sequence[int] = DEFAULT_MAX_DETS, segm: bool = False
                      ) -> tuple[dict[str, dict[str, Any]] | None, dict[str, float]]:
     """COCO metrics per variant of every rank's records: match here, accumulate on rank 0.
+
+    ``segm`` (a segmentation preset; every rank must pass the same): the masks are matched too
+    (pycocotools' evaluate() on this rank's images) and each variant's dict also holds
+    ``map_segm``, ``map50_segm``, ... (raydetr.eval.coco.with_segm).
 
     Returns (rank 0: {variant: coco_metrics dict}, else None) and this rank's seconds:
     ``eval_match_seconds`` (its matching), ``eval_gather_seconds`` (waiting for the slowest
     rank + the transfer), ``eval_accumulate_seconds`` (rank 0)."""
     t0 = time.perf_counter()
-    parts = {name: match_records(recs, classes, max_dets) for name, recs in records.items()}
+    iou_types = ("bbox", "segm") if segm else ("bbox",)
+    parts = {(name, iou): match_records(recs, classes, max_dets, iou_type=iou)
+             for name, recs in records.items() for iou in iou_types}
     t1 = time.perf_counter()
     gathered = gather_matches(parts, rank, world)
     t2 = time.perf_counter()
     seconds = {"eval_match_seconds": t1 - t0, "eval_gather_seconds": t2 - t1}
     if gathered is None:
         return None, seconds
-    metrics = {name: coco_metrics_of_matches(p, classes) for name, p in gathered.items()}
+    metrics = {name: with_segm(coco_metrics_of_matches(gathered[(name, "bbox")], classes),
+                               coco_metrics_of_matches(gathered[(name, "segm")], classes)
+                               if segm else None)
+               for name in records}
     seconds["eval_accumulate_seconds"] = time.perf_counter() - t2
     return metrics, seconds
