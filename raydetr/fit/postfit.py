@@ -15,6 +15,7 @@ from typing import Any
 from raydetr.artifacts import METRIC_NAMES, ModelDir, ModelMeta, RunDir, atomic_write_json
 from raydetr.config import Config
 from raydetr.model.build import resolve_model_config
+from raydetr.record import SEGM_METRIC_KEYS
 from raydetr.registry.publish import publish
 from raydetr.serve.export import export_for_registry
 from raydetr.train.checkpoint import BEST_FILES, latest_checkpoint, read_bests, read_state
@@ -64,7 +65,8 @@ def strip_winner(checkpoint_dir: Path, winner_dir: Path, *, dataset: str,
     meta = ModelMeta(
         classes=list(state["classes"]), model=cfg.model.model_dump(mode="json"),
         resolution=int(resolve_model_config(cfg.model)["resolution"]), variant=variant,
-        dataset=dataset, metrics={k: row.get(f"{k}{suffix}") for k in METRIC_NAMES},
+        dataset=dataset, metrics={k: row.get(f"{k}{suffix}") for k in METRIC_NAMES}
+        | {k: row[f"{k}{suffix}"] for k in SEGM_METRIC_KEYS if f"{k}{suffix}" in row},
         ema_decay=best.decay if variant == "ema" else None,
         shadow=best.shadow if variant == "ema" else None,
         best_map=bests.regular.map, best_map_ema=bests.map_ema, epoch=best.epoch,

@@ -113,7 +113,7 @@ def _random_records(seed: int, n_images: int, classes: int, max_gt: int = 6, det
         h, w = int(rng.integers(40, 160)), int(rng.integers(40, 160))
         yy, xx = np.mgrid[:h, :w]
 
-        def shape():
+        def shape(h=h, w=w, yy=yy, xx=xx):
             cx, cy = rng.uniform(0, w), rng.uniform(0, h)
             rx, ry = rng.uniform(1, w / 2), rng.uniform(1, h / 2)
             if rng.random() < 0.5:
