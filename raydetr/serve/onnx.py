@@ -256,8 +256,12 @@ class DecodedPostProcessor(nn.Module):
     def forward(self, outputs: dict, orig_sizes: Tensor, top_k: int = 100) -> list[dict[str, Tensor]]:
         k = min(top_k, outputs["scores"].shape[1])
         boxes = scale_boxes(outputs["boxes_xyxy"][:, :k], orig_sizes)
-        return [{"scores": s, "labels": lab, "boxes": bx}
-                for s, lab, bx in zip(outputs["scores"][:, :k], outputs["labels"][:, :k], boxes)]
+        results = [{"scores": s, "labels": lab, "boxes": bx}
+                   for s, lab, bx in zip(outputs["scores"][:, :k], outputs["labels"][:, :k], boxes)]
+        if "masks" in outputs:  # probabilities in the graph; logits for PostProcessor's contract
+            for r, m in zip(results, outputs["masks"][:, :k]):
+                r["mask_logits"] = torch.logit(m.float(), eps=1e-7)
+        return results
 
 
 def load_runtime(path: str | Path, threads: int | None = None
