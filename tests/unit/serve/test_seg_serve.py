@@ -126,3 +126,30 @@ def test_evaluate_table_shows_segm_beside_bbox():
     assert "map             1.0000  0.0000" in table
     assert "AP bbox AP segm" in table and "tumor" in table
     assert {"map", "map_segm", "mar_segm"} <= set(scalar_keys(metrics))
+
+
+def test_decoded_onnx_masks_reach_the_same_mask_logits(tmp_path):
+    """A ``--postprocess`` graph returns mask probabilities; its postprocessor turns them back
+    into logits, so the masks at the original size are those of the torch model."""
+    from test_onnx_export import MaskHead
+
+    from raydetr.model.postprocess import PostProcessor
+    from raydetr.serve.onnx import check_images, export_onnx, load_runtime
+
+    model = MaskHead().eval()
+    meta = {"classes": ["a", "b", "c"], "num_classes": 3, "model": {"preset": "mask-test"},
+            "resolution": 32}
+    path, _ = export_onnx(model, tmp_path / "dec.onnx", resolution=32, meta=meta,
+                          postprocess=True, top_k=4)
+    runtime, post, _ = load_runtime(path)
+    images = check_images(32, 2)
+    sizes = torch.tensor([[40, 50], [32, 20]])
+    got = post(runtime(images), sizes, top_k=4)
+    with torch.no_grad():
+        want = PostProcessor()(model(images), sizes, top_k=4)
+    for g, w, (h, wd) in zip(got, want, sizes.tolist()):
+        clear = w["mask_logits"].abs() > 1e-2  # away from 0, the sign is the same
+        assert (g["mask_logits"][clear].sign() == w["mask_logits"][clear].sign()).all()
+        a = torch.cat(list(masks_at_size(g["mask_logits"], (h, wd))))
+        b = torch.cat(list(masks_at_size(w["mask_logits"], (h, wd))))
+        assert (a != b).float().mean() < 1e-3
