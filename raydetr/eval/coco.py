@@ -106,15 +106,20 @@ def _iou_type(iou_type: str) -> str:
     return iou_type
 
 
-def encode_rle(masks: np.ndarray) -> list[dict[str, Any]]:
+def encode_rle(masks: np.ndarray, transposed: bool = False) -> list[dict[str, Any]]:
     """bool (or 0/1) masks [n, H, W] -> n COCO RLEs ``{"size": [H, W], "counts": bytes}``
-    (pycocotools' compressed form). A few masks at a time keeps the copy small."""
+    (pycocotools' compressed form). ``transposed``: the masks come as [n, W, H], each mask
+    transposed and the array C-contiguous, which is the column-major layout pycocotools reads:
+    encoded without a copy. A few masks at a time keeps any copy small."""
     masks = np.asarray(masks)
     if masks.ndim != 3:
         raise ValueError(f"encode_rle: masks must be [n, H, W], got shape {masks.shape}")
     if len(masks) == 0:
         return []
-    return mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0), dtype=np.uint8))
+    hwn = masks.transpose(2, 1, 0) if transposed else masks.transpose(1, 2, 0)
+    if hwn.dtype == bool:
+        hwn = hwn.view(np.uint8)  # same bytes, no copy
+    return mask_utils.encode(np.asfortranarray(hwn, dtype=np.uint8))
 
 
 def decode_rle(rles: Sequence[dict[str, Any]]) -> np.ndarray:

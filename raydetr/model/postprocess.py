@@ -84,10 +84,23 @@ def masks_at_size(mask_logits: Tensor, size_hw: tuple[int, int], chunk: int = 8
 
 def masks_rle(mask_logits: Tensor, size_hw: tuple[int, int], chunk: int = 8) -> list[dict]:
     """COCO RLEs (raydetr.eval.coco.encode_rle) of ``masks_at_size``: the detections' masks at
-    the original size, encoded ``chunk`` at a time (peak: ``chunk`` full-size float masks)."""
+    the original size, ``chunk`` at a time (peak: ``chunk`` full-size float masks).
+
+    The same pixels as ``masks_at_size``, less work: a logit map with no positive value gives an
+    empty mask (bilinear weights are >= 0, so no output is > 0) and is not resized; the bool
+    masks are transposed on the resize's device so pycocotools reads them without a copy."""
+    h, w = int(size_hw[0]), int(size_hw[1])
     out: list[dict] = []
-    for part in masks_at_size(mask_logits, size_hw, chunk):
-        out.extend(encode_rle(part.cpu().numpy()))
+    for start in range(0, mask_logits.shape[0], chunk):
+        part = mask_logits[start:start + chunk]
+        positive = (part > 0).flatten(1).any(dim=1)
+        masks_wh = torch.zeros((part.shape[0], w, h), dtype=torch.bool)  # [n, W, H]
+        if bool(positive.any()):
+            full = F.interpolate(part[positive, None].float(), size=(h, w), mode="bilinear",
+                                 align_corners=False)[:, 0] > 0
+            masks_wh[positive.cpu()] = full.transpose(1, 2).cpu()
+            del full
+        out.extend(encode_rle(masks_wh.numpy(), transposed=True))
     return out
 
 

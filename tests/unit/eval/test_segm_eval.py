@@ -54,6 +54,8 @@ def test_rle_round_trip_and_area():
     as_text = [{"size": r["size"], "counts": r["counts"].decode()} for r in rles]  # JSON form
     np.testing.assert_array_equal(coco.decode_rle(as_text), masks)
     assert coco.encode_rle(np.zeros((0, 4, 4), bool)) == []
+    # masks handed over transposed ([n, W, H], C-contiguous): the same RLEs
+    assert coco.encode_rle(np.ascontiguousarray(masks.transpose(0, 2, 1)), transposed=True) == rles
 
 
 def test_masks_decide_segm_boxes_decide_bbox():

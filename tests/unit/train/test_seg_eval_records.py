@@ -95,7 +95,10 @@ def test_no_masks_without_ground_truth_masks_or_when_off():
 def test_rle_encoding_equals_full_size_masks_whatever_the_chunk():
     torch.manual_seed(0)
     logits = torch.randn(11, 13, 17)
+    logits[[2, 3, 9]] = -logits[[2, 3, 9]].abs()  # no positive logit: empty masks, not resized
+    logits[3, 5, 5] = 0.0  # zero is not positive either
     full = torch.cat(list(masks_at_size(logits, (50, 70), chunk=11))).numpy()
+    assert not full[[2, 3, 9]].any() and full.any(axis=(1, 2)).sum() == 8
     for chunk in (1, 3, 8):
         np.testing.assert_array_equal(decode_rle(masks_rle(logits, (50, 70), chunk=chunk)), full)
     gt = torch.rand(5, 32, 32) > 0.5
