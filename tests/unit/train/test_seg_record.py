@@ -95,3 +95,17 @@ def _flatten(d, prefix=""):
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def test_curves_of_a_seg_run_are_its_mask_map():
+    from raydetr.registry.plots import map_series
+
+    history = [_seg_record(e, 0.1 * e, (0.15 * e, 0.2 * e)).to_report(with_record=False)
+               for e in (1, 2)]
+    series = {label: ys for label, _, ys in map_series(history)}
+    assert series == {"regular": [0.1, 0.2], "EMA decay 0.99": [0.15, 0.3],
+                      "EMA decay 0.999": [0.2, 0.4]}
+    for row in history:  # a detection history draws its box mAP as before
+        for k in [k for k in row if "segm" in k]:
+            del row[k]
+    assert {label: ys for label, _, ys in map_series(history)}["regular"] == [0.4, 0.4]
