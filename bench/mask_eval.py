@@ -16,7 +16,8 @@ Two ways to turn them into COCO segm metrics, each run in its own process (its p
 memory is its own), alternating, ``--repeats`` times (medians reported):
 
 - ``raydetr``: per image, ``raydetr.model.postprocess.masks_rle`` (8 masks at a time resized
-  bilinearly to 640 x 640, > 0, RLE-encoded), then ``match_records(iou_type="segm")`` (pycocotools'
+  bilinearly to 640 x 640, > 0, RLE-encoded), the heap's free pages handed back after each
+  batch (``raydetr.train.memory.release_freed_memory``, as ``predict_records`` does), then ``match_records(iou_type="segm")`` (pycocotools'
   evaluate() on this process's images) and ``coco_metrics_of_matches`` (accumulate): the path of
   each training worker and of ``raydetr evaluate``.
 - ``all-at-once``: the memory pattern RF-DETR 1.4.1's evaluation has (its PostProcess resizes all
@@ -143,6 +144,7 @@ def child(side: str, images: int, k: int, threads: int) -> dict[str, Any]:
 
     from raydetr.eval.distributed import coco_metrics_of_matches, match_records
     from raydetr.model.postprocess import masks_rle
+    from raydetr.train.memory import release_freed_memory
 
     torch.set_num_threads(threads)
     gts = load_ground_truth(images)
@@ -156,9 +158,10 @@ def child(side: str, images: int, k: int, threads: int) -> dict[str, Any]:
     for start in range(0, len(gts), BATCH):
         batch = [(gt, *synthetic_outputs(gt, k, seed=gt["id"] + 1)) for gt in gts[start:start + BATCH]]
         t0 = time.perf_counter()
-        if side == "raydetr":
+        if side == "raydetr":  # what predict_records does per val batch
             for gt, logits, scores, boxes in batch:
                 records.append(_record(gt, scores, boxes, masks_rle(logits, (gt["h"], gt["w"]))))
+            release_freed_memory()
         else:
             held = []
             for gt, logits, _, _ in batch:

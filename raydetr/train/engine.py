@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from raydetr.eval.coco import coco_metrics  # written separately; imported when needed
 from raydetr.model.postprocess import gt_masks_rle, masks_rle
 from raydetr.ops.boxes import box_cxcywh_to_xyxy
+from raydetr.train.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def predict_records(models: dict[str, nn.Module], postprocessor: nn.Module, batc
         images = batch["images"].to(device, non_blocking=True)
         targets = batch["targets"]
         sizes = torch.stack([torch.as_tensor(t["orig_size"]) for t in targets]).long()
-        gts = []
+        gts, encoded = [], False
         for t in targets:
             h, w = (int(v) for v in t["orig_size"])
             scale = torch.tensor([w, h, w, h], dtype=torch.float32)
@@ -198,7 +199,10 @@ def predict_records(models: dict[str, nn.Module], postprocessor: nn.Module, batc
                 if gt_masks is not None and "mask_logits" in det:
                     rec["masks"] = masks_rle(det["mask_logits"], (h, w))
                     rec["gt_masks"] = gt_masks
+                    encoded = True
                 records[name].append(rec)
+        if encoded:  # full-size temporaries freed between the kept RLEs: give the pages back
+            release_freed_memory()
     return records
 
 
