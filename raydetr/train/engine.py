@@ -155,7 +155,9 @@ def _gt_masks(target: dict, size_hw: tuple[int, int]) -> list[dict] | None:
 def predict_records(models: dict[str, nn.Module], postprocessor: nn.Module, batches: Iterable[dict],
                     device: torch.device | str, amp_dtype: torch.dtype | None = None,
                     top_k: int = 100, before: Callable[[str], None] | None = None,
-                    masks: bool = True) -> dict[str, list[dict]]:
+                    masks: bool = True,
+                    on_masks: Callable[[str, list[dict]], None] | None = None
+                    ) -> dict[str, list[dict]]:
     """Eval records per model variant (see the contract); each batch is moved once and run
     through every variant. ``before(name)`` runs before each variant's forward: several
     variants can share one module whose weights it swaps in (one eval model for every EMA
@@ -164,7 +166,9 @@ def predict_records(models: dict[str, nn.Module], postprocessor: nn.Module, batc
 
     Masks (``masks`` True, a model that outputs ``pred_masks`` and targets with ``masks``):
     records also get ``masks`` / ``gt_masks``, COCO RLEs at the original size, encoded image by
-    image a few masks at a time (raydetr.model.postprocess.masks_rle).
+    image a few masks at a time (raydetr.model.postprocess.masks_rle). ``on_masks(variant,
+    records)``: called with each batch's records of each variant that carry masks, which then
+    drop them (the caller has matched them: the RLEs of one batch are held, not a split's).
     """
     device = torch.device(device)
     for m in models.values():
@@ -201,6 +205,11 @@ def predict_records(models: dict[str, nn.Module], postprocessor: nn.Module, batc
                     rec["gt_masks"] = gt_masks
                     encoded = True
                 records[name].append(rec)
+            if encoded and on_masks is not None:
+                batch_records = records[name][-len(gts):]
+                on_masks(name, batch_records)
+                for rec in batch_records:
+                    del rec["masks"], rec["gt_masks"]
         if encoded:  # full-size temporaries freed between the kept RLEs: give the pages back
             release_freed_memory()
     return records

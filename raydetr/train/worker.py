@@ -52,7 +52,7 @@ from raydetr.train.checkpoint import (
     write_checkpoint,
 )
 from raydetr.train.engine import train_one_epoch
-from raydetr.train.evaluation import ShadowEvaluator, evaluate_matches
+from raydetr.train.evaluation import MaskMatcher, ShadowEvaluator, evaluate_matches
 from raydetr.train.memory import keep_freed_memory
 from raydetr.train.optim import build_lr_scheduler, build_optimizer
 from raydetr.train.pretrained import load_pretrained
@@ -295,13 +295,14 @@ class Recipe:
         t0 = time.perf_counter()
         self.model.eval()
         num_select, max_dets = eval_settings(self.cfg.model.preset)  # RF-DETR: 300, 500
+        segm = is_segmentation(self.cfg.model.preset)  # masks too; mask mAP decides
+        masks = MaskMatcher(self.args.classes, (1, 10, max_dets)) if segm else None  # per batch
         records = self.evaluator.predict(self.postprocessor, self.val_batches(), self.device,
-                                         self.amp_dtype, top_k=num_select)
+                                         self.amp_dtype, top_k=num_select, on_masks=masks)
         predict_seconds = time.perf_counter() - t0
         # each rank matches its own images; rank 0 accumulates (raydetr.eval.distributed)
-        segm = is_segmentation(self.cfg.model.preset)  # masks too; mask mAP decides
         res, coco_seconds = evaluate_matches(records, self.args.classes, self.rank, self.world,
-                                             max_dets=(1, 10, max_dets), segm=segm)
+                                             max_dets=(1, 10, max_dets), segm=segm, masks=masks)
         if res is None:
             return None
         eval_seconds = time.perf_counter() - t0  # predict + match + gather + accumulate

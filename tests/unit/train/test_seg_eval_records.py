@@ -13,7 +13,7 @@ from torch import nn
 from raydetr.eval.coco import decode_rle
 from raydetr.model.postprocess import PostProcessor, gt_masks_rle, masks_at_size, masks_rle
 from raydetr.train.engine import predict_records
-from raydetr.train.evaluation import evaluate_matches
+from raydetr.train.evaluation import MaskMatcher, evaluate_matches
 
 S = 32  # model input
 ORIG_HW = (48, 64)  # stretched to S x S by the data path
@@ -104,3 +104,24 @@ def test_rle_encoding_equals_full_size_masks_whatever_the_chunk():
     gt = torch.rand(5, 32, 32) > 0.5
     same = decode_rle(gt_masks_rle(gt, (32, 32)))
     np.testing.assert_array_equal(same, gt.numpy())
+
+
+@pytest.mark.parametrize("shift", [0, 1, 2])
+def test_masks_matched_batch_by_batch_give_the_same_metrics(shift):
+    """The worker's way (MaskMatcher: each batch's masks matched as they come, the records keep
+    none) equals matching every record's masks at the end."""
+    model, post = FixedSegmenter(shift=shift), PostProcessor()
+    whole = predict_records({"m": model, "n": model}, post, _batches(5), "cpu", top_k=6)
+    matcher = MaskMatcher(["a", "b"], (1, 10, 100))
+    lean = predict_records({"m": model, "n": model}, post, _batches(5), "cpu", top_k=6,
+                           on_masks=matcher)
+    assert all("masks" not in r and "gt_masks" not in r for r in lean["m"] + lean["n"])
+    assert len(matcher.batches["m"]) == 3  # batches of 2, 2, 1 images
+    want, _ = evaluate_matches(whole, ["a", "b"], rank=0, world=1, segm=True)
+    got, _ = evaluate_matches(lean, ["a", "b"], rank=0, world=1, segm=True, masks=matcher)
+    assert got == want
+    assert 0 <= got["m"]["map_segm"] <= 1 and got["m"]["map"] == pytest.approx(1.0)
+    # a rank without val images: empty matches with the same parameters
+    empty, _ = evaluate_matches({"m": []}, ["a", "b"], rank=0, world=1, segm=True,
+                                masks=MaskMatcher(["a", "b"], (1, 10, 100)))
+    assert empty["m"]["map_segm"] == 0.0
