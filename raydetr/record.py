@@ -69,7 +69,8 @@ def score_of(map_regular: float, map_ema: float | None, metric: str = "best") ->
 
 @dataclass
 class Best:
-    """Best-so-far mAP of one variant. ``epoch`` counts from 1; -1 means no evaluation yet."""
+    """Best-so-far mAP of one variant (of the metric that decides: ``map``, or ``map_segm`` for a
+    segmentation preset). ``epoch`` counts from 1; -1 means no evaluation yet."""
 
     map: float = -1.0
     epoch: int = -1
