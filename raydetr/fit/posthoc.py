@@ -210,10 +210,9 @@ def format_table(rows: list[dict[str, Any]], best: dict[str, Any], winner: Model
         lines.append("  ".join(f"{v:>10.4f}" if isinstance(v, float) else f"{v:>10}"
                                for v in vals) + mark)
     if winner:
-        m = (winner.get("metrics") or {}).get("map")
-        lines.append(f"run winner: {winner.get('variant')} weights, epoch "
-                     f"{int(winner.get('epoch', -1))}, mAP "
-                     f"{m:.4f}" if m is not None else "run winner: mAP unknown")
+        m = winner.metrics.get("map")
+        lines.append(f"run winner: {winner.variant} weights, epoch {winner.epoch}, mAP {m:.4f}"
+                     if m is not None else "run winner: mAP unknown")
     return "\n".join(lines)
 
 

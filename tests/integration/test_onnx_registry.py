@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import yaml
 
+from raydetr.artifacts import read_meta
 from raydetr.commands.cli import main
 from raydetr.config import Config, LossConfig, ModelConfig
+from raydetr.fit.postfit import publish_winner
 from raydetr.serve.detector import Detector
 
 pytestmark = pytest.mark.slow
@@ -108,12 +110,10 @@ def test_register_attaches_the_onnx_file(client, mlflow_server, tmp_path, capsys
 
 
 def test_post_fit_attaches_the_onnx_file(client, mlflow_server, tmp_path):
-    from raydetr.fit.postfit import publish_winner
-
     run_dir = _run_dir(tmp_path, mlflow_server.uri)
     cfg = Config.model_validate(json.loads((run_dir / "config.json").read_text()))
     cfg.mlflow.onnx = True
-    meta = json.loads((run_dir / "winner" / "meta.json").read_text())
+    meta = read_meta(run_dir / "winner" / "meta.json")
     info = publish_winner(cfg, run_dir, run_dir / "winner", HISTORY, meta)
     assert info is not None and info["model_name"] == NAME
     onnx_file = _check_version(client, str(info["version"]), tmp_path / "download")

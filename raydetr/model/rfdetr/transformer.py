@@ -83,8 +83,7 @@ class Transformer(nn.Module):
             # The box head runs on the k selected cells only (RF-DETR runs it on every cell,
             # then gathers; the head is per row, so the selected boxes are the same).
             sel = torch.gather(feats, 1, idx.unsqueeze(-1).repeat(1, 1, self.d_model))
-            props = torch.gather(proposals[None].expand(len(idx), -1, -1), 1,
-                                 idx.unsqueeze(-1).repeat(1, 1, 4))
+            props = proposals[idx]  # (B, k, 4); indexing keeps the batch size dynamic in ONNX
             boxes_sel.append(apply_box_delta(self.enc_out_bbox_embed[g](sel), props))
             feats_sel.append(sel)
         boxes_all = torch.cat(boxes_sel, dim=1)
