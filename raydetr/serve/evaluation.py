@@ -18,9 +18,11 @@ from raydetr.config.presets import eval_settings
 from raydetr.data.loader import iter_local_batches
 from raydetr.data.parquet import has_info, load_info, prepare_dataset, verify_shards
 from raydetr.errors import UserError
-from raydetr.eval.coco import SEGM_SUFFIX, coco_metrics_all, has_masks
+from raydetr.eval.coco import SEGM_SUFFIX, coco_metrics, with_segm
+from raydetr.eval.distributed import coco_metrics_of_matches
 from raydetr.serve.detector import Detector
 from raydetr.train.engine import predict_records
+from raydetr.train.evaluation import MaskMatcher
 
 SCALAR_KEYS = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "mar", "mar1",
                "mar10")
@@ -100,21 +102,39 @@ def run_evaluation(detector: Detector, prepared: Path, split: str) -> dict[str, 
     bar = tqdm(batches, total=math.ceil(n_images / BATCH_SIZE), desc=f"evaluate {split}",
                unit="batch", disable=n_images < 4 * BATCH_SIZE or None)
     num_select, max_dets = eval_settings(str(detector.meta.get("model", {}).get("preset", "")))
+    remapped: set[int] = set()
+
+    def remap_classes(rec: dict[str, Any]) -> None:
+        if remap is None or id(rec) in remapped:
+            return
+        remapped.add(id(rec))
+        labels = remap[rec["labels"]]
+        keep = labels >= 0
+        rec.update(labels=labels[keep], scores=rec["scores"][keep], boxes=rec["boxes"][keep])
+        if "masks" in rec:
+            rec["masks"] = [m for m, k in zip(rec["masks"], keep) if k]
+
+    # a seg model's masks are matched batch by batch and dropped (one batch of RLEs held)
+    matcher = MaskMatcher(classes, (1, 10, max_dets))
+
+    def match_masks(name: str, recs: list[dict]) -> None:
+        for rec in recs:
+            remap_classes(rec)
+        matcher(name, recs)
+
     with torch.no_grad():
         records = predict_records({"model": detector.model}, detector.postprocessor, bar,
-                                  detector.device, top_k=num_select)["model"]
-    if remap is not None:
-        for rec in records:
-            labels = remap[rec["labels"]]
-            keep = labels >= 0
-            rec.update(labels=labels[keep], scores=rec["scores"][keep], boxes=rec["boxes"][keep])
-            if "masks" in rec:
-                rec["masks"] = [m for m, k in zip(rec["masks"], keep) if k]
-    if detector.segmentation and not has_masks(records):
+                                  detector.device, top_k=num_select,
+                                  on_masks=match_masks)["model"]
+    for rec in records:
+        remap_classes(rec)
+    if detector.segmentation and "model" not in matcher.batches:
         print("the model predicts masks but the dataset has none: bbox metrics only",
               file=sys.stderr)
-    # bbox, and segm (map_segm, ..., per_class_segm) when the records carry masks
-    metrics = coco_metrics_all(records, classes, max_dets=max_dets)
+    # bbox, and segm (map_segm, ..., per_class_segm) when masks were matched
+    metrics = with_segm(coco_metrics(records, classes, max_dets=max_dets),
+                        coco_metrics_of_matches([matcher.part("model")], classes)
+                        if "model" in matcher.batches else None)
     metrics["max_dets"] = max_dets
     metrics["images"] = len(records)
     return metrics

@@ -6,6 +6,7 @@ table shows segm beside bbox. A detection model's output is unchanged."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -153,3 +154,38 @@ def test_decoded_onnx_masks_reach_the_same_mask_logits(tmp_path):
         a = torch.cat(list(masks_at_size(g["mask_logits"], (h, wd))))
         b = torch.cat(list(masks_at_size(w["mask_logits"], (h, wd))))
         assert (a != b).float().mean() < 1e-3
+
+
+def test_run_evaluation_reports_segm_for_a_seg_model(seg_detector, tmp_path, monkeypatch, capsys):
+    """``raydetr evaluate``'s path with a seg model: on a box-only dataset bbox alone (said);
+    with masks in the val targets (here each box filled, at the model input size, until the
+    prepared format carries masks) bbox and segm, from the same records."""
+    import raydetr.serve.evaluation as serve_eval
+    from raydetr.data.parquet import prepare_dataset
+    from raydetr.data.synthetic import make_synthetic
+
+    raw = make_synthetic(tmp_path / "shapes", train_images=2, val_images=10, image_size=64, seed=4)
+    prepared = tmp_path / "prepared"
+    prepare_dataset(Path(raw), prepared)
+    boxes_only = serve_eval.run_evaluation(seg_detector, prepared, "val")
+    assert "map_segm" not in boxes_only and boxes_only["images"] == 10
+    assert "bbox metrics only" in capsys.readouterr().err
+
+    real = serve_eval.iter_local_batches
+
+    def with_box_masks(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            s = batch["images"].shape[-1]
+            for t in batch["targets"]:
+                m = torch.zeros(len(t["boxes"]), s, s, dtype=torch.bool)
+                for i, (cx, cy, w, h) in enumerate(t["boxes"].tolist()):
+                    m[i, int((cy - h / 2) * s):int((cy + h / 2) * s) + 1,
+                      int((cx - w / 2) * s):int((cx + w / 2) * s) + 1] = True
+                t["masks"] = m
+            yield batch
+
+    monkeypatch.setattr(serve_eval, "iter_local_batches", with_box_masks)
+    both = serve_eval.run_evaluation(seg_detector, prepared, "val")
+    assert both["map"] == boxes_only["map"] and both["images"] == 10
+    assert {"map_segm", "map50_segm", "mar_segm", "per_class_segm"} <= set(both)
+    assert "segm" in format_table(both, "seg on shapes").splitlines()[1]
