@@ -45,7 +45,7 @@ def release_freed_memory() -> bool:
     Mask evaluation frees a few full-size float masks per chunk while the small RLEs it keeps
     are allocated between them: glibc serves such large blocks from the heap once its dynamic
     mmap threshold has risen, and the long-lived RLEs pin the freed space, so the resident set
-    grows by a few MB per image (bench/mask_eval.py). Called once per val batch that encoded
+    grows with every image. Called once per val batch that encoded
     masks, it keeps the evaluation's resident set to what it really holds. In a CPU training
     worker (``keep_freed_memory``) the next step faults its pages in again, once per epoch.
     """
