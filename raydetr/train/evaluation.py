@@ -118,6 +118,10 @@ def evaluate_matches(records: dict[str, list[dict]], classes: list[str], rank: i
     parts = {(name, "bbox"): match_records(recs, classes, max_dets) for name, recs in records.items()}
     if segm:
         for name, recs in records.items():
+            if masks is not None and recs and name not in masks.batches and not has_masks(recs):
+                raise ValueError(
+                    f"segm evaluation: none of this rank's {len(recs)} val images came with "
+                    "masks (targets 'masks'); a segmentation preset needs a dataset with masks")
             parts[(name, "segm")] = (masks.part(name) if masks is not None and not has_masks(recs)
                                      else match_records(recs, classes, max_dets, iou_type="segm"))
     t1 = time.perf_counter()

@@ -125,3 +125,11 @@ def test_masks_matched_batch_by_batch_give_the_same_metrics(shift):
     empty, _ = evaluate_matches({"m": []}, ["a", "b"], rank=0, world=1, segm=True,
                                 masks=MaskMatcher(["a", "b"], (1, 10, 100)))
     assert empty["m"]["map_segm"] == 0.0
+
+
+def test_seg_evaluation_without_masks_in_the_targets_says_so():
+    matcher = MaskMatcher(["a", "b"], (1, 10, 100))
+    recs = predict_records({"m": FixedSegmenter()}, PostProcessor(), _batches(masks=False), "cpu",
+                           top_k=6, on_masks=matcher)
+    with pytest.raises(ValueError, match="none of this rank's 3 val images came with masks"):
+        evaluate_matches(recs, ["a", "b"], rank=0, world=1, segm=True, masks=matcher)
