@@ -11,6 +11,11 @@ the report's ``epoch`` / ``best_map_epoch``, history rows, MLflow steps, ``epoch
 meta.json). The training loop counts a 0-based index; :func:`epoch_number` is the one conversion.
 
     winner(best_map=0.41, best_map_ema=0.43)   # -> "ema"  (RF-DETR: strictly higher wins)
+
+One metric decides (``EpochResult.metric``): the bests, the winner, early stopping and the
+search score read it. It is COCO bbox ``map``, or for a segmentation preset the mask mAP
+``map_segm`` (RF-DETR chooses seg checkpoints by segm AP); ``Best.map`` holds that metric's
+value and the report names the bests after it (``best_map`` / ``best_map_segm``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,19 @@ from raydetr.ema.shadow import Shadow
 
 Variant = Literal["regular", "ema"]
 METRIC_KEYS = ("map", "map50", "map75", "mar")
+# COCO segm of a segmentation preset, beside METRIC_KEYS (bbox) in the same metric dicts
+SEGM_METRIC_KEYS = ("map_segm", "map50_segm", "map75_segm", "mar_segm")
 RECORD_KEY = "record"  # the typed record inside Ray's report (EpochResult.to_dict)
+
+
+def deciding_metric(segmentation: bool) -> str:
+    """The metric that decides a run: ``map_segm`` for a segmentation preset, else ``map``."""
+    return "map_segm" if segmentation else "map"
+
+
+def metric_keys(segmentation: bool) -> tuple[str, ...]:
+    """The COCO metrics an epoch records per variant: bbox, and segm for a segmentation preset."""
+    return (*METRIC_KEYS, *SEGM_METRIC_KEYS) if segmentation else METRIC_KEYS
 
 
 def epoch_number(index: int) -> int:
@@ -52,7 +69,8 @@ def score_of(map_regular: float, map_ema: float | None, metric: str = "best") ->
 
 @dataclass
 class Best:
-    """Best-so-far mAP of one variant. ``epoch`` counts from 1; -1 means no evaluation yet."""
+    """Best-so-far mAP of one variant (of the metric that decides: ``map``, or ``map_segm`` for a
+    segmentation preset). ``epoch`` counts from 1; -1 means no evaluation yet."""
 
     map: float = -1.0
     epoch: int = -1
@@ -86,7 +104,8 @@ class Bests:
 @dataclass
 class EpochResult:
     """What one epoch produced (rank 0). ``ema`` maps each shadow (``raydetr.ema.shadow``) to
-    its COCO metrics; the ``*_ema`` report keys are those of the best shadow this epoch."""
+    its COCO metrics; the ``*_ema`` report keys are those of the best shadow this epoch (best by
+    ``metric``, the key of the metric dicts that decides: see :func:`deciding_metric`)."""
 
     epoch: int  # from 1: see epoch_number
     step: int  # optimizer steps done after this epoch
@@ -98,17 +117,30 @@ class EpochResult:
     train: dict[str, float] = field(default_factory=dict)  # train_loss, lr, images_per_s, ...
     ema_decay_now: float | None = None  # first shadow's current (scheduled) decay
     early_stopping_counter: int | None = None
+    metric: str = "map"  # what decides: "map" (bbox) or "map_segm" (segmentation presets)
 
     @property
     def best_shadow(self) -> Shadow | None:
         if not self.ema:
             return None
-        return max(self.ema, key=lambda s: self.ema[s]["map"])
+        return max(self.ema, key=lambda s: self.ema[s][self.metric])
 
     @property
     def map_ema(self) -> float | None:
+        """bbox mAP of the best shadow."""
         s = self.best_shadow
         return None if s is None else float(self.ema[s]["map"])
+
+    @property
+    def value(self) -> float:
+        """The deciding metric of the regular weights."""
+        return float(self.regular[self.metric])
+
+    @property
+    def value_ema(self) -> float | None:
+        """The deciding metric of the best shadow (None without EMA)."""
+        s = self.best_shadow
+        return None if s is None else float(self.ema[s][self.metric])
 
     @property
     def winner(self) -> Variant:
@@ -123,7 +155,7 @@ class EpochResult:
                         for s, m in self.ema.items()},
                 "bests": self.bests.to_dict(), "score": self.score, "monitored": self.monitored,
                 "train": dict(self.train), "ema_decay_now": self.ema_decay_now,
-                "early_stopping_counter": self.early_stopping_counter}
+                "early_stopping_counter": self.early_stopping_counter, "metric": self.metric}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EpochResult:
@@ -134,7 +166,8 @@ class EpochResult:
                    bests=Bests.from_dict(d["bests"]), score=float(d["score"]),
                    monitored=float(d["monitored"]), train=dict(d.get("train", {})),
                    ema_decay_now=d.get("ema_decay_now"),
-                   early_stopping_counter=d.get("early_stopping_counter"))
+                   early_stopping_counter=d.get("early_stopping_counter"),
+                   metric=str(d.get("metric", "map")))
 
     @classmethod
     def from_result(cls, result: dict[str, Any]) -> EpochResult | None:
@@ -157,23 +190,27 @@ class EpochResult:
         """The flat metrics dict (ARCHITECTURE.md contract) for ``ray.train.report``, Tune and
         MLflow, plus the record under ``"record"`` (``with_record=False``: a history row)."""
         m: dict[str, Any] = {"epoch": self.epoch, "step": self.step}
-        m.update({k: float(self.regular[k]) for k in METRIC_KEYS})
+        keys = [k for k in (*METRIC_KEYS, *SEGM_METRIC_KEYS) if k in self.regular]
+        m.update({k: float(self.regular[k]) for k in keys})
         best = self.best_shadow
         if best is not None:
-            m.update({f"{k}_ema": float(self.ema[best][k]) for k in METRIC_KEYS})
+            m.update({f"{k}_ema": float(self.ema[best][k]) for k in keys})
             for shadow, met in self.ema.items():
-                m[shadow.metric("map")] = float(met["map"])
-                m[shadow.metric("map50")] = float(met["map50"])
+                for k in ("map", "map50", "map_segm", "map50_segm"):
+                    if k in met:
+                        m[shadow.metric(k)] = float(met[k])
             m["map_ema_decay"] = best.decay
             m["map_ema_decay_effective"] = best.effective
         if self.ema_decay_now is not None:
             m["ema_decay"] = float(self.ema_decay_now)
-        m.update(
-            best_map=self.bests.regular.map, best_map_epoch=self.bests.regular.epoch,
-            best_map_ema=self.bests.ema.map if self.ema else -1.0,
-            best_map_ema_epoch=self.bests.ema.epoch,
-            winner_is_ema=int(self.winner == "ema"), score=self.score, monitored=self.monitored,
-        )
+        b = f"best_{self.metric}"  # best_map, or best_map_segm for a segmentation preset
+        m.update({
+            b: self.bests.regular.map, f"{b}_epoch": self.bests.regular.epoch,
+            f"{b}_ema": self.bests.ema.map if self.ema else -1.0,
+            f"{b}_ema_epoch": self.bests.ema.epoch,
+            "winner_is_ema": int(self.winner == "ema"), "score": self.score,
+            "monitored": self.monitored,
+        })
         if self.early_stopping_counter is not None:
             m["early_stopping_counter"] = self.early_stopping_counter
         m.update({k: float(v) for k, v in self.train.items()})
@@ -185,16 +222,22 @@ class EpochResult:
         """The one log line of an epoch: both mAPs with their bests, the early-stopping counter,
         speed, lr, winner. Its epochs are numbered from 1 (``epoch_number``)."""
         b = self.bests
-        parts = [
-            f"epoch {self.epoch}/{epochs}",
-            f"loss {self.train.get('train_loss', math.nan):.4f}",
-            f"mAP {self.regular['map']:.4f} (best {b.regular.map:.4f} @{b.regular.epoch})",
-        ]
+        parts = [f"epoch {self.epoch}/{epochs}",
+                 f"loss {self.train.get('train_loss', math.nan):.4f}"]
+        if self.metric == "map":
+            parts.append(f"mAP {self.regular['map']:.4f} (best {b.regular.map:.4f} "
+                         f"@{b.regular.epoch})")
+        else:  # the deciding metric with its bests first, then the bbox mAP
+            parts.append(f"{self.metric} {self.value:.4f} (best {b.regular.map:.4f} "
+                         f"@{b.regular.epoch})  mAP {self.regular['map']:.4f}")
         max_dets = int(self.train.get("eval_max_dets", 100))
         if max_dets != 100:  # COCO's usual goes unsaid
             parts[-1] += f" @maxDets {max_dets}"
-        if self.map_ema is not None:
+        if self.metric == "map" and self.map_ema is not None:
             parts.append(f"mAP_ema {self.map_ema:.4f} (best {b.ema.map:.4f} @{b.ema.epoch})")
+        elif self.value_ema is not None:
+            parts.append(f"{self.metric}_ema {self.value_ema:.4f} (best {b.ema.map:.4f} "
+                         f"@{b.ema.epoch})  mAP_ema {self.map_ema:.4f}")
         if patience is not None and self.early_stopping_counter is not None:
             parts.append(f"early-stop {self.early_stopping_counter}/{patience}")
         parts.append(f"{self.train.get('images_per_s', math.nan):.1f} img/s")
@@ -202,4 +245,6 @@ class EpochResult:
             parts.append(f"eval {self.train['eval_seconds']:.1f}s")
         parts.append(f"lr {self.train.get('lr', math.nan):.2e}")
         parts.append(f"winner {self.winner}")
+        if self.metric != "map":
+            parts.append(f"(decided by {self.metric})")
         return "  ".join(parts)

@@ -1,4 +1,5 @@
-"""``raydetr predict``: images (files or folders) -> detections.json and drawn images.
+"""``raydetr predict``: images (files or folders) -> detections.json and drawn images (a
+segmentation model's masks filled, translucent, and stored as COCO RLE in detections.json).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from raydetr.artifacts import ModelDirError
 from raydetr.registry.errors import RegistryError
 from raydetr.registry.fetch import load_detector
-from raydetr.serve.detector import DETECTION_COLUMNS
+from raydetr.serve.detector import DETECTION_COLUMNS, MASK_COLUMN
 from raydetr.serve.draw import draw_detections
 from raydetr.serve.images import IMAGE_SUFFIXES, ImageInputError, load_image
 
@@ -102,7 +103,9 @@ def predict_command(model: str, images: Sequence[str | Path], out: str | Path,
                 records.append({
                     "file": str(p), "width": int(arr.shape[1]), "height": int(arr.shape[0]),
                     "output": names[start + i],
-                    "detections": [{k: d[k] for k in DETECTION_COLUMNS[1:]} for d in dets],
+                    # + "mask" (COCO RLE, counts as text) for a segmentation model
+                    "detections": [{k: d[k] for k in (*DETECTION_COLUMNS[1:], MASK_COLUMN)
+                                    if k in d} for d in dets],
                 })
             bar.update(len(chunk))
         bar.close()

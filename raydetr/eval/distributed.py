@@ -1,4 +1,4 @@
-"""COCO box evaluation split over workers: each matches its own images, rank 0 accumulates once,
+"""COCO box (and mask) evaluation split over workers: each matches its own images, rank 0 accumulates once,
 and the numbers are those pycocotools computes on the whole split.
 
 pycocotools' ``COCOeval`` has two phases. ``evaluate()`` matches detections to ground truth one
@@ -26,7 +26,13 @@ from typing import Any
 import numpy as np
 from pycocotools.cocoeval import COCOeval
 
-from raydetr.eval.coco import metrics_of_cocoeval, summarize
+from raydetr.eval.coco import (
+    coco_from_dataset,
+    load_results,
+    metrics_of_cocoeval,
+    records_to_coco,
+    summarize,
+)
 from raydetr.eval.matching import (
     DEFAULT_MAX_DETS,
     Matches,
@@ -34,15 +40,27 @@ from raydetr.eval.matching import (
     empty_matches,
     flat_from_records,
     match_flat,
+    match_pycocotools,
 )
 
 
 def match_records(records: Sequence[dict[str, Any]], classes: Sequence[str],
-                  max_dets: Sequence[int] = DEFAULT_MAX_DETS) -> Matches:
+                  max_dets: Sequence[int] = DEFAULT_MAX_DETS, iou_type: str = "bbox") -> Matches:
     """The per-image matching of eval records (raydetr.eval.coco's contract; category id =
-    class index + 1, every class counted): what each rank does for its own images."""
+    class index + 1, every class counted): what each rank does for its own images.
+
+    bbox: the array matching (raydetr.eval.matching). segm: pycocotools' own ``evaluate()``
+    on this rank's images (mask IoU on RLEs), packed into the same :class:`Matches`, so the
+    merge and accumulation below serve both."""
     if not classes:
         raise ValueError("match_records: classes is empty")
+    if iou_type == "segm":
+        gt, results = records_to_coco(records, classes, "segm")
+        coco_gt = coco_from_dataset(gt)
+        return match_pycocotools(coco_gt, load_results(coco_gt, results), max_dets=max_dets,
+                                 iou_type="segm")
+    if iou_type != "bbox":
+        raise ValueError(f"match_records: iou_type {iou_type!r} is not 'bbox' or 'segm'")
     return match_flat(flat_from_records(records, len(classes)),
                       coco_params(range(1, len(classes) + 1), max_dets))
 

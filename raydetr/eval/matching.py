@@ -304,11 +304,13 @@ def match_flat(flat: Flat, params: Any) -> Matches:
 
 # ----------------------------------------------------------------------------- reference
 def match_pycocotools(coco_gt: COCO, coco_dt: COCO, img_ids: Sequence[int] | None = None,
-                      max_dets: Sequence[int] = DEFAULT_MAX_DETS) -> Matches:
-    """pycocotools' own ``COCOeval.evaluate()`` of ``img_ids`` (default: every image of
-    ``coco_gt``), its ``evalImgs`` packed into :class:`Matches` (the reference for
-    :func:`match_flat`; slow)."""
-    ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+                      max_dets: Sequence[int] = DEFAULT_MAX_DETS,
+                      iou_type: str = "bbox") -> Matches:
+    """pycocotools' own ``COCOeval.evaluate()`` (``iou_type`` bbox or segm) of ``img_ids``
+    (default: every image of ``coco_gt``), its ``evalImgs`` packed into :class:`Matches`: the
+    reference for :func:`match_flat` (slow), and the per-rank matching of masks (segm differs
+    from bbox only in the IoU, so accumulation is the same)."""
+    ev = COCOeval(coco_gt, coco_dt, iouType=iou_type)
     if img_ids is not None:
         ev.params.imgIds = sorted(int(i) for i in img_ids)
     ev.params.maxDets = sorted(int(m) for m in max_dets)

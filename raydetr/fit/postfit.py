@@ -15,6 +15,7 @@ from typing import Any
 from raydetr.artifacts import METRIC_NAMES, ModelDir, ModelMeta, RunDir, atomic_write_json
 from raydetr.config import Config
 from raydetr.model.build import resolve_model_config
+from raydetr.record import SEGM_METRIC_KEYS
 from raydetr.registry.publish import publish
 from raydetr.serve.export import export_for_registry
 from raydetr.train.checkpoint import BEST_FILES, latest_checkpoint, read_bests, read_state
@@ -64,7 +65,8 @@ def strip_winner(checkpoint_dir: Path, winner_dir: Path, *, dataset: str,
     meta = ModelMeta(
         classes=list(state["classes"]), model=cfg.model.model_dump(mode="json"),
         resolution=int(resolve_model_config(cfg.model)["resolution"]), variant=variant,
-        dataset=dataset, metrics={k: row.get(f"{k}{suffix}") for k in METRIC_NAMES},
+        dataset=dataset, metrics={k: row.get(f"{k}{suffix}") for k in METRIC_NAMES}
+        | {k: row[f"{k}{suffix}"] for k in SEGM_METRIC_KEYS if f"{k}{suffix}" in row},
         ema_decay=best.decay if variant == "ema" else None,
         shadow=best.shadow if variant == "ema" else None,
         best_map=bests.regular.map, best_map_ema=bests.map_ema, epoch=best.epoch,
@@ -95,10 +97,11 @@ def finalize(cfg: Config, run_dir: Path, train_dir: Path, info: dict[str, Any], 
     atomic_write_json(run.history, history)
     atomic_write_json(run.config, cfg.to_dict())
     ratio = stripped.checkpoint_bytes / max(stripped.winner_bytes, 1)
+    decided_by = "map_segm" if "map_segm" in meta.metrics else "map"  # best_map* hold it
     log.info(
-        "post-fit: winner %s weights from epoch %d (mAP %.4f); regular best %.4f, EMA best %s. "
+        "post-fit: winner %s weights from epoch %d (mAP %.4f); regular best %s %.4f, EMA best %s. "
         "Stripped checkpoint %.1f MB -> %.1f MB (%.1fx smaller): %s",
-        meta.variant, meta.epoch, meta.metrics["map"] or 0.0, meta.best_map,
+        meta.variant, meta.epoch, meta.metrics["map"] or 0.0, decided_by, meta.best_map,
         f"{meta.best_map_ema:.4f}" if meta.best_map_ema is not None else "-",
         stripped.checkpoint_bytes / 1e6, stripped.winner_bytes / 1e6, ratio, run.winner.path,
     )

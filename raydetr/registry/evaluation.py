@@ -15,7 +15,7 @@ from raydetr.registry.tracking import (
     mlflow_session,
 )
 from raydetr.serve.detector import Detector
-from raydetr.serve.evaluation import SCALAR_KEYS
+from raydetr.serve.evaluation import scalar_keys
 
 
 def log_evaluation(detector: Detector, metrics: dict[str, Any], *, data: str, split: str,
@@ -27,8 +27,10 @@ def log_evaluation(detector: Detector, metrics: dict[str, Any], *, data: str, sp
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     check_reachable(uri)
     version = detector.model_version
-    scalars = {k: float(metrics[k]) for k in SCALAR_KEYS if k in metrics}
+    scalars = {k: float(metrics[k]) for k in scalar_keys(metrics)}  # bbox (+ segm)
     per_class = {metric_key(f"ap/{c}"): float(v) for c, v in metrics.get("per_class", {}).items()}
+    per_class |= {metric_key(f"ap_segm/{c}"): float(v)
+                  for c, v in metrics.get("per_class_segm", {}).items()}
     tags = {"raydetr.kind": "evaluation", "raydetr.model_uri": detector.source,
             "raydetr.dataset": str(data), "raydetr.split": split}
     if version is not None:
@@ -47,6 +49,9 @@ def log_evaluation(detector: Detector, metrics: dict[str, Any], *, data: str, sp
         if version is not None:
             client.set_model_version_tag(version.name, str(version.version), f"eval_{split}_map",
                                          f"{scalars['map']:.4f}")
+            if "map_segm" in scalars:
+                client.set_model_version_tag(version.name, str(version.version),
+                                             f"eval_{split}_map_segm", f"{scalars['map_segm']:.4f}")
             client.set_model_version_tag(version.name, str(version.version), f"eval_{split}_run",
                                          run.info.run_id)
     return run.info.run_id

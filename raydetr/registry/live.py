@@ -28,6 +28,8 @@ from ray.tune import Callback
 
 from raydetr.artifacts import RunDir, atomic_write_json
 from raydetr.config import Config, with_overrides
+from raydetr.config.presets import is_segmentation
+from raydetr.record import deciding_metric
 from raydetr.registry.plots import metric_key
 from raydetr.registry.tracking import (
     check_reachable,
@@ -118,7 +120,9 @@ class LiveRuns(Callback):
         run_id = self.ids.get(key)
         if run_id is None:
             cfg = with_overrides(self.cfg, config, "trial config") if config else self.cfg
-            tags = {"raydetr.kind": "trial" if self.search else "fit"}
+            tags = {"raydetr.kind": "trial" if self.search else "fit",
+                    # what the bests, the winner and early stopping go by (raydetr.record)
+                    "raydetr.decided_by": deciding_metric(is_segmentation(cfg.model.preset))}
             name = self.cfg.run.name
             if self.search:
                 tags["mlflow.parentRunId"] = self.ids[PARENT_KEY]

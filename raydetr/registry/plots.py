@@ -30,17 +30,25 @@ def history_metrics(history: list[dict]) -> list[tuple[str, float, int]]:
     return out
 
 
+def deciding_key(history: list[dict]) -> str:
+    """The mAP a history's run was decided by: ``map_segm`` (mask mAP) when it has one."""
+    return "map_segm" if any("map_segm" in row for row in history) else "map"
+
+
 def map_series(history: list[dict]) -> list[tuple[str, list[float], list[float]]]:
     """(label, epochs, mAPs) of every curve to draw, each series once: the regular weights, then
     one curve per EMA shadow (``map_ema@<decay>``; ``map_ema`` is the best of them each epoch,
-    so it is drawn only when a history has no per-shadow keys)."""
-    shadows = sorted({k for row in history for k in row if k.startswith("map_ema@")},
+    so it is drawn only when a history has no per-shadow keys). A segmentation run's curves are
+    its mask mAP (``map_segm``, ``map_segm_ema@<decay>``): what decided it."""
+    metric = deciding_key(history)
+    prefix = f"{metric}_ema@"
+    shadows = sorted({k for row in history for k in row if k.startswith(prefix)},
                      key=lambda k: float(k.split("@", 1)[1]))
-    keys = [("map", "regular")]
+    keys = [(metric, "regular")]
     if shadows:
         keys += [(k, f"EMA decay {k.split('@', 1)[1]}") for k in shadows]
     else:
-        keys.append(("map_ema", "EMA"))
+        keys.append((f"{metric}_ema", "EMA"))
     out = []
     for key, label in keys:
         pts = [(row.get("epoch", i + 1), row[key]) for i, row in enumerate(history)
@@ -60,8 +68,9 @@ def map_curves_figure(history: list[dict]) -> Figure:
         ax.plot(xs, ys, marker="o", markersize=3, label=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
-    ax.set_ylabel("mAP@[.50:.95]")
-    ax.set_title("validation mAP: regular vs EMA weights")
+    masks = deciding_key(history) == "map_segm"
+    ax.set_ylabel("mask mAP@[.50:.95]" if masks else "mAP@[.50:.95]")
+    ax.set_title(f"validation {'mask ' if masks else ''}mAP: regular vs EMA weights")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()

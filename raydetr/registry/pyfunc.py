@@ -12,7 +12,9 @@ DataFrame whose ``image`` (or only) column holds them. Over HTTP (``mlflow model
 ``{"dataframe_split": {"columns": ["image"], "data": [["<base64 PNG/JPEG>"], ...]},
 "params": {"threshold": 0.3}}`` -- the binary input schema makes the server base64-decode.
 Output: DataFrame, one row per detection: image_index, class_id, class_name, score,
-x1, y1, x2, y2 (absolute pixels of the original image). Params: threshold (0.5), max_detections.
+x1, y1, x2, y2 (absolute pixels of the original image); a segmentation model adds ``mask``, the
+detection's mask at the original size as COCO RLE ``{"size": [h, w], "counts": str}``
+(``pycocotools.mask.decode`` reads it). Params: threshold (0.5), max_detections.
 """
 
 from typing import Any

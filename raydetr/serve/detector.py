@@ -9,6 +9,10 @@ Python API and the HTTP endpoint share one preprocessing / postprocessing path:
 
 Detections are a DataFrame with one row per box, columns ``DETECTION_COLUMNS``; boxes are
 ``x1, y1, x2, y2`` in absolute pixels of the original image (not the resized model input).
+A segmentation model (``rfdetr-seg-*``) adds ``mask``: the detection's mask at the original
+size as COCO RLE, ``{"size": [height, width], "counts": str}`` (pycocotools' compressed RLE,
+decoded by ``pycocotools.mask.decode`` or ``raydetr.eval.coco.decode_rle``), encoded only for
+the detections kept, a few at a time.
 """
 
 from __future__ import annotations
@@ -24,13 +28,16 @@ from PIL import Image
 
 from raydetr.artifacts import ModelDir, ModelDirError, load_weights, mlflow_model_files, read_meta
 from raydetr.config import LossConfig, ModelConfig
+from raydetr.config.presets import is_segmentation
 from raydetr.data.transforms import to_model_input
 from raydetr.model.build import build
+from raydetr.model.postprocess import masks_rle
 from raydetr.serve.draw import draw_detections
 from raydetr.serve.images import image_items, load_image
 from raydetr.serve.onnx import load_runtime
 
 DETECTION_COLUMNS = ["image_index", "class_id", "class_name", "score", "x1", "y1", "x2", "y2"]
+MASK_COLUMN = "mask"  # segmentation models: COCO RLE at the original size, after the box
 DEFAULT_TOP_K = 100
 
 
@@ -48,6 +55,7 @@ class Detector:
         self.device = torch.device(device)
         self.source = source
         self.model_version = model_version  # mlflow ModelVersion when loaded from the registry
+        self.segmentation = is_segmentation(str(meta.get("model", {}).get("preset", "")))
 
     # -- loading
     @classmethod
@@ -108,16 +116,24 @@ class Detector:
     # -- inference
     @torch.no_grad()
     def forward(self, images: torch.Tensor, orig_sizes_hw: torch.Tensor,
-                top_k: int = DEFAULT_TOP_K) -> list[dict[str, np.ndarray]]:
+                top_k: int = DEFAULT_TOP_K) -> list[dict[str, Any]]:
         """images float32[B,3,S,S] (normalised), orig_sizes_hw int64[B,2] ->
-        per image dict(scores f32[K], labels i64[K], boxes f32[K,4] xyxy absolute pixels)."""
+        per image dict(scores f32[K], labels i64[K], boxes f32[K,4] xyxy absolute pixels,
+        size_hw (h, w); a segmentation model also mask_logits float Tensor[K, h/4-ish, w])."""
         outputs = self.model(images.to(self.device))
         results = self.postprocessor(outputs, orig_sizes_hw.to(self.device), top_k=top_k)
-        return [{k: r[k].float().cpu().numpy() if k != "labels" else r[k].cpu().numpy()
-                 for k in ("scores", "labels", "boxes")} for r in results]
+        out = []
+        for r, size in zip(results, orig_sizes_hw.tolist()):
+            d: dict[str, Any] = {k: r[k].float().cpu().numpy() if k != "labels" else r[k].cpu().numpy()
+                                 for k in ("scores", "labels", "boxes")}
+            d["size_hw"] = (int(size[0]), int(size[1]))
+            if "mask_logits" in r:
+                d["mask_logits"] = r["mask_logits"].float().cpu()
+            out.append(d)
+        return out
 
     def detect_arrays(self, arrays: Sequence[np.ndarray], top_k: int = DEFAULT_TOP_K
-                      ) -> list[dict[str, np.ndarray]]:
+                      ) -> list[dict[str, Any]]:
         """RGB uint8[H,W,3] images (any sizes) -> raw per-image detections (see ``forward``)."""
         batch = to_model_input(list(arrays), self.resolution)
         sizes = torch.tensor([[a.shape[0], a.shape[1]] for a in arrays], dtype=torch.int64)
@@ -125,8 +141,9 @@ class Detector:
 
     def predict(self, images: Any, threshold: float = 0.5, max_detections: int | None = None,
                 batch_size: int = 8) -> pd.DataFrame:
-        """Images (see ``image_items``) -> DataFrame ``DETECTION_COLUMNS``, one row per box with
-        ``score >= threshold``, at most ``max_detections`` per image, best first."""
+        """Images (see ``image_items``) -> DataFrame ``DETECTION_COLUMNS`` (+ ``mask`` for a
+        segmentation model), one row per box with ``score >= threshold``, at most
+        ``max_detections`` per image, best first."""
         items = image_items(images)
         top_k = int(max_detections) if max_detections else DEFAULT_TOP_K
         rows: list[dict[str, Any]] = []
@@ -134,19 +151,27 @@ class Detector:
             arrays = [load_image(it, start + i) for i, it in enumerate(items[start:start + batch_size])]
             for offset, det in enumerate(self.detect_arrays(arrays, top_k)):
                 rows.extend(self._rows(start + offset, det, threshold))
-        return detections_frame(rows)
+        return detections_frame(rows, masks=self.segmentation)
 
-    def _rows(self, image_index: int, det: dict[str, np.ndarray], threshold: float
+    def _rows(self, image_index: int, det: dict[str, Any], threshold: float
               ) -> list[dict[str, Any]]:
         keep = np.flatnonzero(det["scores"] >= threshold)
         keep = keep[np.argsort(-det["scores"][keep], kind="stable")]
+        masks = None
+        if det.get("mask_logits") is not None:  # only the kept detections' masks, at full size
+            masks = masks_rle(det["mask_logits"][torch.as_tensor(keep, dtype=torch.long)],
+                              det["size_hw"])
         out = []
-        for k in keep:
+        for n, k in enumerate(keep):
             cid = int(det["labels"][k])
             x1, y1, x2, y2 = (float(v) for v in det["boxes"][k])
             name = self.classes[cid] if 0 <= cid < len(self.classes) else str(cid)
-            out.append(dict(image_index=image_index, class_id=cid, class_name=name,
-                            score=float(det["scores"][k]), x1=x1, y1=y1, x2=x2, y2=y2))
+            row = dict(image_index=image_index, class_id=cid, class_name=name,
+                       score=float(det["scores"][k]), x1=x1, y1=y1, x2=x2, y2=y2)
+            if masks is not None:  # JSON-ready: counts as text
+                row[MASK_COLUMN] = {"size": [int(v) for v in masks[n]["size"]],
+                                    "counts": masks[n]["counts"].decode("ascii")}
+            out.append(row)
         return out
 
     def draw(self, image: Any, detections: pd.DataFrame | Iterable[dict]) -> Image.Image:
@@ -154,9 +179,11 @@ class Detector:
         return draw_detections(Image.fromarray(load_image(image)), detections)
 
 
-def detections_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Rows -> DataFrame with exactly ``DETECTION_COLUMNS`` and stable dtypes (also when empty)."""
-    df = pd.DataFrame(rows, columns=DETECTION_COLUMNS)
+def detections_frame(rows: list[dict[str, Any]], masks: bool = False) -> pd.DataFrame:
+    """Rows -> DataFrame with exactly ``DETECTION_COLUMNS`` (+ ``mask``, an object column of
+    COCO RLE dicts, when ``masks``) and stable dtypes (also when empty)."""
+    columns = DETECTION_COLUMNS + ([MASK_COLUMN] if masks else [])
+    df = pd.DataFrame(rows, columns=columns)
     return df.astype({"image_index": "int64", "class_id": "int64", "class_name": object,
                       "score": "float64", "x1": "float64", "y1": "float64", "x2": "float64",
-                      "y2": "float64"})
+                      "y2": "float64", **({MASK_COLUMN: object} if masks else {})})

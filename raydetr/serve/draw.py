@@ -1,4 +1,6 @@
-"""Draw detections (xyxy absolute pixels) with class and score labels onto an image.
+"""Draw detections (xyxy absolute pixels) with class and score labels onto an image; a
+detection with a ``mask`` (COCO RLE at the image size, or a bool [H, W] array) is also filled,
+translucent, in its class colour (the best-scoring mask on top).
 
 Labels always lie inside the image (a box at the right or top edge gets its label moved in, not
 cut off) and never cover each other: when boxes overlap, a label that would collide with one
@@ -9,12 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
+
+from raydetr.eval.coco import decode_rle
 
 _PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
             (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
 _PAD = 2  # pixels around the label text
+MASK_ALPHA = 0.45  # opacity of a filled mask
 
 Rect = tuple[int, int, int, int]  # x1, y1, x2, y2 (inclusive pixels)
 
@@ -49,13 +55,38 @@ def place_label(box_xyxy: tuple[float, float, float, float], label_wh: tuple[int
     return rect
 
 
+def mask_array(mask: dict | np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
+    """bool [H, W] of a detection's ``mask`` (COCO RLE dict or array); it must be the image's
+    size."""
+    m = decode_rle([mask])[0] if isinstance(mask, dict) else np.asarray(mask, bool)
+    if m.shape != (size_wh[1], size_wh[0]):
+        raise ValueError(f"a detection's mask is {m.shape[1]}x{m.shape[0]} (w x h), the image "
+                         f"{size_wh[0]}x{size_wh[1]}: masks are drawn at the original image size")
+    return m
+
+
+def fill_masks(image: Image.Image, rows: list[dict], alpha: float = MASK_ALPHA) -> Image.Image:
+    """``image`` with each row's ``mask`` blended in its class colour, lowest score first so
+    the best mask lies on top; rows without a mask are skipped."""
+    rows = [d for d in rows if isinstance(d.get("mask"), (dict, np.ndarray))]
+    if not rows:
+        return image
+    arr = np.asarray(image, np.float32).copy()
+    for d in sorted(rows, key=lambda d: float(d["score"])):
+        m = mask_array(d["mask"], image.size)
+        colour = np.asarray(_PALETTE[int(d["class_id"]) % len(_PALETTE)], np.float32)
+        arr[m] = arr[m] * (1 - alpha) + colour * alpha
+    return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
+
+
 def draw_detections(image: Image.Image, detections: pd.DataFrame | Iterable[dict]) -> Image.Image:
-    """Boxes (xyxy absolute pixels) with ``class_name score`` labels, default PIL font;
-    highest scores are labelled first, so they keep the position next to their box."""
-    out = image.convert("RGB").copy()
+    """Masks (filled, translucent), boxes (xyxy absolute pixels) with ``class_name score``
+    labels, default PIL font; highest scores are labelled first, so they keep the position
+    next to their box."""
+    rows = detections.to_dict("records") if isinstance(detections, pd.DataFrame) else list(detections)
+    out = fill_masks(image.convert("RGB").copy(), rows)
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default()
-    rows = detections.to_dict("records") if isinstance(detections, pd.DataFrame) else list(detections)
     rows = sorted(rows, key=lambda d: -float(d["score"]))
     placed: list[Rect] = []
     for d in rows:

@@ -13,7 +13,8 @@ the best value starts at 0.0 (mAP is never negative); an epoch improves when
 ``value > best + min_delta`` (strictly: exactly ``best + min_delta`` is not an improvement);
 the trial stops when the count of consecutive non-improving epochs reaches ``patience``.
 The monitored value is ``map_ema`` when ``use_ema``, else ``max(map, map_ema)``; the regular
-``map`` alone when EMA is off or the result carries no EMA mAP. Added here: ``skip_epochs``
+``map`` alone when EMA is off or the result carries no EMA mAP (for a segmentation preset:
+the same with ``map_segm``, the record's deciding metric). Added here: ``skip_epochs``
 ignores the first N monitored epochs entirely (warm-up noise counts for neither best nor
 patience).
 
@@ -171,8 +172,8 @@ class EarlyStoppingScheduler(FIFOScheduler):
         record = EpochResult.from_result(result)
         if record is None:  # not an epoch's report (e.g. Tune's final result)
             return TrialScheduler.CONTINUE
-        value = monitored_value(record.regular["map"],
-                                record.map_ema if self.ema_enabled else None,
+        # the record's deciding metric: bbox map, or map_segm for a segmentation preset
+        value = monitored_value(record.value, record.value_ema if self.ema_enabled else None,
                                 use_ema=self.use_ema)
         self._ensure_loaded()
         trial_id = trial.trial_id

@@ -19,7 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from raydetr.eval.coco import coco_metrics  # written separately; imported when needed
+from raydetr.model.postprocess import gt_masks_rle, masks_rle
 from raydetr.ops.boxes import box_cxcywh_to_xyxy
+from raydetr.train.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -140,16 +142,33 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[di
     return stats
 
 
+def _gt_masks(target: dict, size_hw: tuple[int, int]) -> list[dict] | None:
+    """The target's ground-truth masks as RLEs at the original size; None without masks (an
+    image without objects needs none)."""
+    masks = target.get("masks")
+    if masks is None:
+        return [] if len(target["labels"]) == 0 else None
+    return gt_masks_rle(torch.as_tensor(masks), size_hw)
+
+
 @torch.no_grad()
 def predict_records(models: dict[str, nn.Module], postprocessor: nn.Module, batches: Iterable[dict],
                     device: torch.device | str, amp_dtype: torch.dtype | None = None,
-                    top_k: int = 100, before: Callable[[str], None] | None = None
+                    top_k: int = 100, before: Callable[[str], None] | None = None,
+                    masks: bool = True,
+                    on_masks: Callable[[str, list[dict]], None] | None = None
                     ) -> dict[str, list[dict]]:
     """Eval records per model variant (see the contract); each batch is moved once and run
     through every variant. ``before(name)`` runs before each variant's forward: several
     variants can share one module whose weights it swaps in (one eval model for every EMA
     shadow). Ground truth comes from the batch targets (cxcywh normalised ->
     xyxy absolute pixels of orig_size); predictions are in the same frame.
+
+    Masks (``masks`` True, a model that outputs ``pred_masks`` and targets with ``masks``):
+    records also get ``masks`` / ``gt_masks``, COCO RLEs at the original size, encoded image by
+    image a few masks at a time (raydetr.model.postprocess.masks_rle). ``on_masks(variant,
+    records)``: called with each batch's records of each variant that carry masks, which then
+    drop them (the caller has matched them: the RLEs of one batch are held, not a split's).
     """
     device = torch.device(device)
     for m in models.values():
@@ -159,27 +178,40 @@ def predict_records(models: dict[str, nn.Module], postprocessor: nn.Module, batc
         images = batch["images"].to(device, non_blocking=True)
         targets = batch["targets"]
         sizes = torch.stack([torch.as_tensor(t["orig_size"]) for t in targets]).long()
-        gts = []
+        gts, encoded = [], False
         for t in targets:
             h, w = (int(v) for v in t["orig_size"])
             scale = torch.tensor([w, h, w, h], dtype=torch.float32)
             gt = box_cxcywh_to_xyxy(t["boxes"].float().cpu()) * scale
             gts.append((int(t["image_id"]), w, h, gt.numpy().astype(np.float32),
-                        t["labels"].cpu().numpy().astype(np.int64)))
+                        t["labels"].cpu().numpy().astype(np.int64),
+                        _gt_masks(t, (h, w)) if masks else None))
         for name, model in models.items():
             if before is not None:
                 before(name)
             with _autocast(device, amp_dtype):
                 outputs = model(images)
             dets = postprocessor(outputs, sizes.to(device), top_k=top_k)
-            for (image_id, w, h, gt_boxes, gt_labels), det in zip(gts, dets):
-                records[name].append({
+            for (image_id, w, h, gt_boxes, gt_labels, gt_masks), det in zip(gts, dets):
+                rec = {
                     "image_id": image_id, "width": w, "height": h,
                     "gt_boxes": gt_boxes, "gt_labels": gt_labels,
                     "scores": det["scores"].float().cpu().numpy().astype(np.float32),
                     "labels": det["labels"].cpu().numpy().astype(np.int64),
                     "boxes": det["boxes"].float().cpu().numpy().astype(np.float32),
-                })
+                }
+                if gt_masks is not None and "mask_logits" in det:
+                    rec["masks"] = masks_rle(det["mask_logits"], (h, w))
+                    rec["gt_masks"] = gt_masks
+                    encoded = True
+                records[name].append(rec)
+            if encoded and on_masks is not None:
+                batch_records = records[name][-len(gts):]
+                on_masks(name, batch_records)
+                for rec in batch_records:
+                    del rec["masks"], rec["gt_masks"]
+        if encoded:  # full-size temporaries freed between the kept RLEs: give the pages back
+            release_freed_memory()
     return records
 
 

@@ -176,7 +176,7 @@ def teacher_records(teacher: Teacher, batches) -> list[dict] | None:
         return None
     _, post = pair
     records = predict_records({"teacher": _AtResolution(teacher)}, post, batches, teacher.device,
-                              None)["teacher"]
+                              None, masks=False)["teacher"]  # its boxes are what is scored
     cmap = teacher.class_map.cpu().numpy()
     for r in records:
         mapped = cmap[r["labels"]]

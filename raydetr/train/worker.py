@@ -41,7 +41,7 @@ from raydetr.ema.posthoc import PosthocTracker, snapshot_every
 from raydetr.ema.scaling import scale_for_batch
 from raydetr.ema.schedules import register_schedule
 from raydetr.model.build import build, resolve_model_config
-from raydetr.record import METRIC_KEYS, EpochResult, epoch_number, score_of
+from raydetr.record import EpochResult, deciding_metric, epoch_number, metric_keys, score_of
 from raydetr.stopping.decisions import wait_decision
 from raydetr.stopping.rule import monitored_value, replay
 from raydetr.train.checkpoint import (
@@ -52,7 +52,7 @@ from raydetr.train.checkpoint import (
     write_checkpoint,
 )
 from raydetr.train.engine import train_one_epoch
-from raydetr.train.evaluation import ShadowEvaluator, evaluate_matches
+from raydetr.train.evaluation import MaskMatcher, ShadowEvaluator, evaluate_matches
 from raydetr.train.memory import keep_freed_memory
 from raydetr.train.optim import build_lr_scheduler, build_optimizer
 from raydetr.train.pretrained import load_pretrained
@@ -298,28 +298,31 @@ class Recipe:
         t0 = time.perf_counter()
         self.model.eval()
         num_select, max_dets = eval_settings(self.cfg.model.preset)  # RF-DETR: 300, 500
+        segm = is_segmentation(self.cfg.model.preset)  # masks too; mask mAP decides
+        masks = MaskMatcher(self.args.classes, (1, 10, max_dets)) if segm else None  # per batch
         records = self.evaluator.predict(self.postprocessor, self.val_batches(), self.device,
-                                         self.amp_dtype, top_k=num_select)
+                                         self.amp_dtype, top_k=num_select, on_masks=masks)
         predict_seconds = time.perf_counter() - t0
         # each rank matches its own images; rank 0 accumulates (raydetr.eval.distributed)
         res, coco_seconds = evaluate_matches(records, self.args.classes, self.rank, self.world,
-                                             max_dets=(1, 10, max_dets))
+                                             max_dets=(1, 10, max_dets), segm=segm, masks=masks)
         if res is None:
             return None
         eval_seconds = time.perf_counter() - t0  # predict + match + gather + accumulate
-        regular = {k: float(res["regular"][k]) for k in METRIC_KEYS}
+        keys, metric = metric_keys(segm), deciding_metric(segm)
+        regular = {k: float(res["regular"][k]) for k in keys}
         s, ema = self.state, self.state.ema
-        per_shadow = ({sh: {k: float(res[sh.label][k]) for k in METRIC_KEYS}
+        per_shadow = ({sh: {k: float(res[sh.label][k]) for k in keys}
                        for sh in ema.shadows} if ema is not None else {})
-        best = max(per_shadow, key=lambda sh: per_shadow[sh]["map"]) if per_shadow else None
-        map_ema = per_shadow[best]["map"] if best is not None else None
+        best = max(per_shadow, key=lambda sh: per_shadow[sh][metric]) if per_shadow else None
+        map_ema = per_shadow[best][metric] if best is not None else None
         update_bests(
-            s.bests, self.cache, epoch=epoch, map_regular=regular["map"], map_ema=map_ema,
+            s.bests, self.cache, epoch=epoch, map_regular=regular[metric], map_ema=map_ema,
             shadow=best, regular_weights=self.model.state_dict,
             ema_weights=(partial(ema.shadow_state_dict, best.index)
                          if best is not None else None))
         es = self.cfg.early_stopping
-        monitored = monitored_value(regular["map"], map_ema, use_ema=es.use_ema)
+        monitored = monitored_value(regular[metric], map_ema, use_ema=es.use_ema)
         pairs = [(int(h["epoch"]), float(h["monitored"])) for h in s.history]
         rule = replay([*pairs, (epoch, monitored)], es.patience, es.min_delta, es.skip_epochs)
         train = {"train_loss": stats["train_loss"], "lr": stats["lr"],
@@ -332,9 +335,9 @@ class Recipe:
             train["teacher_map"] = self.teacher_map
         return EpochResult(
             epoch=epoch, step=s.step, regular=regular, ema=per_shadow, bests=s.bests,
-            score=score_of(regular["map"], map_ema, self.cfg.tune.metric), monitored=monitored,
+            score=score_of(regular[metric], map_ema, self.cfg.tune.metric), monitored=monitored,
             train=train, ema_decay_now=(float(ema.current_decays()[0]) if ema else None),
-            early_stopping_counter=rule.counter)
+            early_stopping_counter=rule.counter, metric=metric)
 
     def save_checkpoint(self, result: EpochResult):
         """Rank 0 writes ``epoch_NNNN`` (resume state + both bests); others return None."""
