@@ -26,10 +26,11 @@ sys.path.insert(0, str(BENCH))
 
 import rfdetr_reference as R  # noqa: E402
 
+from raydetr.model.rfdetr import build_rfdetr  # noqa: E402
+from raydetr.train.memory import keep_freed_memory  # noqa: E402
+
 
 def build_pair(source: Path, resolution: int):
-    from raydetr.model.rfdetr import build_rfdetr
-
     rf = R.import_rfdetr(source)
     torch.manual_seed(0)
     ours = build_rfdetr("rfdetr-nano", num_classes=91)
@@ -51,11 +52,12 @@ def _flat(out: dict) -> dict[str, torch.Tensor]:
 
 
 def compare(ours, ref, images) -> float:
-    with torch.no_grad():
-        a, b = _flat(ours(images)), _flat(ref(images))
+    # with autograd on, as in a training step (raydetr's query selection takes another path
+    # under autograd: its outputs must be RF-DETR's there too)
+    a, b = _flat(ours(images)), _flat(ref(images))
     worst = 0.0
     for k in b:
-        d = float((a[k] - b[k]).abs().max())
+        d = float((a[k] - b[k]).detach().abs().max())
         worst = max(worst, d)
         print(f"  {k:14s} {tuple(b[k].shape)}  max |diff| {d:.3e}")
     return worst
@@ -90,12 +92,14 @@ def main() -> None:
     p.add_argument("--top", type=int, default=30)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # both sides, one process: no page faults for either side's tensors
     ours, ref = build_pair(args.rfdetr_src, args.resolution)
     ours.train()
     ref.train()
     torch.manual_seed(1)
     images = torch.randn(args.batch, 3, args.resolution, args.resolution)
-    print(f"training-mode outputs, batch {args.batch}, {args.resolution} px (raydetr vs RF-DETR):")
+    print(f"training-mode outputs with autograd, batch {args.batch}, {args.resolution} px "
+          "(raydetr vs RF-DETR):")
     worst = compare(ours, ref, images)
     print(f"  largest |diff| {worst:.3e}")
     times = {"raydetr": [], "RF-DETR": []}
