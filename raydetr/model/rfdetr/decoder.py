@@ -27,8 +27,7 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            # in place: a Linear's output is not needed for its own backward
-            x = layer(x) if i == last else F.relu(layer(x), inplace=True)
+            x = layer(x) if i == last else F.relu(layer(x))
         return x
 
 
@@ -78,7 +77,7 @@ class DecoderLayer(nn.Module):
             attn = torch.cat(attn.split(bs, dim=0), dim=1)
         tgt = self.norm1(tgt + attn)
         tgt = self.norm2(tgt + self.cross_attn(tgt + query_pos, ref_boxes, memory, spatial_shapes))
-        return self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt), inplace=True)))
+        return self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt))))
 
 
 class Decoder(nn.Module):
