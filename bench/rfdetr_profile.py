@@ -6,8 +6,13 @@ vs RF-DETR's own, same weights, same batch, in one process; and whether the outp
 Runs in the scratch venv of ``make rfdetr-reference`` (RF-DETR needs transformers and peft;
 raydetr's model and loss need only torch, scipy, pydantic and pyyaml, which that venv has).
 Prints: max |difference| of every training output (final, auxiliary and encoder logits and
-boxes; 13 x 300 queries), median forward / backward seconds per side (alternated), then the
-operators by self CPU time of each side's forward + backward (torch.profiler), side by side.
+boxes; 13 x 300 queries; autograd on), median forward / backward seconds per side (alternated),
+process CPU seconds per phase of each side's whole training step (forward, loss, backward,
+clipping, AdamW + LR step, EMA update; median of ``--repeats``, alternated: raydetr's criterion,
+``build_optimizer`` and ``ModelEma`` vs RF-DETR's criterion, AdamW over ``get_param_dict`` and
+``ModelEma``), then the operators by self CPU time of each side's forward + backward
+(torch.profiler), side by side. Both sides run in one process with glibc keeping freed memory
+(``keep_freed_memory``), so neither pays page faults: this compares the code, not the allocator.
 """
 
 from __future__ import annotations
@@ -26,10 +31,15 @@ sys.path.insert(0, str(BENCH))
 
 import rfdetr_reference as R  # noqa: E402
 
+from raydetr.config import load_config  # noqa: E402
+from raydetr.ema.ema import ModelEma  # noqa: E402
+from raydetr.model.build import build_criterion  # noqa: E402
+from raydetr.model.rfdetr import build_rfdetr  # noqa: E402
+from raydetr.train.memory import keep_freed_memory  # noqa: E402
+from raydetr.train.optim import build_lr_scheduler, build_optimizer  # noqa: E402
+
 
 def build_pair(source: Path, resolution: int):
-    from raydetr.model.rfdetr import build_rfdetr
-
     rf = R.import_rfdetr(source)
     torch.manual_seed(0)
     ours = build_rfdetr("rfdetr-nano", num_classes=91)
@@ -38,7 +48,61 @@ def build_pair(source: Path, resolution: int):
     ours.load_state_dict(sd)
     ref = R.build_training(rf, "rfdetr-nano", num_classes=90, resolution=resolution)
     ref.model.load_state_dict(sd)
-    return ours, ref.model
+    ref.make_optim()
+    return ours, ref
+
+
+PHASES = ("forward", "loss", "backward", "clip", "optim", "ema")
+
+
+def step_phases(ours, ref, resolution: int):
+    """Two step functions (ours, RF-DETR's) returning CPU seconds per phase of one step."""
+    cfg = load_config(None, ["model.preset=rfdetr-nano", f"model.resolution={resolution}"])
+    criterion = build_criterion(cfg.model, cfg.loss, ours, ours.num_classes)
+    opt = build_optimizer(ours, cfg.optim, cfg.model.preset)
+    sched = build_lr_scheduler(opt, cfg.optim, 1000)
+    ema = ModelEma(ours, tau=cfg.ema.tau, decays=cfg.ema.decay, schedule=cfg.ema.schedule)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    clock = time.process_time
+
+    def ours_step(images, targets):
+        t = [clock()]
+        out = ours(images, targets)
+        t.append(clock())
+        loss = criterion(out, targets)["loss"]
+        t.append(clock())
+        loss.backward()
+        t.append(clock())
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_max_norm)
+        t.append(clock())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        t.append(clock())
+        ema.update(ours)
+        t.append(clock())
+        return [b - a for a, b in zip(t, t[1:])]
+
+    def ref_step(images, targets):
+        t = [clock()]
+        out = ref.model(images, targets)
+        t.append(clock())
+        losses = ref.criterion(out, targets)
+        w = ref.criterion.weight_dict
+        loss = sum(losses[k] * w[k] for k in losses if k in w)
+        t.append(clock())
+        loss.backward()
+        t.append(clock())
+        torch.nn.utils.clip_grad_norm_(ref.model.parameters(), ref.args.clip_max_norm)
+        t.append(clock())
+        ref.optimizer.step()
+        ref.lr_scheduler.step()
+        ref.optimizer.zero_grad()
+        t.append(clock())
+        ref.ema.update(ref.model)
+        t.append(clock())
+        return [b - a for a, b in zip(t, t[1:])]
+    return ours_step, ref_step
 
 
 def _flat(out: dict) -> dict[str, torch.Tensor]:
@@ -51,11 +115,12 @@ def _flat(out: dict) -> dict[str, torch.Tensor]:
 
 
 def compare(ours, ref, images) -> float:
-    with torch.no_grad():
-        a, b = _flat(ours(images)), _flat(ref(images))
+    # with autograd on, as in a training step (raydetr's query selection takes another path
+    # under autograd: its outputs must be RF-DETR's there too)
+    a, b = _flat(ours(images)), _flat(ref(images))
     worst = 0.0
     for k in b:
-        d = float((a[k] - b[k]).abs().max())
+        d = float((a[k] - b[k]).detach().abs().max())
         worst = max(worst, d)
         print(f"  {k:14s} {tuple(b[k].shape)}  max |diff| {d:.3e}")
     return worst
@@ -90,12 +155,16 @@ def main() -> None:
     p.add_argument("--top", type=int, default=30)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    ours, ref = build_pair(args.rfdetr_src, args.resolution)
+    keep_freed_memory()  # both sides, one process: no page faults for either side's tensors
+    ours, ref_training = build_pair(args.rfdetr_src, args.resolution)
+    ref = ref_training.model
     ours.train()
     ref.train()
+    ref_training.criterion.train()
     torch.manual_seed(1)
     images = torch.randn(args.batch, 3, args.resolution, args.resolution)
-    print(f"training-mode outputs, batch {args.batch}, {args.resolution} px (raydetr vs RF-DETR):")
+    print(f"training-mode outputs with autograd, batch {args.batch}, {args.resolution} px "
+          "(raydetr vs RF-DETR):")
     worst = compare(ours, ref, images)
     print(f"  largest |diff| {worst:.3e}")
     times = {"raydetr": [], "RF-DETR": []}
@@ -108,6 +177,19 @@ def main() -> None:
         print(f"{name:8s} forward {statistics.median(t[0] for t in ts):.3f} s, backward "
               f"{statistics.median(t[1] for t in ts):.3f} s (median of {args.repeats}, "
               f"{args.threads} thread(s))")
+    targets = R.make_targets(args.batch, args.resolution, with_masks=False)
+    ours_step, ref_step = step_phases(ours, ref_training, args.resolution)
+    rows = {"raydetr": [], "RF-DETR": []}
+    ours_step(images, targets), ref_step(images, targets)  # warm-up
+    for i in range(args.repeats):
+        for name, f in ((("raydetr", ours_step), ("RF-DETR", ref_step)) if i % 2 == 0
+                        else (("RF-DETR", ref_step), ("raydetr", ours_step))):
+            rows[name].append(f(images, targets))
+    print(f"\nprocess CPU s per phase of a training step (median of {args.repeats}):")
+    print(f"{'':8s} " + " ".join(f"{k:>9s}" for k in PHASES) + f" {'total':>9s}")
+    for name, rs in rows.items():
+        med = [statistics.median(r[j] for r in rs) for j in range(len(PHASES))]
+        print(f"{name:8s} " + " ".join(f"{v:9.3f}" for v in med) + f" {sum(med):9.3f}")
     a, b = profile(ours, images, args.top), profile(ref, images, args.top)
     print(f"\nself CPU ms per forward + backward, top {args.top} by max of both sides")
     print(f"{'operator':44s} {'raydetr':>9s} {'RF-DETR':>9s} {'diff':>8s}")

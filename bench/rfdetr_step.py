@@ -99,7 +99,8 @@ serve(step)
 _REFERENCE = r'''
 sys.path.insert(0, P["bench"])
 import rfdetr_reference as R
-rf = R.import_rfdetr(P["source"])
+from pathlib import Path
+rf = R.import_rfdetr(Path(P["source"]))
 ref = R.build_training(rf, "rfdetr-nano", num_classes=90, resolution=RES)
 ref.model.load_state_dict(torch.load(P["weights"], weights_only=True))
 ref.make_optim()
@@ -122,22 +123,34 @@ class Side:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.stderr, text=True)
 
+    def failed(self) -> SystemExit:
+        self.proc.wait(timeout=60)
+        self.stderr.seek(0)
+        return SystemExit(f"{self.name} side failed (exit {self.proc.returncode}):\n"
+                          f"{self.stderr.read()[-3000:]}")
+
     def run(self, steps: int) -> dict[str, float]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(f"{steps}\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(f"{steps}\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise self.failed() from None
         while True:
             line = self.proc.stdout.readline()
             if not line:
-                self.stderr.seek(0)
-                raise SystemExit(f"{self.name} side failed:\n{self.stderr.read()[-3000:]}")
+                raise self.failed()
             if line.startswith("RESULT "):
                 return json.loads(line[len("RESULT "):])
 
     def close(self) -> None:
         if self.proc.stdin:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        if self.proc.poll() is None:
+            self.proc.wait(timeout=60)
 
 
 def _quartiles(xs: list[float]) -> tuple[float, float]:

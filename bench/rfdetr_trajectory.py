@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         proc = subprocess.run(
             [str(args.python), str(REPO / "bench" / "rfdetr_reference.py"), "--rfdetr-src",
-             str(args.rfdetr_src), "trajectory", "--weights", str(w_path), "--batches", str(b_path),
-             "--out", str(r_path), "--threads", str(args.threads)],
+             str(args.rfdetr_src), "--threads", str(args.threads), "trajectory", "--weights",
+             str(w_path), "--batches", str(b_path), "--out", str(r_path)],
             capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"RF-DETR side failed:\n{proc.stderr[-4000:]}")

@@ -11,8 +11,13 @@ from torch import Tensor
 
 
 def box_cxcywh_to_xyxy(boxes_cxcywh: Tensor) -> Tensor:
-    """[..., 4] cxcywh -> [..., 4] xyxy (same unit)."""
+    """[..., 4] cxcywh -> [..., 4] xyxy (same unit). A negative width or height counts as 0
+    (a point or line at the centre), as in RF-DETR's ``box_ops``: its raw learned reference
+    boxes (queries beyond the cells of a small image) can have negative sides, and the loss,
+    matcher and post-processing must see the same boxes RF-DETR's do. Sigmoid boxes are
+    never negative, so this changes nothing for them."""
     cx, cy, w, h = boxes_cxcywh.unbind(-1)
+    w, h = w.clamp(min=0.0), h.clamp(min=0.0)
     return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
 
 

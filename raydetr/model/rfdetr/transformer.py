@@ -70,19 +70,30 @@ class Transformer(nn.Module):
 
         -> (initial boxes, detached) (B, G*k, 4), selected features (B, G*k, D), selected boxes
         with grad (B, G*k, 4); G = group_detr in training, 1 in eval.
+
+        The scores of every cell only pick the top k (``topk`` passes no gradient to them), so
+        under autograd they are computed without it and the k selected cells' features are
+        computed again with it: the backward then runs over G*k rows instead of G*S. Both are
+        the same per-row linear + LayerNorm, so the selected features equal the scored ones.
         """
         proposals, valid = grid_proposals(spatial_shapes, memory.device)
         memory = memory.masked_fill(~valid[None], 0.0)
         groups = self.group_detr if self.training else 1
         k = min(self.num_queries, memory.shape[1])
+        recompute = torch.is_grad_enabled()
         boxes_sel, feats_sel = [], []
         for g in range(groups):
-            feats = self.enc_output_norm[g](self.enc_output[g](memory))
-            logits = self.enc_out_class_embed[g](feats)
+            with torch.set_grad_enabled(not recompute):
+                feats = self.enc_output_norm[g](self.enc_output[g](memory))
+                logits = self.enc_out_class_embed[g](feats)
             idx = torch.topk(logits.max(-1)[0], k, dim=1)[1]  # (B, k), descending score
+            rows = idx.unsqueeze(-1).repeat(1, 1, self.d_model)
+            if recompute:
+                sel = self.enc_output_norm[g](self.enc_output[g](torch.gather(memory, 1, rows)))
+            else:
+                sel = torch.gather(feats, 1, rows)
             # The box head runs on the k selected cells only (RF-DETR runs it on every cell,
             # then gathers; the head is per row, so the selected boxes are the same).
-            sel = torch.gather(feats, 1, idx.unsqueeze(-1).repeat(1, 1, self.d_model))
             # indexing, not expand(len(idx), ...): len() is a Python int that an ONNX
             # trace would bake in, so a dynamic-batch graph failed above the traced batch
             props = proposals[idx]  # (B, k, 4)

@@ -21,6 +21,16 @@ def test_round_trip_cxcywh_xyxy():
                           torch.tensor([[2.0, 1, 4, 2]]))
 
 
+def test_negative_sides_count_as_zero():
+    # RF-DETR's box_ops: a negative width/height is a zero-size box at the centre (its raw
+    # reference boxes can be negative), with no gradient through the clamped side.
+    boxes = torch.tensor([[0.5, 0.4, -0.2, 0.1], [0.3, 0.3, 0.2, -0.4]], requires_grad=True)
+    xyxy = box_cxcywh_to_xyxy(boxes)
+    assert torch.allclose(xyxy, torch.tensor([[0.5, 0.35, 0.5, 0.45], [0.2, 0.3, 0.4, 0.3]]))
+    xyxy.sum().backward()
+    assert boxes.grad[0, 2] == 0 and boxes.grad[1, 3] == 0
+
+
 def test_iou_and_giou_known_values():
     a = torch.tensor([[0.0, 0, 2, 2]])
     b = torch.tensor([[1.0, 1, 3, 3], [0, 0, 2, 2], [4, 0, 6, 2]])
