@@ -53,8 +53,12 @@ class MLPBlock(nn.Module):
 
 def sparse_masks(spatial: Tensor, queries: Tensor, bias: Tensor) -> dict[str, Tensor]:
     """The factors of the mask logits, as RF-DETR's training forward returns them:
-    spatial_features (B, D, h, w), query_features (B, Q, D), bias (1,)."""
-    return {"spatial_features": spatial, "query_features": queries, "bias": bias}
+    spatial_features (B, D, h, w), query_features (B, Q, D), bias (1,).
+
+    The bias goes out through a view, not as the Parameter itself: a Parameter returned from
+    forward and used by several loss terms is marked ready twice by DDP's unused-parameter
+    search (the rfdetr family trains with find_unused_parameters)."""
+    return {"spatial_features": spatial, "query_features": queries, "bias": bias.view(-1)}
 
 
 def dense_mask_logits(masks: Tensor | dict[str, Tensor]) -> Tensor:
