@@ -173,7 +173,8 @@ def teacher_quality(setup: Setup, distill: DistillConfig, teacher_model) -> dict
     model = teacher_model[0].eval()
     cmap = torch.arange(n)
     images = kept = raw = gts = tp_t = tp_g = 0
-    for imgs, targets in setup.train_batches(0, 0):
+    for batch in setup.train_batches(0, 0):
+        imgs, targets = batch["images"], batch["targets"]
         with torch.no_grad():
             out = model(imgs)
         tt = teacher_targets(out, cmap, n, score_threshold=distill.score_threshold,
