@@ -7,7 +7,12 @@ initialisation, steps and EMA), through raydetr's own train_one_epoch / Teacher 
 Every model is evaluated on the val split with COCOeval at the end: regular weights (mAP) and
 the EMA (mAP_ema). The teacher's step-time cost is the median seconds per optimizer step of
 the distilled students over that of the plain ones (the sides alternate per seed; the machine is
-shared, so read it as a rough factor).
+shared, so read it as a rough factor). The teacher and the plain students do not depend on the
+distillation settings: both are kept in ``--cache`` and reused by later runs with the same
+dataset / epochs / sizes / seeds (a reused plain row's s/step is from its own run;
+``--fresh-plain`` retrains them). Before the students, the teacher's targets on one epoch of
+train batches are summarised (boxes per image before / after the NMS, precision and recall at
+IoU 0.5 against the ground truth).
 
     .venv/bin/python bench/distill.py                      # synthetic + thermal, seeds 0 1
     .venv/bin/python bench/distill.py --quick --datasets synthetic
@@ -46,7 +51,9 @@ from raydetr.config import (  # noqa: E402
 from raydetr.data.loader import iter_local_batches  # noqa: E402
 from raydetr.data.parquet import is_prepared, load_info, prepare_dataset  # noqa: E402
 from raydetr.ema.ema import ModelEma  # noqa: E402
+from raydetr.loss.distill import teacher_targets  # noqa: E402
 from raydetr.model.build import build  # noqa: E402
+from raydetr.ops.boxes import box_cxcywh_to_xyxy, box_iou  # noqa: E402
 from raydetr.train.engine import evaluate, train_one_epoch  # noqa: E402
 from raydetr.train.optim import build_lr_scheduler, build_optimizer  # noqa: E402
 from raydetr.train.teacher import Teacher, TeacherSpec  # noqa: E402
@@ -140,28 +147,97 @@ def train(setup: Setup, epochs: int, seed: int, distill: DistillConfig | None = 
         "model": (ema_model if metrics["ema"]["map"] > metrics["regular"]["map"] else model, post)}
 
 
+def cached_teacher(args, setup: Setup, dataset: str, epochs: int) -> tuple[dict, tuple]:
+    """The teacher (row, (model, postprocessor)); trained once per dataset and settings and kept
+    in ``--cache`` (its weights and row), so student variants do not retrain it."""
+    key = (f"teacher-{dataset}{'-quick' if args.quick else ''}-e{epochs}-r{setup.resolution}"
+           f"-q{args.queries}-b{setup.batch_size}-s100")
+    weights, row_file = args.cache / f"{key}.pt", args.cache / f"{key}.json"
+    if weights.is_file() and row_file.is_file():
+        model, _, post = build(setup.model_cfg, LossConfig(), len(setup.classes))
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        print(f"[{dataset}] teacher from cache {weights}", flush=True)
+        return {**json.loads(row_file.read_text()), "cached": True}, (model, post)
+    row = train(setup, epochs, seed=100)
+    model = row.pop("model")
+    torch.save(model[0].state_dict(), weights)
+    row_file.write_text(json.dumps(row))
+    return row, model
+
+
+def teacher_quality(setup: Setup, distill: DistillConfig, teacher_model) -> dict:
+    """What the student is taught on one epoch of train batches (seed 0): kept teacher boxes
+    (before and after the NMS) and ground-truth boxes per image, and the kept boxes' precision /
+    recall at IoU 0.5 (any class; a duplicate of a found box still counts as precise)."""
+    n = len(setup.classes)
+    model = teacher_model[0].eval()
+    cmap = torch.arange(n)
+    images = kept = raw = gts = tp_t = tp_g = 0
+    for batch in setup.train_batches(0, 0):
+        imgs, targets = batch["images"], batch["targets"]
+        with torch.no_grad():
+            out = model(imgs)
+        tt = teacher_targets(out, cmap, n, score_threshold=distill.score_threshold,
+                             max_boxes=distill.max_boxes, nms_iou=distill.nms_iou)
+        raw += sum(len(t["boxes"]) for t in teacher_targets(
+            out, cmap, n, score_threshold=distill.score_threshold, max_boxes=distill.max_boxes))
+        for t, g in zip(tt, targets):
+            images += 1
+            kept += len(t["boxes"])
+            gts += len(g["boxes"])
+            if len(t["boxes"]) and len(g["boxes"]):
+                iou, _ = box_iou(box_cxcywh_to_xyxy(t["boxes"]), box_cxcywh_to_xyxy(g["boxes"]))
+                tp_t += int((iou.max(1).values >= 0.5).sum())
+                tp_g += int((iou.max(0).values >= 0.5).sum())
+    return {"teacher_boxes_per_image_before_nms": round(raw / max(images, 1), 2),
+            "teacher_boxes_per_image": round(kept / max(images, 1), 2),
+            "gt_boxes_per_image": round(gts / max(images, 1), 2),
+            "precision_iou50": round(tp_t / max(kept, 1), 3),
+            "recall_iou50": round(tp_g / max(gts, 1), 3)}
+
+
+def cached_plain(args, setup: Setup, dataset: str, seed: int) -> dict:
+    """A plain student's row; it does not depend on the distillation settings, so it is kept
+    in ``--cache`` (``--fresh-plain`` retrains it; a cached row's s/step is from its own run)."""
+    key = (f"plain-{dataset}{'-quick' if args.quick else ''}-e{args.epochs}-r{setup.resolution}"
+           f"-q{args.queries}-b{setup.batch_size}-s{seed}")
+    row_file = args.cache / f"{key}.json"
+    if row_file.is_file() and not args.fresh_plain:
+        return {**json.loads(row_file.read_text()), "cached": True}
+    row = train(setup, args.epochs, seed)
+    row.pop("model")
+    row_file.write_text(json.dumps(row))
+    return row
+
+
 def run_dataset(args, dataset: str) -> dict:
     setup = Setup(args, dataset)
     distill = DistillConfig(teacher="bench:teacher", weight=args.weight,
-                            score_threshold=args.score_threshold)
+                            score_threshold=args.score_threshold,
+                            unmatched_weight=args.unmatched_weight, nms_iou=args.nms_iou)
     t0 = time.perf_counter()
     teacher_epochs = args.epochs * args.teacher_factor
     print(f"[{dataset}] teacher: rtdetr-r18 @ {setup.resolution}px, {teacher_epochs} epochs, "
           f"seed 100 ({setup.n_train} train images)", flush=True)
-    teacher = train(setup, teacher_epochs, seed=100)
-    teacher_model = teacher.pop("model")
+    teacher, teacher_model = cached_teacher(args, setup, dataset, teacher_epochs)
+    quality = teacher_quality(setup, distill, teacher_model)
+    print(f"[{dataset}] teacher targets at score >= {distill.score_threshold}: {quality}",
+          flush=True)
     print(f"[{dataset}] teacher mAP {teacher['map']:.4f} mAP_ema {teacher['map_ema']:.4f} "
           f"({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
     rows = []
     for i, seed in enumerate(args.seeds):
         order = ["plain", "distilled"] if i % 2 == 0 else ["distilled", "plain"]
         for side in order:
-            r = train(setup, args.epochs, seed, distill if side == "distilled" else None,
-                      teacher_model if side == "distilled" else None)
-            r.pop("model")
+            if side == "plain":
+                r = cached_plain(args, setup, dataset, seed)
+            else:
+                r = train(setup, args.epochs, seed, distill, teacher_model)
+                r.pop("model")
             rows.append({"dataset": dataset, "seed": seed, "student": side, **r})
             print(f"[{dataset}] seed {seed} {side:9s} mAP {r['map']:.4f} mAP_ema "
-                  f"{r['map_ema']:.4f} {r['s_per_step']:.2f} s/step", flush=True)
+                  f"{r['map_ema']:.4f} {r['s_per_step']:.2f} s/step"
+                  f"{' (cached)' if r.get('cached') else ''}", flush=True)
 
     def best(side):
         return statistics.mean(max(r["map"], r["map_ema"]) for r in rows if r["student"] == side)
@@ -171,6 +247,7 @@ def run_dataset(args, dataset: str) -> dict:
 
     plain, dist = best("plain"), best("distilled")
     return {"dataset": dataset, "teacher": {**teacher, "epochs": teacher_epochs, "seed": 100},
+            "teacher_targets": quality, "distill": distill.model_dump(),
             "students": rows, "student_epochs": args.epochs,
             "mean_best_map": {"plain": round(plain, 4), "distilled": round(dist, 4)},
             "ratio": round(dist / plain, 3) if plain > 0 else None,
@@ -190,7 +267,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--weight", type=float, default=DistillConfig().weight)
     ap.add_argument("--score-threshold", type=float, default=DistillConfig().score_threshold)
+    ap.add_argument("--nms-iou", type=float, default=DistillConfig().nms_iou)
+    ap.add_argument("--unmatched-weight", type=float, default=DistillConfig().unmatched_weight)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fresh-plain", action="store_true",
+                    help="retrain the plain students even when --cache has them")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/raydetr-bench-distill"))
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "distill.json")

@@ -347,6 +347,9 @@ class DistillConfig(_Strict):
     weight: float = Field(1.0, ge=0, description="Weight of the teacher-box loss.")
     score_threshold: float = Field(0.3, ge=0, lt=1, description="Teacher detections kept as "
                                    "boxes to match: score at least this.")
+    nms_iou: float = Field(0.2, gt=0, le=1, description="Class-aware NMS of the teacher's "
+                           "kept boxes: one overlapping a higher-scored box of its class by more "
+                           "IoU than this is dropped (Teach-DETR's released code: 0.2); 1: off.")
     max_boxes: int = Field(100, gt=0, description="At most this many teacher boxes per image.")
     unmatched_weight: float = Field(0.5, ge=0, description="Weight of the no-object term for "
                                     "queries no teacher box matched.")

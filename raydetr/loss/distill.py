@@ -1,7 +1,9 @@
 """Teacher-box distillation for DETR students (Teach-DETR, Huang et al. 2023, TPAMI).
 
 The teacher's predictions on the same augmented batch become a second target set: its boxes
-with a (class-mapped) score >= ``score_threshold`` are matched one-to-one to the student's
+with a (class-mapped) score >= ``score_threshold``, de-duplicated by class-aware NMS at IoU
+``nms_iou`` (0.2 in Teach-DETR's released code: a duplicate would ask the student for a second
+box on one object, against the ground truth's one-to-one loss), are matched one-to-one to the student's
 queries by the student's own Hungarian matcher, and the student pays the usual DETR losses on
 that matching, weighted by the teacher's score:
 
@@ -29,20 +31,22 @@ from torch import Tensor, nn
 
 from raydetr.loss.criterion import num_boxes_across_workers
 from raydetr.loss.matcher import HungarianMatcher
-from raydetr.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
+from raydetr.ops.boxes import batched_nms, box_cxcywh_to_xyxy, generalized_box_iou
 
 
 @torch.no_grad()
 def teacher_targets(outputs: dict[str, Tensor], class_map: Tensor, num_logits: int, *,
-                    score_threshold: float, max_boxes: int = 100) -> list[dict[str, Tensor]]:
+                    score_threshold: float, max_boxes: int = 100, nms_iou: float = 1.0
+                    ) -> list[dict[str, Tensor]]:
     """Teacher outputs -> per image dict(labels int64[N] (student ids), boxes float32[N,4]
     cxcywh normalised, scores float32[N], probs float32[N, num_logits]).
 
     outputs: pred_logits [B,Q,C_teacher] (sigmoid logits), pred_boxes [B,Q,4] cxcywh normalised.
     class_map: int64[C_teacher], the student class of each teacher logit, -1 for none;
     ``num_logits``: the student's class logits. A query's
-    score is its highest probability among mapped classes; kept when >= ``score_threshold``,
-    at most ``max_boxes`` per image (highest first).
+    score is its highest probability among mapped classes; kept when >= ``score_threshold``
+    and not overlapping a higher-scored kept box of its class by IoU > ``nms_iou`` (1.0: no
+    NMS), at most ``max_boxes`` per image (highest first).
     """
     logits = outputs["pred_logits"].float()
     boxes = outputs["pred_boxes"].float()
@@ -58,6 +62,9 @@ def teacher_targets(outputs: dict[str, Tensor], class_map: Tensor, num_logits: i
     for i in range(b):
         score, label = probs[i].max(-1)
         idx = torch.nonzero(score >= score_threshold).flatten()
+        if nms_iou < 1.0 and idx.numel() > 1:
+            idx = idx[batched_nms(box_cxcywh_to_xyxy(boxes[i, idx]), score[idx], label[idx],
+                                  nms_iou)]
         if idx.numel() > max_boxes:
             idx = idx[score[idx].topk(max_boxes).indices]
         out.append({"labels": label[idx].long(), "boxes": boxes[i, idx],

@@ -69,6 +69,25 @@ def elementwise_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
     return inter / union.clamp(min=1e-9)
 
 
+def batched_nms(boxes_xyxy: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float
+                ) -> Tensor:
+    """Greedy class-aware non-maximum suppression: int64 indices of the kept boxes, highest
+    score first. A box is dropped when a higher-scored kept box of the same label overlaps it
+    by IoU > ``iou_threshold``. [N,4] xyxy, [N], [N]; O(N^2), meant for N in the hundreds."""
+    order = scores.argsort(descending=True)
+    n = order.numel()
+    if n == 0:
+        return order
+    boxes, labels = boxes_xyxy[order], labels[order]
+    iou, _ = box_iou(boxes, boxes)
+    suppress = ((iou > iou_threshold) & (labels[:, None] == labels[None, :])).triu(1)
+    keep = torch.ones(n, dtype=torch.bool, device=boxes.device)
+    for i in range(n - 1):
+        if keep[i]:
+            keep &= ~suppress[i]
+    return order[keep]
+
+
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     """logit(x) with x clamped to [eps, 1 - eps] so it stays finite."""
     x = x.clamp(min=0.0, max=1.0)

@@ -145,7 +145,7 @@ class Teacher:
     def targets(self, images: Tensor) -> list[dict[str, Tensor]]:
         return teacher_targets(self.outputs(images), self.class_map, self.num_classes,
                                score_threshold=self.cfg.score_threshold,
-                               max_boxes=self.cfg.max_boxes)
+                               max_boxes=self.cfg.max_boxes, nms_iou=self.cfg.nms_iou)
 
     def __call__(self, images: Tensor, student_outputs: dict) -> dict[str, Tensor]:
         self.loss.train(unwrap_model(self.student).training if self.student is not None

@@ -39,6 +39,23 @@ def test_teacher_targets_threshold_map_and_cap():
     assert len(none["labels"]) == 0
 
 
+def test_teacher_duplicates_are_dropped_by_class_aware_nms():
+    """Two teacher queries on one object (a DETR teacher's duplicate) would ask the student for
+    two boxes there; the NMS keeps the higher-scored one, and keeps another class's box."""
+    out = teacher_outputs()
+    out["pred_logits"][0, 2] = torch.tensor([_logit(0.01), _logit(0.6), _logit(0.01)])
+    out["pred_boxes"][0, 2] = torch.tensor([0.31, 0.3, 0.2, 0.2])  # dog again, IoU ~0.9
+    cmap = torch.tensor([-1, 1, 0])
+    (raw,) = teacher_targets(out, cmap, 2, score_threshold=0.3)
+    assert raw["labels"].tolist() == [1, 0, 1]
+    (t,) = teacher_targets(out, cmap, 2, score_threshold=0.3, nms_iou=0.2)
+    assert t["labels"].tolist() == [1, 0]
+    assert t["scores"].tolist() == pytest.approx([0.9, 0.5], abs=1e-6)
+    out["pred_logits"][0, 2] = torch.tensor([_logit(0.01), _logit(0.01), _logit(0.6)])
+    (other,) = teacher_targets(out, cmap, 2, score_threshold=0.3, nms_iou=0.2)
+    assert sorted(other["labels"].tolist()) == [0, 0, 1]  # a person on the dog's box stays
+
+
 def loss_fn(**kw) -> DistillLoss:
     return DistillLoss(HungarianMatcher(), weight_cls=2.0, weight_bbox=5.0, weight_giou=2.0, **kw)
 

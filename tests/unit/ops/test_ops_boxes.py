@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from raydetr.ops.boxes import (
+    batched_nms,
     box_cxcywh_to_xyxy,
     box_iou,
     box_xyxy_to_cxcywh,
@@ -60,3 +61,19 @@ def test_inverse_sigmoid():
 def test_conversion_keeps_leading_dims(shape):
     x = torch.rand(shape)
     assert box_cxcywh_to_xyxy(x).shape == x.shape
+
+
+def test_batched_nms_drops_same_class_overlaps_only():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0],    # a, score 0.9
+                          [1.0, 1.0, 11.0, 11.0],    # IoU 0.68 with a, same class: dropped
+                          [1.0, 1.0, 11.0, 11.0],    # same box, other class: kept
+                          [20.0, 20.0, 30.0, 30.0],  # far away: kept
+                          [0.0, 0.0, 10.0, 5.0]])    # IoU 0.5 with a: dropped at 0.4, kept at 0.6
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
+    labels = torch.tensor([0, 0, 1, 0, 0])
+    assert batched_nms(boxes, scores, labels, 0.4).tolist() == [0, 2, 3]
+    assert batched_nms(boxes, scores, labels, 0.6).tolist() == [0, 2, 3, 4]
+    # a dropped box suppresses nothing: b (dropped by a) would otherwise drop c2
+    chain = torch.tensor([[0.0, 0.0, 10.0, 10.0], [3.0, 0.0, 13.0, 10.0], [6.0, 0.0, 16.0, 10.0]])
+    assert batched_nms(chain, torch.tensor([0.9, 0.8, 0.7]), torch.zeros(3), 0.3).tolist() == [0, 2]
+    assert batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0), 0.5).tolist() == []
