@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,19 @@ def coco_reference_dir() -> Path:
     if not (COCO_REFERENCE / "expected_bbox_stats.json").is_file():
         pytest.skip(f"shared COCO reference not found at {COCO_REFERENCE}")
     return COCO_REFERENCE
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory) -> Iterator[Path]:
+    """A folder shared by one test module's fixtures, removed when the module ends.
+
+    The suite writes checkpoints of real models (hundreds of MB per training run); CI's disk
+    holds the suite only if each module's outputs go when the module does (a passed test's
+    tmp_path goes right away: tmp_path_retention_policy in pyproject.toml).
+    """
+    path = tmp_path_factory.mktemp("module")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def pytest_sessionfinish(session, exitstatus):

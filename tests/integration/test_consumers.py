@@ -72,10 +72,10 @@ def _no_telemetry():
 
 
 @pytest.fixture(scope="module")
-def published(mlflow_server, tmp_path_factory):
+def published(mlflow_server, module_tmp):
     from raydetr.registry.publish import publish
 
-    root = tmp_path_factory.mktemp("published")
+    root = module_tmp / "published"
     winner = _write_winner(root / "run" / "winner")
     cfg = MlflowConfig(tracking_uri=mlflow_server.uri, model_name=NAME)
     start = time.monotonic()

@@ -37,9 +37,9 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def teacher_pth(tmp_path_factory):
+def teacher_pth(module_tmp):
     # logit 0 is RF-DETR's super-category; logits 1..3 are the synthetic set's classes
-    return write_rfdetr_checkpoint(tmp_path_factory.mktemp("teacher") / "teacher.pth",
+    return write_rfdetr_checkpoint(module_tmp / "teacher.pth",
                                    num_logits=len(CLASSES) + 1, class_names=list(CLASSES),
                                    resolution=64, ema=False, seed=5)
 
@@ -61,9 +61,9 @@ def cfg_with_teacher(out, name, teacher, *extra):
 
 
 @pytest.fixture(scope="module")
-def distilled(tmp_path_factory, local_ray, teacher_pth):
+def distilled(module_tmp, local_ray, teacher_pth):
     before = sha256(teacher_pth)
-    out = tmp_path_factory.mktemp("distilled")
+    out = module_tmp / "distilled"
     result = fit(cfg_with_teacher(out, "student", teacher_pth, "mlflow.model_name=student"))
     return result, before, out
 

@@ -137,10 +137,10 @@ def _final_state(out: Path, name: str) -> dict:
     return read_state(latest_checkpoint(out / name / "train"))
 
 
-def test_two_nodes_job_keeps_both_bests_and_registers(two_nodes, mlflow_server, tmp_path_factory):
+def test_two_nodes_job_keeps_both_bests_and_registers(two_nodes, mlflow_server, module_tmp):
     import mlflow
 
-    out = tmp_path_factory.getbasetemp() / "multinode-runs"
+    out = module_tmp / "runs"
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(_job_cmd(two_nodes, out, "spread", mlflow_server.uri),
                           env=two_nodes.env, capture_output=True, text=True, timeout=600,
@@ -167,8 +167,8 @@ def test_two_nodes_job_keeps_both_bests_and_registers(two_nodes, mlflow_server, 
     assert (out / "spread" / "winner" / "model.safetensors").is_file()
 
 
-def test_worker_node_killed_mid_epoch_ends_equal(two_nodes, mlflow_server, tmp_path_factory):
-    out = tmp_path_factory.getbasetemp() / "multinode-runs"
+def test_worker_node_killed_mid_epoch_ends_equal(two_nodes, mlflow_server, module_tmp):
+    out = module_tmp / "runs"
     reference = out / "spread" / "train"
     if not reference.is_dir():
         pytest.skip("needs the uninterrupted run of the previous test")

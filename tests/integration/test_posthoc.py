@@ -57,8 +57,8 @@ def tiny(out: Path, name: str, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, local_ray, mlflow_server):
-    out = tmp_path_factory.mktemp("posthoc")
+def trained(module_tmp, local_ray, mlflow_server):
+    out = module_tmp
     cfg = tiny(out, "ph", "ema.schedule=power", "ema.schedule_kwargs={sigma_rel: 0.07}",
                "ema.decay=0.99999999", "ema.posthoc.enabled=true",
                f"ema.posthoc.every_steps={EVERY}", "scaling.max_failures=1", "optim.epochs=2",

@@ -84,8 +84,8 @@ class Tour:
 
 
 @pytest.fixture(scope="module")
-def tour(tmp_path_factory) -> Tour:
-    cwd = tmp_path_factory.mktemp("tour")
+def tour(module_tmp) -> Tour:
+    cwd = module_tmp
     lines = [ln for ln in _block("<!-- tour", "bash").splitlines() if ln.strip()]
     assert lines and all(ln.startswith("raydetr ") for ln in lines)
     assert sum(ln.startswith("raydetr train ") for ln in lines) == 1

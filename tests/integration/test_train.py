@@ -53,8 +53,8 @@ TWO = ("scaling.num_workers=2", "ema.decay=[0.9,0.99]", "mlflow.enabled=false", 
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, local_ray):
-    return fit(tiny(tmp_path_factory.mktemp("reference"), "ref", *TWO))
+def reference(module_tmp, local_ray):
+    return fit(tiny(module_tmp / "reference", "ref", *TWO))
 
 
 def final_state(result_or_dir) -> dict:

@@ -25,9 +25,9 @@ from raydetr.train.pretrained import PretrainedError, load_pretrained, resolve_p
 
 
 @pytest.fixture(scope="module")
-def coco_pth(tmp_path_factory) -> Path:
+def coco_pth(module_tmp) -> Path:
     # resolution 128 (a fine-tune's args.resolution) keeps the forward passes cheap
-    return write_rfdetr_checkpoint(tmp_path_factory.mktemp("rf") / "checkpoint.pth",
+    return write_rfdetr_checkpoint(module_tmp / "checkpoint.pth",
                                    resolution=128)
 
 
