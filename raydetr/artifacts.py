@@ -134,6 +134,20 @@ class ModelMeta:
     def preset(self) -> str:
         return str(self.model.get("preset"))
 
+    @property
+    def decided_by(self) -> str:
+        """The metric that picked these weights: ``map_segm`` for a segmentation model, else
+        ``map`` (box mAP)."""
+        return "map_segm" if "map_segm" in self.metrics else "map"
+
+    def scores_text(self) -> str:
+        """``map_segm 0.2038, mAP 0.0659`` for a segmentation model, ``mAP 0.4512`` otherwise:
+        the deciding metric first."""
+        box = f"mAP {self.metrics.get('map') or 0.0:.4f}"
+        if self.decided_by == "map":
+            return box
+        return f"map_segm {self.metrics.get('map_segm') or 0.0:.4f}, {box}"
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         source = d.pop("source")

@@ -57,7 +57,7 @@ def fit_summary(result: FitResult, cfg: Config) -> str:
     """The lines a fit ends with: the winner, and where it was registered (or how to)."""
     meta = result.meta
     lines = [f"\nwinner: {meta.variant} weights, epoch {meta.epoch}, "
-             f"mAP {meta.metrics['map'] or 0:.4f} -> {result.winner_dir}"]
+             f"{meta.scores_text()} -> {result.winner_dir}"]
     r = result.registered
     if r:
         lines.append(f"registered: {r.get('model_uri')} (version {r.get('version')}, "

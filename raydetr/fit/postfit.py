@@ -97,11 +97,10 @@ def finalize(cfg: Config, run_dir: Path, train_dir: Path, info: dict[str, Any], 
     atomic_write_json(run.history, history)
     atomic_write_json(run.config, cfg.to_dict())
     ratio = stripped.checkpoint_bytes / max(stripped.winner_bytes, 1)
-    decided_by = "map_segm" if "map_segm" in meta.metrics else "map"  # best_map* hold it
     log.info(
-        "post-fit: winner %s weights from epoch %d (mAP %.4f); regular best %s %.4f, EMA best %s. "
+        "post-fit: winner %s weights from epoch %d (%s); regular best %s %.4f, EMA best %s. "
         "Stripped checkpoint %.1f MB -> %.1f MB (%.1fx smaller): %s",
-        meta.variant, meta.epoch, meta.metrics["map"] or 0.0, decided_by, meta.best_map,
+        meta.variant, meta.epoch, meta.scores_text(), meta.decided_by, meta.best_map,
         f"{meta.best_map_ema:.4f}" if meta.best_map_ema is not None else "-",
         stripped.checkpoint_bytes / 1e6, stripped.winner_bytes / 1e6, ratio, run.winner.path,
     )

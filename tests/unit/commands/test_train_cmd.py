@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
@@ -53,3 +54,15 @@ def test_registry_outage_says_run_register_later(tmp_path):
     text = fit_summary(result, cfg)
     assert f"run `raydetr register {result.run_dir}` once MLflow is reachable" in text
     assert "was off" not in text
+
+
+def test_summary_leads_with_the_metric_that_decided_the_winner(tmp_path):
+    cfg, result = _finished_run(tmp_path, "mlflow=false")
+    first = fit_summary(result, cfg).strip().splitlines()[0]
+    assert first.startswith("winner: ema weights, epoch 1, mAP ") and "map_segm" not in first
+    # a segmentation winner's metrics hold map_segm (what decided it) beside the box mAP
+    seg_meta = dataclasses.replace(result.meta, metrics={**result.meta.metrics, "map": 0.0659,
+                                                         "map_segm": 0.2038})
+    seg = fit_summary(dataclasses.replace(result, meta=seg_meta), cfg).strip().splitlines()[0]
+    assert seg_meta.decided_by == "map_segm"
+    assert seg.startswith("winner: ema weights, epoch 1, map_segm 0.2038, mAP 0.0659 -> ")
