@@ -144,7 +144,18 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[di
 
 def _gt_masks(target: dict, size_hw: tuple[int, int]) -> list[dict] | None:
     """The target's ground-truth masks as RLEs at the original size; None without masks (an
-    image without objects needs none)."""
+    image without objects needs none).
+
+    The data path's evaluation targets carry the stored RLEs at the original size
+    ("masks_rle"): used as they are, so segm ground truth is exact. Targets without them (built
+    from tensors) have their model-input masks resized nearest to the original size."""
+    stored = target.get("masks_rle")
+    if stored is not None:
+        if len(stored) != len(target["labels"]):
+            raise ValueError(f"image {int(target['image_id'])}: {len(stored)} stored masks for "
+                             f"{len(target['labels'])} boxes")
+        h, w = int(size_hw[0]), int(size_hw[1])
+        return [{"size": [h, w], "counts": bytes(c)} for c in stored]
     masks = target.get("masks")
     if masks is None:
         return [] if len(target["labels"]) == 0 else None

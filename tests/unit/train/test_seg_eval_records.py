@@ -133,3 +133,25 @@ def test_seg_evaluation_without_masks_in_the_targets_says_so():
                            top_k=6, on_masks=matcher)
     with pytest.raises(ValueError, match="none of this rank's 3 val images came with masks"):
         evaluate_matches(recs, ["a", "b"], rank=0, world=1, segm=True, masks=matcher)
+
+
+def test_stored_rles_are_the_ground_truth_as_they_are():
+    """The data path's evaluation targets carry the stored RLE at the original size
+    ("masks_rle"): evaluation takes it bit for bit, not the model-input mask resized back."""
+    from raydetr.data import masks as mk
+
+    yy, xx = np.mgrid[:ORIG_HW[0], :ORIG_HW[1]]
+    disc = ((yy - 23.5) ** 2 + (xx - 31.5) ** 2) < 13.3 ** 2  # no 32 px mask resizes to this
+    stored = mk.encode(disc[None])
+    batches = list(_batches(3))
+    for batch in batches:
+        for t in batch["targets"]:
+            t["masks_rle"] = list(stored)
+    recs = predict_records({"m": FixedSegmenter()}, PostProcessor(), iter(batches), "cpu",
+                           top_k=6)["m"]
+    for r in recs:
+        assert r["gt_masks"][0]["counts"] == stored[0]
+        np.testing.assert_array_equal(decode_rle(r["gt_masks"])[0], disc)
+    batches[0]["targets"][0]["masks_rle"] = []  # a stored mask per box, or a clear error
+    with pytest.raises(ValueError, match="image 0: 0 stored masks for 1 boxes"):
+        predict_records({"m": FixedSegmenter()}, PostProcessor(), iter(batches[:1]), "cpu")
