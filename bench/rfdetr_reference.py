@@ -358,11 +358,14 @@ def training_args(rf: types.SimpleNamespace, preset: str = "rfdetr-nano", num_cl
     config (minus keys TrainConfig also has), TrainConfig, extra kwargs and ``num_classes``,
     then ``populate_args`` (rfdetr/detr.py, rfdetr/main.py). ``num_classes`` as RF-DETR counts
     it (the class head has num_classes + 1 logits)."""
-    fields = rf.config.TrainConfig.model_fields
+    model_config = getattr(rf.config, CONFIG_CLASS[preset])(device="cpu").model_dump()
+    # a seg model trains with SegmentationTrainConfig (cls_loss_coef 5, the mask losses)
+    train_cls = (rf.config.SegmentationTrainConfig if model_config.get("segmentation_head")
+                 else rf.config.TrainConfig)
+    fields = train_cls.model_fields
     train_kw = {k: v for k, v in overrides.items() if k in fields}
     extra = {k: v for k, v in overrides.items() if k not in fields}
-    model_config = getattr(rf.config, CONFIG_CLASS[preset])(device="cpu").model_dump()
-    train_config = rf.config.TrainConfig(dataset_dir="/nonexistent", **train_kw).model_dump()
+    train_config = train_cls(dataset_dir="/nonexistent", **train_kw).model_dump()
     model_config.pop("num_classes")
     model_config.pop("class_names", None)
     for k in train_config:

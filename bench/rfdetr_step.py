@@ -1,11 +1,17 @@
-"""rfdetr-nano training step on CPU, images/s: raydetr's vs RF-DETR's own code, alternated.
+"""An RF-DETR training step on CPU, images/s: raydetr's vs RF-DETR's own code, alternated.
 
     .venv/bin/python bench/rfdetr_step.py                        # needs `make rfdetr-reference`
     .venv/bin/python bench/rfdetr_step.py --batch 2 4 --threads 1 2 --rounds 7
+    .venv/bin/python bench/rfdetr_step.py --preset rfdetr-seg-nano   # 312 px, masks
     .venv/bin/python bench/rfdetr_step.py --no-reference         # ours only (says so)
 
+``--preset`` is rfdetr-nano (default, 384 px) or rfdetr-seg-nano (312 px, its default
+resolution): the seg step adds the mask head's forward, RF-DETR's seg recipe (mask matcher
+costs, point-sampled mask CE + dice, class weight 5) and its backward; each target's masks are
+its boxes filled at the input size, bool, as in ``bench/rfdetr_reference.py loss``.
+
 A step is one optimizer step of each side's training loop: forward in training mode (13 x 300
-queries), the family's loss (IA-BCE, per-group Hungarian matching on the final, auxiliary and
+queries for nano, 13 x 200 for seg-nano), the family's loss (IA-BCE, per-group Hungarian matching on the final, auxiliary and
 encoder outputs), backward, grad clipping 0.1, AdamW over the family's parameter groups, LR
 scheduler step, EMA update (decay 0.993, warm-up tau 100). raydetr's side is
 ``raydetr.train.engine.train_one_epoch`` over one batch, in a process set up as raydetr's CPU
@@ -40,6 +46,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 REF_DIR = Path(os.environ.get("RFDETR_REF", "/tmp/rfdetr-ref"))
+DEFAULT_RESOLUTION = {"rfdetr-nano": 384, "rfdetr-seg-nano": 312}  # the presets' own
 
 # Runs inside either interpreter: the batch (same seeds on both sides), then a command loop.
 _COMMON = r'''
@@ -56,8 +63,13 @@ for _ in range(BATCH):
     n = 3
     cxcy = torch.rand(n, 2, generator=gen) * 0.6 + 0.2
     wh = torch.rand(n, 2, generator=gen) * 0.2 + 0.05
-    targets.append({"labels": torch.randint(1, 91, (n,), generator=gen),
-                    "boxes": torch.cat([cxcy, wh], 1)})
+    t = {"labels": torch.randint(1, 91, (n,), generator=gen), "boxes": torch.cat([cxcy, wh], 1)}
+    if P["masks"]:  # the boxes filled at the input size
+        c = (torch.arange(RES) + 0.5) / RES
+        lo, hi = cxcy - wh / 2, cxcy + wh / 2
+        t["masks"] = ((c[None, :, None] >= lo[:, None, None, 1]) & (c[None, :, None] < hi[:, None, None, 1])
+                      & (c[None, None, :] >= lo[:, None, None, 0]) & (c[None, None, :] < hi[:, None, None, 0]))
+    targets.append(t)
 
 def serve(step):
     out = sys.stdout
@@ -81,7 +93,7 @@ from raydetr.train.engine import train_one_epoch
 from raydetr.train.memory import keep_freed_memory
 from raydetr.train.optim import build_lr_scheduler, build_optimizer
 keep_freed_memory()  # as raydetr's CPU training worker does at start
-cfg = load_config(None, ["model.preset=rfdetr-nano", f"model.resolution={RES}"])
+cfg = load_config(None, [f"model.preset={P['preset']}", f"model.resolution={RES}"])
 model, criterion, _ = build(cfg.model, cfg.loss, 91)
 model.load_state_dict(torch.load(P["weights"], weights_only=True))
 opt = build_optimizer(model, cfg.optim, cfg.model.preset)
@@ -101,7 +113,7 @@ sys.path.insert(0, P["bench"])
 import rfdetr_reference as R
 from pathlib import Path
 rf = R.import_rfdetr(Path(P["source"]))
-ref = R.build_training(rf, "rfdetr-nano", num_classes=90, resolution=RES)
+ref = R.build_training(rf, P["preset"], num_classes=90, resolution=RES)
 ref.model.load_state_dict(torch.load(P["weights"], weights_only=True))
 ref.make_optim()
 ref.model.train(); ref.criterion.train()
@@ -170,15 +182,15 @@ def _fmt(s: dict[str, float]) -> str:
             f"IQR {s['q1']:.3f}..{s['q3']:.3f})")
 
 
-def write_weights(path: Path, resolution: int) -> None:
-    """A fresh rfdetr-nano init plus noise (every tensor non-trivial), as both sides load it."""
+def write_weights(path: Path, preset: str) -> None:
+    """A fresh init of the preset plus noise (every tensor non-trivial), as both sides load it."""
     sys.path.insert(0, str(REPO))
     import torch
 
     from raydetr.model.rfdetr import build_rfdetr
 
     torch.manual_seed(0)
-    model = build_rfdetr("rfdetr-nano", num_classes=91)
+    model = build_rfdetr(preset, num_classes=91)
     g = torch.Generator().manual_seed(0)
     sd = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
     torch.save(sd, path)
@@ -188,7 +200,8 @@ def measure(batch: int, threads: int, args: argparse.Namespace, weights: Path
             ) -> dict[str, Any]:
     params = {"threads": threads, "batch": batch, "resolution": args.resolution,
               "repo": str(REPO), "bench": str(REPO / "bench"), "source": str(args.rfdetr_src),
-              "weights": str(weights)}
+              "weights": str(weights), "preset": args.preset,
+              "masks": args.preset.startswith("rfdetr-seg-")}
     sides = [Side("raydetr", sys.executable, _OURS, params)]
     if not args.no_reference:
         sides.append(Side("RF-DETR", str(args.python), _REFERENCE, params))
@@ -225,27 +238,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--no-reference", action="store_true", help="time raydetr only")
     p.add_argument("--batch", type=int, nargs="+", default=[2, 4])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--resolution", type=int, default=384)
+    p.add_argument("--preset", choices=sorted(DEFAULT_RESOLUTION), default="rfdetr-nano")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="default: 384 for rfdetr-nano, 312 for rfdetr-seg-nano")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per setting")
     p.add_argument("--steps", type=int, default=1, help="steps per side per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
-    p.add_argument("--out", type=Path, default=RESULTS / "rfdetr_step.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default bench/results/rfdetr_step.json (nano), rfdetr_step_seg-nano.json")
     args = p.parse_args(argv)
+    args.resolution = args.resolution or DEFAULT_RESOLUTION[args.preset]
+    if args.out is None:
+        args.out = RESULTS / ("rfdetr_step.json" if args.preset == "rfdetr-nano"
+                              else f"rfdetr_step_{args.preset.removeprefix('rfdetr-')}.json")
     if not args.no_reference and not args.python.exists():
         raise SystemExit(f"no RF-DETR scratch venv at {args.python}: run `make rfdetr-reference "
                          "RFDETR_REPO=/path/to/rf-detr` (README) or pass --no-reference")
 
     load = os.getloadavg()
-    print(f"rfdetr-nano training step, {args.resolution} px, CPU ({os.cpu_count()} cores, "
+    print(f"{args.preset} training step, {args.resolution} px, CPU ({os.cpu_count()} cores, "
           f"load average {load[0]:.1f} at start); {args.rounds} alternating rounds x "
           f"{args.steps} step(s) per side after {args.warmup} warm-up steps")
-    result: dict[str, Any] = {"preset": "rfdetr-nano", "resolution": args.resolution,
+    result: dict[str, Any] = {"preset": args.preset, "resolution": args.resolution,
                               "rounds": args.rounds, "steps": args.steps,
                               "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                               "load_average_start": load, "settings": []}
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights.pt"
-        write_weights(weights, args.resolution)
+        write_weights(weights, args.preset)
         for batch in args.batch:
             for threads in args.threads:
                 m = measure(batch, threads, args, weights)
@@ -265,7 +285,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["ratio_wall"], result["ratio_cpu"] = _spread(pooled), _spread(pooled_cpu)
         print(f"all settings, {len(pooled)} rounds: ratio {_fmt(result['ratio_wall'])}; "
               f"CPU-time ratio {_fmt(result['ratio_cpu'])}")
-        print(f"rfdetr-nano step / RF-DETR step throughput: {result['ratio_wall']['median']:.3f}")
+        print(f"{args.preset} step / RF-DETR step throughput: "
+              f"{result['ratio_wall']['median']:.3f}")
     else:
         print("RF-DETR: not run (--no-reference)")
     print(f"load average at end {result['load_average_end'][0]:.1f}")

@@ -15,6 +15,12 @@ boxes each; augmentation and multi-scale off), N optimizer steps of
 then prints the relative difference of the loss at every step, and of the regular and the EMA
 weights at the end: per tensor max|ours - RF-DETR| / max|RF-DETR|, the largest over tensors.
 Writes bench/results/rfdetr_trajectory.json.
+
+``--noise-floor`` also measures what float32 noise alone does to this trajectory: each side is
+run a second time from the same weights moved by one ulp (``torch.nextafter`` on every float
+tensor), and the same differences are printed for RF-DETR against itself and raydetr against
+itself. raydetr vs RF-DETR within that floor means the two differ by no more than either
+differs from itself under a one-ulp change of its starting point.
 """
 
 from __future__ import annotations
@@ -89,6 +95,45 @@ def run_ours(weights: dict[str, torch.Tensor], batches: list[dict], resolution: 
             "ema": ema.shadow_state_dict(0)}
 
 
+def one_ulp(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every float tensor moved one ulp towards +inf (integer buffers as they are)."""
+    return {k: torch.nextafter(v, torch.full_like(v, math.inf)) if v.is_floating_point() else v
+            for k, v in weights.items()}
+
+
+def run_reference(args: argparse.Namespace, weights: dict[str, torch.Tensor], batches: list[dict],
+                  steps_per_epoch: int) -> dict[str, Any]:
+    """RF-DETR's side in the scratch venv (bench/rfdetr_reference.py trajectory)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        w_path, b_path, r_path = (Path(tmp) / n for n in ("w.pt", "b.pt", "ref.pt"))
+        torch.save(weights, w_path)
+        torch.save({"batches": batches, "num_logits": NUM_LOGITS,
+                    "steps_per_epoch": steps_per_epoch}, b_path)
+        proc = subprocess.run(
+            [str(args.python), str(REPO / "bench" / "rfdetr_reference.py"), "--rfdetr-src",
+             str(args.rfdetr_src), "--threads", str(args.threads), "trajectory", "--weights",
+             str(w_path), "--batches", str(b_path), "--out", str(r_path)],
+            capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"RF-DETR side failed:\n{proc.stderr[-4000:]}")
+        return torch.load(r_path, weights_only=True)
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Per-step relative loss difference and final weight differences of run a against b."""
+    if len(a["losses"]) != len(b["losses"]):
+        raise SystemExit(f"step counts differ: {len(a['losses'])} vs {len(b['losses'])}")
+    loss_rel = [abs(x - y) / abs(y) if y else abs(x - y) for x, y in zip(a["losses"], b["losses"])]
+    return {"loss_rel_diff": loss_rel, "max_loss_rel_diff": max(loss_rel),
+            "regular": rel_diff(a["model"], b["model"]), "ema": rel_diff(a["ema"], b["ema"])}
+
+
+def _summary(name: str, c: dict[str, Any], steps: int) -> None:
+    print(f"{name}: max relative loss difference {c['max_loss_rel_diff']:.2e}; after {steps} "
+          f"steps regular weights {c['regular']['max_rel']:.2e}, EMA {c['ema']['max_rel']:.2e}"
+          f" (max abs {c['regular']['max_abs']:.2e}, {c['ema']['max_abs']:.2e})")
+
+
 def rel_diff(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, Any]:
     if list(ours) != list(ref):
         missing, extra = set(ref) - set(ours), set(ours) - set(ref)
@@ -113,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--noise-floor", action="store_true",
+                   help="also run each side from its weights moved by one ulp (see above)")
     p.add_argument("--out", type=Path, default=RESULTS / "rfdetr_trajectory.json")
     args = p.parse_args(argv)
     if not args.python.exists():
@@ -127,21 +174,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     weights = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in fresh.items()}
     batches = make_batches(args.steps, args.batch, args.resolution)
     steps_per_epoch = args.steps  # one epoch; the schedule is constant (step at epoch 100)
-    with tempfile.TemporaryDirectory() as tmp:
-        w_path, b_path, r_path = (Path(tmp) / n for n in ("w.pt", "b.pt", "ref.pt"))
-        torch.save(weights, w_path)
-        torch.save({"batches": batches, "num_logits": NUM_LOGITS,
-                    "steps_per_epoch": steps_per_epoch}, b_path)
-        t0 = time.perf_counter()
-        proc = subprocess.run(
-            [str(args.python), str(REPO / "bench" / "rfdetr_reference.py"), "--rfdetr-src",
-             str(args.rfdetr_src), "--threads", str(args.threads), "trajectory", "--weights",
-             str(w_path), "--batches", str(b_path), "--out", str(r_path)],
-            capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"RF-DETR side failed:\n{proc.stderr[-4000:]}")
-        ref = torch.load(r_path, weights_only=True)
-        t_ref = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ref = run_reference(args, weights, batches, steps_per_epoch)
+    t_ref = time.perf_counter() - t0
     t0 = time.perf_counter()
     ours = run_ours(weights, batches, args.resolution, steps_per_epoch)
     t_ours = time.perf_counter() - t0
@@ -154,10 +189,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rel = abs(a - b) / abs(b) if b else abs(a - b)
         loss_rel.append(rel)
         print(f"{i + 1:4d}  {a:12.6f}  {b:12.6f}   {rel:.2e}")
-    if len(ours["losses"]) != len(ref["losses"]):
-        raise SystemExit(f"step counts differ: {len(ours['losses'])} vs {len(ref['losses'])}")
-    regular = rel_diff(ours["model"], ref["model"])
-    ema = rel_diff(ours["ema"], ref["ema"])
+    main_cmp = compare(ours, ref)
+    regular, ema = main_cmp["regular"], main_cmp["ema"]
     print(f"max relative loss difference over {len(loss_rel)} steps: {max(loss_rel):.2e}")
     print(f"regular weights after {args.steps} steps: max relative diff {regular['max_rel']:.2e} "
           f"({regular['worst_tensor']}), max abs diff {regular['max_abs']:.2e}")
@@ -169,6 +202,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "max_loss_rel_diff": max(loss_rel), "regular": regular, "ema": ema,
               "finite": all(math.isfinite(x) for x in ours["losses"]),
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if args.noise_floor:
+        nudged = one_ulp(weights)
+        floor = {"RF-DETR vs RF-DETR from weights + 1 ulp":
+                 compare(run_reference(args, nudged, batches, steps_per_epoch), ref),
+                 "raydetr vs raydetr from weights + 1 ulp":
+                 compare(run_ours(nudged, batches, args.resolution, steps_per_epoch), ours)}
+        print("float32 noise floor (each side against itself, started one ulp apart):")
+        _summary("raydetr vs RF-DETR (same weights)", main_cmp, args.steps)
+        for name, c in floor.items():
+            _summary(name, c, args.steps)
+        print("step  " + "  ".join(["raydetr/RF-DETR", "RF-DETR/RF-DETR+ulp",
+                                     "raydetr/raydetr+ulp"]))
+        cols = [main_cmp["loss_rel_diff"], *(c["loss_rel_diff"] for c in floor.values())]
+        for i, row in enumerate(zip(*cols)):
+            print(f"{i + 1:4d}  " + "  ".join(f"{v:15.2e}" for v in row))
+        result["noise_floor"] = floor
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
