@@ -11,7 +11,7 @@ costs, point-sampled mask CE + dice, class weight 5) and its backward; each targ
 its boxes filled at the input size, bool, as in ``bench/rfdetr_reference.py loss``.
 
 A step is one optimizer step of each side's training loop: forward in training mode (13 x 300
-queries for nano, 13 x 200 for seg-nano), the family's loss (IA-BCE, per-group Hungarian matching on the final, auxiliary and
+queries for nano, 13 x 100 for seg-nano), the family's loss (IA-BCE, per-group Hungarian matching on the final, auxiliary and
 encoder outputs), backward, grad clipping 0.1, AdamW over the family's parameter groups, LR
 scheduler step, EMA update (decay 0.993, warm-up tau 100). raydetr's side is
 ``raydetr.train.engine.train_one_epoch`` over one batch, in a process set up as raydetr's CPU
