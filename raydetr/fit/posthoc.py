@@ -25,12 +25,14 @@ import ray
 
 from raydetr.artifacts import ModelDir, ModelMeta, RunDir, atomic_write_json
 from raydetr.config import Config, build_config
+from raydetr.config.presets import is_segmentation
 from raydetr.ema.posthoc import Snapshot, list_snapshots, reconstruct_many, select_snapshots
 from raydetr.errors import UserError
 from raydetr.fit.cluster import init_ray
 from raydetr.fit.driver import ensure_prepared
 from raydetr.fit.postfit import publish_winner
 from raydetr.model.build import resolve_model_config
+from raydetr.record import deciding_metric, metric_keys
 from raydetr.registry.posthoc import log_posthoc_runs
 from raydetr.serve.detector import Detector
 from raydetr.serve.evaluation import run_evaluation
@@ -38,7 +40,6 @@ from raydetr.train.checkpoint import latest_checkpoint, read_state
 
 log = logging.getLogger("raydetr.posthoc")
 SNAPSHOT_DIR = "posthoc"  # under a Train run's storage (<run_dir>/train/posthoc)
-METRIC_KEYS = ("map", "map50", "map75", "mar")
 
 
 class PosthocError(UserError, ValueError):
@@ -55,6 +56,25 @@ class PosthocRun:
     history: list[dict[str, Any]]
     prepared: Path
     val_split: str
+
+    @property
+    def segmentation(self) -> bool:
+        return is_segmentation(self.cfg.model.preset)
+
+    @property
+    def metric_keys(self) -> tuple[str, ...]:
+        """The COCO metrics a profile is scored on: bbox, and segm for a segmentation run."""
+        return metric_keys(self.segmentation)
+
+    @property
+    def decided_by(self) -> str:
+        """What picks the best profile and compares it with the run's winner: ``map_segm``
+        for a segmentation run (as during training), else ``map``."""
+        return deciding_metric(self.segmentation)
+
+    def best_of(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The profile row with the highest ``decided_by`` metric."""
+        return max(rows, key=lambda r: r[self.decided_by])
 
     @property
     def winner_meta(self) -> ModelMeta | None:
@@ -141,7 +161,8 @@ def evaluate_profile(model_dir: Path, prepared: Path, split: str,
     detector = Detector.from_dir(model_dir, device=device or "cpu")
     metrics = run_evaluation(detector, Path(prepared), split)
     info = ModelDir(model_dir).read_meta().source["posthoc"]
-    return {**{k: float(metrics[k]) for k in METRIC_KEYS}, "images": metrics["images"],
+    keys = metric_keys("map_segm" in metrics)  # segm beside bbox for a segmentation model
+    return {**{k: float(metrics[k]) for k in keys}, "images": metrics["images"],
             "sigma_rel": info["sigma_rel"], "gamma": info["gamma"], "step": info["step"],
             "profile_residual": info["profile_residual"], "snapshots": info["snapshots"],
             "model_dir": str(model_dir)}
@@ -182,15 +203,16 @@ def sweep(run_path: Path, sigma_rels: list[float], *, step: int | None = None,
     task = _eval_remote()
     rows = ray.get([task.remote(str(d), str(run.prepared), run.val_split) for d in dirs])
     rows.sort(key=lambda r: r["sigma_rel"])
-    best = max(rows, key=lambda r: r["map"])
+    best = run.best_of(rows)
     winner = run.winner_meta
-    winner_map = winner.metrics.get("map") if winner else None
-    atomic_write_json(out_root / "results.json",
-                      {"rows": rows, "best": best, "winner_map": winner_map})
+    winner_map = winner.metrics.get(run.decided_by) if winner else None
+    atomic_write_json(out_root / "results.json", {"rows": rows, "best": best,
+                                                  "decided_by": run.decided_by,
+                                                  "winner_map": winner_map})
     print(format_table(rows, best, winner, run))
     registered = None
     if use_mlflow and run.cfg.mlflow.enabled:
-        log_posthoc_runs(run.cfg, RunDir(run.run_dir), rows, METRIC_KEYS)
+        log_posthoc_runs(run.cfg, RunDir(run.run_dir), rows, run.metric_keys)
     if register:
         registered = _register_best(run, best, winner_map)
     return SweepResult(run=run, rows=rows, best=best, winner_map=winner_map,
@@ -199,34 +221,36 @@ def sweep(run_path: Path, sigma_rels: list[float], *, step: int | None = None,
 
 def format_table(rows: list[dict[str, Any]], best: dict[str, Any], winner: ModelMeta | None,
                  run: PosthocRun) -> str:
-    head = ["sigma_rel", "gamma", *METRIC_KEYS, "fit_resid", "snapshots"]
+    head = ["sigma_rel", "gamma", *run.metric_keys, "fit_resid", "snapshots"]
     lines = [f"post-hoc EMA of {run.run_dir.name} at step {rows[0]['step']} "
              f"({rows[0]['images']} {run.val_split} images)",
              "  ".join(f"{h:>10}" for h in head)]
     for r in rows:
-        vals = [r["sigma_rel"], r["gamma"], *(r[k] for k in METRIC_KEYS),
+        vals = [r["sigma_rel"], r["gamma"], *(r[k] for k in run.metric_keys),
                 r["profile_residual"], r["snapshots"]]
         mark = "  <- best" if r is best else ""
         lines.append("  ".join(f"{v:>10.4f}" if isinstance(v, float) else f"{v:>10}"
                                for v in vals) + mark)
     if winner:
-        m = winner.metrics.get("map")
-        lines.append(f"run winner: {winner.variant} weights, epoch {winner.epoch}, mAP {m:.4f}"
-                     if m is not None else "run winner: mAP unknown")
+        m = winner.metrics.get(run.decided_by)
+        lines.append(f"run winner: {winner.variant} weights, epoch {winner.epoch}, "
+                     f"{winner.scores_text()}" if m is not None
+                     else f"run winner: {run.decided_by} unknown")
     return "\n".join(lines)
 
 
 def _register_best(run: PosthocRun, best: dict[str, Any], winner_map: float | None
                    ) -> dict[str, Any] | None:
     """Publish the best profile (stripped, registered with the alias) if it beats the winner."""
-    if winner_map is not None and not best["map"] > winner_map:
-        print(f"not registered: best post-hoc mAP {best['map']:.4f} does not beat the run's "
-              f"winner ({winner_map:.4f})")
+    key = run.decided_by
+    if winner_map is not None and not best[key] > winner_map:
+        print(f"not registered: best post-hoc {_label(key)} {best[key]:.4f} does not beat the "
+              f"run's winner ({winner_map:.4f})")
         return None
     src = ModelDir(best["model_dir"])
     dst = RunDir(run.run_dir).posthoc / "winner"
     meta = src.read_meta()
-    meta.metrics = {k: best[k] for k in METRIC_KEYS}
+    meta.metrics = {k: best[k] for k in run.metric_keys}
     meta.epoch = int(run.history[-1]["epoch"]) if run.history else -1
     meta.epochs_run = len(run.history)
     ModelDir.write(dst, src.weights_path, meta)
@@ -234,6 +258,11 @@ def _register_best(run: PosthocRun, best: dict[str, Any], winner_map: float | No
     if reg is None:
         raise PosthocError(f"registration failed (see the log); the profile is in {dst}")
     print(f"registered: {reg['model_uri']} (version {reg['version']}): post-hoc sigma_rel "
-          f"{best['sigma_rel']:g}, mAP {best['map']:.4f}"
+          f"{best['sigma_rel']:g}, {_label(key)} {best[key]:.4f}"
           + (f" > winner {winner_map:.4f}" if winner_map is not None else ""))
     return reg
+
+
+def _label(key: str) -> str:
+    """``mAP`` for box mAP (the console's word for it), the key itself otherwise."""
+    return "mAP" if key == "map" else key

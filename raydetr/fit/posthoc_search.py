@@ -21,7 +21,6 @@ from typing import Any
 from raydetr.artifacts import RunDir
 from raydetr.fit.cluster import init_ray
 from raydetr.fit.posthoc import (
-    METRIC_KEYS,
     PosthocError,
     evaluate_profile,
     open_run,
@@ -79,7 +78,7 @@ def posthoc_search(run_path: Path, bounds: tuple[float, float], num_samples: int
     tuner = tune.Tuner(
         tune.with_resources(_trainable(str(run.run_dir), step), {"cpu": 1}),
         param_space=space,
-        tune_config=tune.TuneConfig(metric="map", mode="max", num_samples=samples,
+        tune_config=tune.TuneConfig(metric=run.decided_by, mode="max", num_samples=samples,
                                     search_alg=search_alg, scheduler=scheduler,
                                     max_concurrent_trials=max_concurrent_trials),
         run_config=tune.RunConfig(name=f"posthoc_tune-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -90,15 +89,16 @@ def posthoc_search(run_path: Path, bounds: tuple[float, float], num_samples: int
     if errors:
         raise RuntimeError(f"{len(errors)} post-hoc trial(s) failed; first: {errors[0]}")
     rows = sorted((dict(r.metrics) for r in results), key=lambda m: m["sigma_rel"])
-    rows = [{k: r[k] for k in ("sigma_rel", "gamma", *METRIC_KEYS, "profile_residual", "step",
+    keys = run.metric_keys
+    rows = [{k: r[k] for k in ("sigma_rel", "gamma", *keys, "profile_residual", "step",
                                "model_dir")} for r in rows]
-    best = max(rows, key=lambda r: r["map"])
+    best = run.best_of(rows)
     out = RunDir(run.run_dir).posthoc / "tune_results.json"
     out.write_text(json.dumps({"rows": rows, "best": best}, indent=2))
     lines = [f"post-hoc Tune search over sigma_rel in [{lo:g}, {hi:g}] ({len(rows)} trials, "
-             f"step {best['step']}):", "  ".join(f"{h:>10}" for h in ("sigma_rel", *METRIC_KEYS))]
+             f"step {best['step']}):", "  ".join(f"{h:>10}" for h in ("sigma_rel", *keys))]
     for r in rows:
-        lines.append("  ".join(f"{r[k]:>10.4f}" for k in ("sigma_rel", *METRIC_KEYS))
+        lines.append("  ".join(f"{r[k]:>10.4f}" for k in ("sigma_rel", *keys))
                      + ("  <- best" if r is best else ""))
     print("\n".join(lines) + f"\nresults: {out}")
     return PosthocSearchResult(rows=rows, best=best, seconds=time.perf_counter() - start)
