@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=OptimConfig().warmup_steps)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache", type=Path, default=Path("/tmp/raydetr-bench"))
+    ap.add_argument("--cache", type=Path, default=REPO / "bench" / "results" / "cache" / "convergence",
+                    help="kept between runs (under bench/results/, git-ignored)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "convergence.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -273,7 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--fresh-plain", action="store_true",
                     help="retrain the plain students even when --cache has them")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
-    ap.add_argument("--cache", type=Path, default=Path("/tmp/raydetr-bench-distill"))
+    ap.add_argument("--cache", type=Path, default=REPO / "bench" / "results" / "cache" / "distill",
+                    help="kept between runs (under bench/results/, git-ignored)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "distill.json")
     args = ap.parse_args(argv)
     args.epochs = args.epochs or (2 if args.quick else 6)
