@@ -4,7 +4,8 @@ Every bench script takes ``--workdir`` (default: a fresh temp dir). ``bench/run_
 one workdir to all of them, so a fit with the same settings (e.g. the 1-worker run used by the
 Ray-overhead, scaling and evaluation benches) runs once per suite run and is read back from
 ``<workdir>/fits/<key>/``. Nothing is read from an earlier suite run: a fresh workdir is
-made each time.
+made each time, and removed when the process that made it ends (a ``--workdir`` you pass is
+kept).
 
 Fits go through the real path (``raydetr.fit.driver.fit``, Tune + TorchTrainer + post-fit)
 with MLflow off, each with its own ``run.name`` under the workdir; Ray is started by the
@@ -14,10 +15,12 @@ driver for that fit (so it sizes the cluster as a user's fit would) and shut dow
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -55,9 +58,17 @@ def base_parser(description: str, *, fits: bool = True) -> argparse.ArgumentPars
     return p
 
 
+def temp_workdir() -> Path:
+    """A fresh scratch dir, removed when this process exits (datasets and fits are 30 MB to
+    1 GB per run)."""
+    work = Path(tempfile.mkdtemp(prefix="raydetr-bench-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    return work
+
+
 def workdir_of(args: argparse.Namespace) -> Path:
     if args.workdir is None:
-        args.workdir = Path(tempfile.mkdtemp(prefix="raydetr-bench-"))
+        args.workdir = temp_workdir()
     args.workdir = Path(args.workdir).resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     return args.workdir

@@ -8,7 +8,8 @@
 
 Each script runs as its own process (a fresh Ray each time) with one shared ``--workdir``, so
 the fits they share (the 1-worker and 2-worker runs) train once per suite run. Each writes
-``<results>/<name>.json`` (default bench/results/; with --quick, <workdir>/results/) and its
+``<results>/<name>.json`` (default bench/results/; with --quick, <workdir>/results/, and that
+workdir is kept; otherwise a workdir the suite made is removed at its end) and its
 own table; this script reads the JSON files back and prints the summary: measure, value,
 target, source script. Only numbers measured in this run are printed.
 """
@@ -78,7 +79,12 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--results", type=Path, default=None, help="JSON folder")
     args = p.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="raydetr-bench-")).resolve()
+    if args.workdir is not None:
+        work = args.workdir.resolve()
+    elif args.quick and args.results is None:  # the JSON goes under it: kept, and said so
+        work = Path(tempfile.mkdtemp(prefix="raydetr-bench-")).resolve()
+    else:
+        work = common.temp_workdir().resolve()  # removed when the suite ends
     results = args.results or (work / "results" if args.quick else common.RESULTS_DIR)
     results.mkdir(parents=True, exist_ok=True)
     names = [n for n in (args.only or ORDER)
