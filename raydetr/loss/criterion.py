@@ -62,6 +62,13 @@ class SetCriterion(nn.Module):
 
     def _classification(self, logits: Tensor, boxes: Tensor, targets: list[dict], indices: Indices,
                         num_boxes: float) -> Tensor:
+        loss = self.classification_map(logits, boxes, targets, indices)
+        return loss.mean(1).sum() * logits.shape[1] / num_boxes
+
+    def classification_map(self, logits: Tensor, boxes: Tensor, targets: list[dict],
+                           indices: Indices) -> Tensor:
+        """This criterion's classification loss of a matching, per (image, query, class) entry,
+        float32, not reduced (the distillation loss weighs it per query)."""
         b, q, c = logits.shape
         batch_idx = torch.cat([torch.full_like(s, i) for i, (s, _) in enumerate(indices)])
         src_idx = torch.cat([s for s, _ in indices])
@@ -89,7 +96,7 @@ class SetCriterion(nn.Module):
             loss = ce * (1 - p_t).pow(self.focal_gamma)
             if self.focal_alpha >= 0:
                 loss = loss * (self.focal_alpha * onehot + (1 - self.focal_alpha) * (1 - onehot))
-        return loss.mean(1).sum() * q / num_boxes
+        return loss
 
     def _ia_bce(self, logits: Tensor, boxes: Tensor, targets: list[dict], indices: Indices,
                 batch_idx: Tensor, src_idx: Tensor, tgt_labels: Tensor) -> Tensor:

@@ -7,9 +7,13 @@ box on one object, against the ground truth's one-to-one loss), are matched one-
 queries by the student's own Hungarian matcher, and the student pays the usual DETR losses on
 that matching, weighted by the teacher's score:
 
-- classification: sigmoid focal loss (alpha 0.25, gamma 2) on one-hot teacher labels, per query
+- classification: the student criterion's own classification loss (``SetCriterion.
+  classification_map``: varifocal for rtdetr, IA-BCE for rfdetr, focal where chosen; Teach-DETR
+  uses its student's focal loss) with the teacher's boxes and labels as the targets, per query
   weighted by the matched teacher box's score, or ``unmatched_weight`` (0.5 in Teach-DETR's
-  released code) for queries matched to no teacher box;
+  released code) for queries matched to no teacher box. A loss of another form than the
+  student's own (a focal loss on an IoU-aware student) pulls its scores away from the IoU
+  ranking the ground-truth loss teaches (measured: README);
 - boxes: L1 (cxcywh) and 1 - GIoU of each matched pair, times the teacher's score;
 - each term normalised by the number of teacher boxes (averaged over DDP workers) and weighted
   with the student criterion's ``weight_cls / weight_bbox / weight_giou``; on the final decoder
@@ -20,7 +24,7 @@ also learn the teacher's class probabilities: binary cross-entropy against the t
 probabilities (soft targets), mean over classes, summed over matches / teacher boxes.
 
     targets = teacher_targets(teacher_outputs, class_map, score_threshold=0.3)
-    terms = DistillLoss(criterion.matcher, ...)(student_outputs, targets)  # terms["loss_distill"]
+    terms = DistillLoss(criterion, ...)(student_outputs, targets)  # terms["loss_distill"]
 """
 
 from __future__ import annotations
@@ -29,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raydetr.loss.criterion import num_boxes_across_workers
-from raydetr.loss.matcher import HungarianMatcher
+from raydetr.loss.criterion import SetCriterion, num_boxes_across_workers
 from raydetr.ops.boxes import batched_nms, box_cxcywh_to_xyxy, generalized_box_iou
 
 
@@ -72,45 +75,35 @@ def teacher_targets(outputs: dict[str, Tensor], class_map: Tensor, num_logits: i
     return out
 
 
-def _focal(logits: Tensor, onehot: Tensor, alpha: float, gamma: float) -> Tensor:
-    prob = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
-    p_t = prob * onehot + (1 - prob) * (1 - onehot)
-    loss = ce * (1 - p_t).pow(gamma)
-    return loss * (alpha * onehot + (1 - alpha) * (1 - onehot))
-
-
 class DistillLoss(nn.Module):
     """forward(student_outputs, teacher_targets) -> {"loss_distill": weighted total (grad),
     "loss_distill_cls" / "_bbox" / "_giou" / "_logit": detached, unweighted, final layer}."""
 
-    def __init__(self, matcher: HungarianMatcher, *, weight_cls: float, weight_bbox: float,
-                 weight_giou: float, weight: float = 1.0, logit_weight: float = 0.0,
-                 unmatched_weight: float = 0.5, focal_alpha: float = 0.25,
-                 focal_gamma: float = 2.0, group_detr: int = 1) -> None:
+    def __init__(self, criterion: SetCriterion, *, weight: float = 1.0,
+                 logit_weight: float = 0.0, unmatched_weight: float = 0.5) -> None:
+        """The student's criterion gives the matcher, the classification loss, the loss weights
+        (``loss_cls / loss_bbox / loss_giou``) and ``group_detr``."""
         super().__init__()
-        self.matcher = matcher
-        self.weights = {"cls": weight_cls, "bbox": weight_bbox, "giou": weight_giou}
+        self.matcher = criterion.matcher
+        self.classification = criterion.classification_map  # a bound method: no submodule
+        w = criterion.weight_dict
+        self.weights = {"cls": w["loss_cls"], "bbox": w["loss_bbox"], "giou": w["loss_giou"]}
         self.weight, self.logit_weight = weight, logit_weight
         self.unmatched_weight = unmatched_weight
-        self.alpha, self.gamma = focal_alpha, focal_gamma
-        self.group_detr = group_detr
+        self.group_detr = criterion.group_detr
 
     def _layer(self, out: dict, targets: list[dict], groups: int, num_boxes: float,
                with_logits: bool) -> dict[str, Tensor]:
         logits, boxes = out["pred_logits"].float(), out["pred_boxes"].float()
-        b, q, c = logits.shape
+        b, q, _ = logits.shape
         indices = [(s.to(logits.device), j.to(logits.device))
                    for s, j in self.matcher(out, targets, groups)]
         batch_idx = torch.cat([torch.full_like(s, i) for i, (s, _) in enumerate(indices)])
         src_idx = torch.cat([s for s, _ in indices])
-        labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
         scores = torch.cat([t["scores"][j] for t, (_, j) in zip(targets, indices)])
-        onehot = torch.zeros(b, q, c, device=logits.device)
-        onehot[batch_idx, src_idx, labels] = 1.0
         query_w = torch.full((b, q), self.unmatched_weight, device=logits.device)
         query_w[batch_idx, src_idx] = scores
-        cls = (_focal(logits, onehot, self.alpha, self.gamma) * query_w[..., None]).sum()
+        cls = (self.classification(logits, boxes, targets, indices) * query_w[..., None]).sum()
         src = boxes[batch_idx, src_idx]
         tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()
         l1 = (F.l1_loss(src, tgt, reduction="none").sum(-1) * scores).sum()

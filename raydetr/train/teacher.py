@@ -60,13 +60,10 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def distill_loss(cfg: DistillConfig, criterion: nn.Module, same_classes: bool) -> DistillLoss:
-    """The Teach-DETR loss on the student's own matcher and loss weights."""
-    w = criterion.weight_dict
-    return DistillLoss(criterion.matcher, weight_cls=w["loss_cls"], weight_bbox=w["loss_bbox"],
-                       weight_giou=w["loss_giou"], weight=cfg.weight,
+    """The Teach-DETR loss on the student's own matcher, classification loss and loss weights."""
+    return DistillLoss(criterion, weight=cfg.weight,
                        logit_weight=cfg.logit_weight if same_classes else 0.0,
-                       unmatched_weight=cfg.unmatched_weight,
-                       group_detr=getattr(criterion, "group_detr", 1))
+                       unmatched_weight=cfg.unmatched_weight)
 
 
 class Teacher:

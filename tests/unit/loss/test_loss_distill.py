@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from raydetr.config import LossConfig
 from raydetr.fit.teacher import TeacherError, class_map_for
+from raydetr.loss.criterion import SetCriterion
 from raydetr.loss.distill import DistillLoss, teacher_targets
 from raydetr.loss.matcher import HungarianMatcher
 
@@ -56,8 +58,10 @@ def test_teacher_duplicates_are_dropped_by_class_aware_nms():
     assert sorted(other["labels"].tolist()) == [0, 0, 1]  # a person on the dog's box stays
 
 
-def loss_fn(**kw) -> DistillLoss:
-    return DistillLoss(HungarianMatcher(), weight_cls=2.0, weight_bbox=5.0, weight_giou=2.0, **kw)
+def loss_fn(cls_loss: str = "focal", **kw) -> DistillLoss:
+    """On a 2-class student criterion (loss weights: cls 2, bbox 5, giou 2)."""
+    crit = SetCriterion(2, HungarianMatcher(), LossConfig(cls_loss=cls_loss, weight_cls=2.0))
+    return DistillLoss(crit, **kw)
 
 
 def student(boxes: torch.Tensor, logits: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -132,3 +136,27 @@ def test_classes_map_by_name_or_the_error_names_them():
     assert class_map_for(["unused_0", "b", "a"], ["a", "b"], "t") == ([-1, 1, 0], True)
     with pytest.raises(TeacherError, match=r"\['zebra'\] are not among the teacher's classes"):
         class_map_for(["cat", "dog"], ["dog", "zebra"], "coco-teacher")
+
+
+@pytest.mark.parametrize("cls_loss", ["varifocal", "focal", "ia_bce"])
+def test_classification_is_the_students_own_loss(cls_loss):
+    """The teacher set is scored with the student's own classification loss: with every teacher
+    score 1 and unmatched queries weighted 1 it is the criterion's loss_cls on those boxes as
+    ground truth; a teacher score of 0.5 halves the matched query's part."""
+    crit = SetCriterion(2, HungarianMatcher(), LossConfig(cls_loss=cls_loss))
+    torch.manual_seed(0)
+    out = {"pred_logits": torch.randn(1, 5, 2), "pred_boxes": torch.rand(1, 5, 4) * 0.4 + 0.3}
+    boxes = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])
+    gt = [{"labels": torch.tensor([0, 1]), "boxes": boxes}]
+    teacher = [{**gt[0], "scores": torch.ones(2), "probs": torch.zeros(2, 2)}]
+    indices = crit.matcher(out, gt, 1)
+    want = crit._classification(out["pred_logits"], out["pred_boxes"], gt, indices, 2.0)
+    got = DistillLoss(crit, unmatched_weight=1.0)(out, teacher)["loss_distill_cls"]
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    per_entry = crit.classification_map(out["pred_logits"], out["pred_boxes"], gt, indices)
+    (src, _), = indices
+    half = [{**teacher[0], "scores": torch.tensor([0.5, 1.0])}]
+    got_half = DistillLoss(crit, unmatched_weight=1.0)(out, half)["loss_distill_cls"]
+    matched_to_first = per_entry[0, src[indices[0][1] == 0]].sum()
+    assert got_half.item() == pytest.approx(want.item() - 0.5 * matched_to_first.item() / 2,
+                                            rel=1e-5)
