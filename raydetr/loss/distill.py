@@ -23,7 +23,8 @@ Where teacher and student have the same classes (``logit_weight`` > 0), the matc
 also learn the teacher's class probabilities: binary cross-entropy against the teacher's sigmoid
 probabilities (soft targets), mean over classes, summed over matches / teacher boxes.
 
-    targets = teacher_targets(teacher_outputs, class_map, score_threshold=0.3)
+    targets = teacher_targets(teacher_outputs, class_map, num_logits, score_threshold=0.5,
+                              nms_iou=0.2)
     terms = DistillLoss(criterion, ...)(student_outputs, targets)  # terms["loss_distill"]
 """
 
