@@ -344,15 +344,18 @@ class DistillConfig(_Strict):
         None, description="None (off), a model/run dir, models:/name@alias, an RF-DETR .pth, or "
         "'ema' (the student's first EMA shadow). Resolved on the driver before Ray starts; a "
         "search may give it a grid or choice.")
-    weight: float = Field(1.0, ge=0, description="Weight of the teacher-box loss.")
+    weight: float = Field(0.5, ge=0, le=1, description="The teacher's share of the student "
+                          "decoder's supervision: (1 - weight) x ground-truth loss + weight x "
+                          "teacher loss (raydetr.loss.distill).")
     score_threshold: float = Field(0.5, ge=0, lt=1, description="Teacher detections kept as "
                                    "boxes to match: score at least this (0.5: measured, README).")
     nms_iou: float = Field(0.2, gt=0, le=1, description="Class-aware NMS of the teacher's "
                            "kept boxes: one overlapping a higher-scored box of its class by more "
                            "IoU than this is dropped (Teach-DETR's released code: 0.2); 1: off.")
     max_boxes: int = Field(100, gt=0, description="At most this many teacher boxes per image.")
-    unmatched_weight: float = Field(0.5, ge=0, description="Weight of the no-object term for "
-                                    "queries no teacher box matched.")
+    unmatched_weight: float = Field(1.0, ge=0, description="Weight of the no-object term for "
+                                    "queries no teacher box matched (1: as the ground truth's "
+                                    "loss weighs them; Teach-DETR's added term used 0.5).")
     logit_weight: float = Field(0.2, ge=0, description="Soft-target BCE on matched class "
                                 "probabilities; used only when the teacher's classes are the "
                                 "dataset's.")

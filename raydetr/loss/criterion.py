@@ -24,6 +24,7 @@ from raydetr.loss.matcher import HungarianMatcher
 from raydetr.ops.boxes import box_cxcywh_to_xyxy, elementwise_box_iou, generalized_box_iou
 
 Indices = list[tuple[Tensor, Tensor]]
+_SHARED = ("loss_cls", "loss_bbox", "loss_giou")  # the decoder terms a teacher can share
 
 
 def num_boxes_across_workers(targets: list[dict[str, Tensor]], device: torch.device,
@@ -55,6 +56,10 @@ class SetCriterion(nn.Module):
         self.weight_dict = {"loss_cls": loss_cfg.weight_cls, "loss_bbox": loss_cfg.weight_bbox,
                             "loss_giou": loss_cfg.weight_giou}
         self.masks = masks
+        # the share of the final and auxiliary decoder layers' class and box terms in the
+        # training loss; a distillation teacher (raydetr.loss.distill.DistillLoss) takes the
+        # rest. Mask, encoder and denoising terms keep their weight (no teacher gives them).
+        self.decoder_share = 1.0
         if masks:
             self.weight_dict.update(loss_mask_ce=loss_cfg.weight_mask_ce,
                                     loss_mask_dice=loss_cfg.weight_mask_dice)
@@ -190,8 +195,14 @@ class SetCriterion(nn.Module):
             for i, aux in enumerate(outputs.get("dn_aux_outputs", [])):
                 add(aux, dn_idx, f"_dn_aux{i}", dn_norm)
 
-        total = sum(self.weight_dict[k.split("_aux")[0].split("_enc")[0].split("_dn")[0]] * v
-                    for k, v in terms.items())
+        share = self.decoder_share if self.training else 1.0
+
+        def weight(k: str) -> float:
+            base = k.split("_aux")[0].split("_enc")[0].split("_dn")[0]
+            shared = base in _SHARED and "_enc" not in k and "_dn" not in k
+            return self.weight_dict[base] * share if shared else self.weight_dict[base]
+
+        total = sum(weight(k) * v for k, v in terms.items())
         result = {"loss": total}
         result.update({k: v.detach() for k, v in terms.items()})
         return result

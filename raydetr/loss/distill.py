@@ -10,14 +10,27 @@ that matching, weighted by the teacher's score:
 - classification: the student criterion's own classification loss (``SetCriterion.
   classification_map``: varifocal for rtdetr, IA-BCE for rfdetr, focal where chosen; Teach-DETR
   uses its student's focal loss) with the teacher's boxes and labels as the targets, per query
-  weighted by the matched teacher box's score, or ``unmatched_weight`` (0.5 in Teach-DETR's
-  released code) for queries matched to no teacher box. A loss of another form than the
+  weighted by the matched teacher box's score, or ``unmatched_weight`` (1, as the ground
+  truth's loss weighs them; 0.5 in Teach-DETR's released code, where the term was added) for
+  queries matched to no teacher box. A loss of another form than the
   student's own (a focal loss on an IoU-aware student) pulls its scores away from the IoU
   ranking the ground-truth loss teaches (measured: README);
 - boxes: L1 (cxcywh) and 1 - GIoU of each matched pair, times the teacher's score;
 - each term normalised by the number of teacher boxes (averaged over DDP workers) and weighted
   with the student criterion's ``weight_cls / weight_bbox / weight_giou``; on the final decoder
-  layer and every auxiliary layer (each layer matched on its own), times ``weight``.
+  layer and every auxiliary layer (each layer matched on its own).
+
+The teacher takes ``weight`` (0 <= weight <= 1) of the decoder's class and box supervision
+from the ground truth: building a DistillLoss sets the criterion's ``decoder_share`` to
+``1 - weight``, so the student's decoder learns ``(1 - weight) x`` its ground-truth loss
+``+ weight x`` the teacher's; the encoder, denoising and mask terms keep their full weight.
+Teach-DETR adds its term on top (``+ 1 x``); here that hurt even with a perfect teacher: the
+ground truth itself as the teacher set (scores 1, unmatched weight 1) is the decoder's loss
+counted twice, and it outweighs the encoder and denoising terms (bench/distill.py
+``--teacher-set labels --additive``, README). Shared, a teacher equal to the ground truth
+leaves the loss and its gradients as they are, to float rounding
+(tests/unit/loss/test_loss_distill.py), and what a teacher knows beyond the labels (scores,
+its boxes) replaces part of them instead of piling on.
 
 Where teacher and student have the same classes (``logit_weight`` > 0), the matched queries
 also learn the teacher's class probabilities: binary cross-entropy against the teacher's sigmoid
@@ -80,11 +93,16 @@ class DistillLoss(nn.Module):
     """forward(student_outputs, teacher_targets) -> {"loss_distill": weighted total (grad),
     "loss_distill_cls" / "_bbox" / "_giou" / "_logit": detached, unweighted, final layer}."""
 
-    def __init__(self, criterion: SetCriterion, *, weight: float = 1.0,
-                 logit_weight: float = 0.0, unmatched_weight: float = 0.5) -> None:
+    def __init__(self, criterion: SetCriterion, *, weight: float = 0.5,
+                 logit_weight: float = 0.0, unmatched_weight: float = 1.0) -> None:
         """The student's criterion gives the matcher, the classification loss, the loss weights
-        (``loss_cls / loss_bbox / loss_giou``) and ``group_detr``."""
+        (``loss_cls / loss_bbox / loss_giou``) and ``group_detr``; its ``decoder_share``
+        becomes ``1 - weight`` (the teacher's share of the decoder's supervision)."""
         super().__init__()
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"distill.weight={weight}: the teacher's share of the decoder's "
+                             "supervision must lie in [0, 1]")
+        criterion.decoder_share = 1.0 - weight
         self.matcher = criterion.matcher
         self.classification = criterion.classification_map  # a bound method: no submodule
         w = criterion.weight_dict

@@ -160,3 +160,58 @@ def test_classification_is_the_students_own_loss(cls_loss):
     matched_to_first = per_entry[0, src[indices[0][1] == 0]].sum()
     assert got_half.item() == pytest.approx(want.item() - 0.5 * matched_to_first.item() / 2,
                                             rel=1e-5)
+
+
+def _layer(q: int, c: int) -> dict[str, torch.Tensor]:
+    return {"pred_logits": torch.randn(2, q, c), "pred_boxes": torch.rand(2, q, 4) * 0.4 + 0.3}
+
+
+@pytest.mark.parametrize("weight", [0.3, 1.0])
+@pytest.mark.parametrize("cls_loss", ["varifocal", "ia_bce"])
+def test_a_teacher_equal_to_the_labels_changes_nothing(cls_loss, weight):
+    """The teacher takes ``weight`` of the decoder's supervision (final and auxiliary layers)
+    from the ground truth; the encoder's terms keep theirs. So a teacher set that is the
+    ground truth (scores 1, every other query weighted 1 as no object) gives the plain loss and
+    gradients, where Teach-DETR's added term would count the decoder's loss twice."""
+    torch.manual_seed(0)
+    raw = {**_layer(6, 2), "aux_outputs": [_layer(6, 2)], "enc_outputs": _layer(6, 2)}
+    boxes = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])
+    gt = [{"labels": torch.tensor([0, 1]), "boxes": boxes},
+          {"labels": torch.tensor([1]), "boxes": boxes[1:] * 0.9}]
+    teacher = [{**t, "scores": torch.ones(len(t["labels"])),
+                "probs": torch.nn.functional.one_hot(t["labels"], 2).float()} for t in gt]
+
+    def leaves():
+        def copy(d):
+            return {k: (v.clone().requires_grad_() if torch.is_tensor(v) else
+                        [copy(a) for a in v] if isinstance(v, list) else copy(v))
+                    for k, v in d.items()}
+        return copy(raw)
+
+    def grads(out):
+        return torch.cat([out["pred_logits"].grad.flatten(), out["pred_boxes"].grad.flatten(),
+                          out["aux_outputs"][0]["pred_logits"].grad.flatten(),
+                          out["enc_outputs"]["pred_logits"].grad.flatten()])
+
+    cfg = LossConfig(cls_loss=cls_loss)
+    plain_out = leaves()
+    plain = SetCriterion(2, HungarianMatcher(), cfg)(plain_out, gt)["loss"]
+    plain.backward()
+    crit = SetCriterion(2, HungarianMatcher(), cfg)
+    distill = DistillLoss(crit, weight=weight, unmatched_weight=1.0)
+    assert crit.decoder_share == pytest.approx(1.0 - weight)
+    out = leaves()
+    total = crit(out, gt)["loss"] + distill(out, teacher)["loss_distill"]
+    total.backward()
+    assert total.item() == pytest.approx(plain.item(), rel=1e-5)
+    torch.testing.assert_close(grads(out), grads(plain_out), rtol=1e-4, atol=1e-6)
+    # the teacher's share is a training matter: evaluation losses stay the criterion's own
+    crit.eval()
+    assert crit(raw, gt)["loss"].item() == pytest.approx(
+        SetCriterion(2, HungarianMatcher(), cfg).eval()(raw, gt)["loss"].item(), rel=1e-6)
+
+
+def test_the_teachers_share_is_at_most_all_of_it():
+    crit = SetCriterion(2, HungarianMatcher(), LossConfig())
+    with pytest.raises(ValueError, match=r"distill.weight=1.5: the teacher's share"):
+        DistillLoss(crit, weight=1.5)

@@ -145,3 +145,30 @@ def test_no_targets_give_zero_mask_losses():
                                "masks": torch.zeros(0, 32, 32, dtype=torch.bool)}])
     assert out["loss_mask_ce"].item() == 0.0 and out["loss_mask_dice"].item() == 0.0
     assert LossConfig().weight_mask_ce == 5.0
+
+
+def test_a_teachers_share_leaves_the_mask_terms_whole():
+    """distill.weight hands part of the decoder's class and box terms to a teacher
+    (decoder_share); no teacher gives masks, so the mask terms, like the encoder's, keep their
+    weight."""
+    from raydetr.model.rfdetr import build_rfdetr
+
+    torch.manual_seed(0)
+    model = build_rfdetr("rfdetr-seg-nano", num_classes=2).train()
+    masks = torch.zeros(1, 48, 48, dtype=torch.bool)
+    masks[0, 10:30, 5:25] = True
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.31, 0.42, 0.42, 0.42]]),
+                "masks": masks}]
+    with torch.no_grad():
+        outputs = model(torch.randn(1, 3, 48, 48))
+    criterion = _seg_criterion().train()
+    torch.manual_seed(1)
+    whole = criterion(outputs, targets)
+    criterion.decoder_share = 0.4
+    torch.manual_seed(1)
+    shared = criterion(outputs, targets)
+    w = criterion.weight_dict
+    handed = sum(w[t] * whole[t + s] for t in ("loss_cls", "loss_bbox", "loss_giou")
+                 for s in ("", "_aux0", "_aux1", "_aux2"))
+    assert shared["loss"].item() == pytest.approx((whole["loss"] - 0.6 * handed).item(), rel=1e-5)
+    assert whole["loss_mask_ce"] > 0 and whole["loss_cls_enc"] > 0
