@@ -16,6 +16,14 @@ IoU 0.5 against the ground truth).
 
     .venv/bin/python bench/distill.py                      # synthetic + thermal, seeds 0 1
     .venv/bin/python bench/distill.py --quick --datasets synthetic
+    .venv/bin/python bench/distill.py --teacher-set labels --additive --weight 1 \
+        --unmatched-weight 1 --logit-weight 0                # a perfect teacher, Teach-DETR's form
+
+``--teacher-set labels`` makes the batch's own ground truth the teacher set (scores 1): a
+perfect teacher, which in the shared form (the default: the teacher takes ``distill.weight``
+of the decoder's class and box supervision) leaves the student as it is, exactly with
+``--unmatched-weight 1 --logit-weight 0``. ``--additive`` runs Teach-DETR's form instead: the
+teacher's term, times ``--weight``, on top of the full ground-truth loss.
 
 Prints a table and one line ``distilled student / plain student mAP: R`` per dataset (R is the
 mean over seeds of the better of mAP and mAP_ema, distilled over plain); writes
@@ -36,6 +44,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/convergence.py
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -51,7 +60,7 @@ from raydetr.config import (  # noqa: E402
 from raydetr.data.loader import iter_local_batches  # noqa: E402
 from raydetr.data.parquet import is_prepared, load_info, prepare_dataset  # noqa: E402
 from raydetr.ema.ema import ModelEma  # noqa: E402
-from raydetr.loss.distill import teacher_targets  # noqa: E402
+from raydetr.loss.distill import DistillLoss, teacher_targets  # noqa: E402
 from raydetr.model.build import build  # noqa: E402
 from raydetr.ops.boxes import box_cxcywh_to_xyxy, box_iou  # noqa: E402
 from raydetr.train.engine import evaluate, train_one_epoch  # noqa: E402
@@ -108,9 +117,32 @@ class Setup:
                                   resolution=self.resolution, data_cfg=self.data_cfg)
 
 
+class LabelsTeacher:
+    """``--teacher-set labels``: the batch's own ground truth as the teacher set (scores 1,
+    one-hot probabilities) through the same DistillLoss: a perfect teacher. Shared (the
+    default), it leaves the student's loss as it is (exactly with ``--unmatched-weight 1
+    --logit-weight 0``); added (``--additive``) it counts the decoder's loss twice."""
+
+    def __init__(self, loss: DistillLoss, num_classes: int) -> None:
+        self.loss, self.num_classes, self.current = loss, num_classes, None
+
+    def batches(self, batches):
+        for batch in batches:
+            self.current = [{"labels": t["labels"], "boxes": t["boxes"],
+                             "scores": torch.ones(len(t["labels"])),
+                             "probs": F.one_hot(t["labels"], self.num_classes).float()}
+                            for t in batch["targets"]]
+            yield batch
+
+    def __call__(self, images, student_outputs):
+        return self.loss(student_outputs, self.current)
+
+
 def train(setup: Setup, epochs: int, seed: int, distill: DistillConfig | None = None,
-          teacher_model=None) -> dict:
-    """Train from scratch; returns the final mAP / mAP_ema, seconds per step and the model."""
+          teacher_model=None, teacher_set: str = "model", additive: bool = False) -> dict:
+    """Train from scratch; returns the final mAP / mAP_ema, seconds per step and the model.
+    ``additive``: Teach-DETR's form, the teacher's term added to the full ground-truth loss
+    (decoder share 1, term weight ``distill.weight``) instead of sharing the decoder's."""
     torch.manual_seed(seed)
     model, criterion, post = build(setup.model_cfg, LossConfig(), len(setup.classes))
     optim_cfg = setup.optim(epochs)
@@ -119,16 +151,25 @@ def train(setup: Setup, epochs: int, seed: int, distill: DistillConfig | None = 
     scheduler = build_lr_scheduler(optimizer, optim_cfg, steps_per_epoch)
     ema = ModelEma(model, decays=[EMA_DECAY], tau=20)
     teacher = None
-    if distill is not None:
-        n = len(setup.classes)
+    n = len(setup.classes)
+    if distill is not None and teacher_set == "labels":
+        teacher = LabelsTeacher(DistillLoss(criterion, weight=distill.weight,
+                                            logit_weight=distill.logit_weight,
+                                            unmatched_weight=distill.unmatched_weight), n)
+    elif distill is not None:
         spec = TeacherSpec(uri="bench:teacher", model_dir=None, sha256=None,
                            classes=list(setup.classes), class_map=list(range(n)),
                            same_classes=True, resolution=setup.resolution)
         teacher = Teacher.from_model(spec, distill, n, criterion, teacher_model[0],
                                      teacher_model[1], torch.device("cpu"), None)
+    if additive:
+        criterion.decoder_share = 1.0
     seconds, steps, distill_loss = 0.0, 0, []
     for epoch in range(epochs):
-        stats = train_one_epoch(model, criterion, setup.train_batches(seed, epoch), optimizer,
+        batches = setup.train_batches(seed, epoch)
+        if isinstance(teacher, LabelsTeacher):
+            batches = teacher.batches(batches)
+        stats = train_one_epoch(model, criterion, batches, optimizer,
                                 scheduler, device="cpu", epoch=epoch + 1,
                                 clip_max_norm=optim_cfg.clip_max_norm, ema=ema, distill=teacher)
         seconds += stats["seconds"]
@@ -214,7 +255,8 @@ def run_dataset(args, dataset: str) -> dict:
     setup = Setup(args, dataset)
     distill = DistillConfig(teacher="bench:teacher", weight=args.weight,
                             score_threshold=args.score_threshold,
-                            unmatched_weight=args.unmatched_weight, nms_iou=args.nms_iou)
+                            unmatched_weight=args.unmatched_weight, nms_iou=args.nms_iou,
+                            logit_weight=args.logit_weight)
     t0 = time.perf_counter()
     teacher_epochs = args.epochs * args.teacher_factor
     print(f"[{dataset}] teacher: rtdetr-r18 @ {setup.resolution}px, {teacher_epochs} epochs, "
@@ -232,7 +274,8 @@ def run_dataset(args, dataset: str) -> dict:
             if side == "plain":
                 r = cached_plain(args, setup, dataset, seed)
             else:
-                r = train(setup, args.epochs, seed, distill, teacher_model)
+                r = train(setup, args.epochs, seed, distill, teacher_model,
+                          teacher_set=args.teacher_set, additive=args.additive)
                 r.pop("model")
             rows.append({"dataset": dataset, "seed": seed, "student": side, **r})
             print(f"[{dataset}] seed {seed} {side:9s} mAP {r['map']:.4f} mAP_ema "
@@ -269,6 +312,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--score-threshold", type=float, default=DistillConfig().score_threshold)
     ap.add_argument("--nms-iou", type=float, default=DistillConfig().nms_iou)
     ap.add_argument("--unmatched-weight", type=float, default=DistillConfig().unmatched_weight)
+    ap.add_argument("--logit-weight", type=float, default=DistillConfig().logit_weight)
+    ap.add_argument("--teacher-set", choices=["model", "labels"], default="model",
+                    help="labels: the ground truth as the teacher set (a perfect teacher)")
+    ap.add_argument("--additive", action="store_true",
+                    help="Teach-DETR's form: the teacher term added to the full ground-truth "
+                    "loss instead of taking --weight of the decoder's share")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh-plain", action="store_true",
                     help="retrain the plain students even when --cache has them")
