@@ -21,8 +21,10 @@ IoU 0.5 against the ground truth).
 
 ``--teacher-set labels`` makes the batch's own ground truth the teacher set (scores 1): a
 perfect teacher, which in the shared form (the default: the teacher takes ``distill.weight``
-of the decoder's class and box supervision) leaves the student as it is, exactly with
-``--unmatched-weight 1 --logit-weight 0``. ``--additive`` runs Teach-DETR's form instead: the
+of the decoder's class and box supervision) leaves the student's loss and gradients as they
+are, to float rounding, with ``--unmatched-weight 1 --logit-weight 0``; the students it trains
+still differ from the plain ones (rounding decorrelates a from-scratch run over 12 epochs), so
+its R is this bench's noise floor. ``--additive`` runs Teach-DETR's form instead: the
 teacher's term, times ``--weight``, on top of the full ground-truth loss.
 
 Prints a table and one line ``distilled student / plain student mAP: R`` per dataset (R is the
@@ -120,8 +122,9 @@ class Setup:
 class LabelsTeacher:
     """``--teacher-set labels``: the batch's own ground truth as the teacher set (scores 1,
     one-hot probabilities) through the same DistillLoss: a perfect teacher. Shared (the
-    default), it leaves the student's loss as it is (exactly with ``--unmatched-weight 1
-    --logit-weight 0``); added (``--additive``) it counts the decoder's loss twice."""
+    default), it leaves the student's loss as it is, to float rounding (with
+    ``--unmatched-weight 1 --logit-weight 0``); added (``--additive``) it counts the decoder's
+    loss twice."""
 
     def __init__(self, loss: DistillLoss, num_classes: int) -> None:
         self.loss, self.num_classes, self.current = loss, num_classes, None
