@@ -215,3 +215,34 @@ def test_the_teachers_share_is_at_most_all_of_it():
     crit = SetCriterion(2, HungarianMatcher(), LossConfig())
     with pytest.raises(ValueError, match=r"distill.weight=1.5: the teacher's share"):
         DistillLoss(crit, weight=1.5)
+
+
+def test_a_teacher_equal_to_the_labels_changes_nothing_on_a_real_step():
+    """The same on an rtdetr-r18 training forward (final, auxiliary, encoder and denoising
+    outputs): the loss of the shared labels teacher is the plain loss and every parameter's
+    gradient matches to float rounding."""
+    from raydetr.config import ModelConfig
+    from raydetr.model.build import build
+
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(preset="rtdetr-r18", resolution=64, num_queries=20)
+    model, plain, _ = build(model_cfg, LossConfig(), 2)
+    shared = build(model_cfg, LossConfig(), 2)[1]
+    distill = DistillLoss(shared, weight=0.5, unmatched_weight=1.0)
+    targets = [{"labels": torch.tensor([0, 1]),
+                "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3]])}]
+    teacher = [{**t, "scores": torch.ones(len(t["labels"])),
+                "probs": torch.nn.functional.one_hot(t["labels"], 2).float()} for t in targets]
+    out = model.train()(torch.randn(2, 3, 64, 64), targets)
+    assert "dn_outputs" in out and out["aux_outputs"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = plain(out, targets)["loss"]
+    got = shared(out, targets)["loss"] + distill(out, teacher)["loss_distill"]
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    g_want = torch.autograd.grad(want, params, retain_graph=True, allow_unused=True)
+    g_got = torch.autograd.grad(got, params, allow_unused=True)
+    for a, b in zip(g_want, g_got):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
