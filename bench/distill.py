@@ -18,14 +18,20 @@ IoU 0.5 against the ground truth).
     .venv/bin/python bench/distill.py --quick --datasets synthetic
     .venv/bin/python bench/distill.py --teacher-set labels --additive --weight 1 \
         --unmatched-weight 1 --logit-weight 0                # a perfect teacher, Teach-DETR's form
+    .venv/bin/python bench/distill.py --feature-weight 0    # the teacher's boxes only
+
+The distillation settings are ``distill``'s defaults unless an option sets them
+(``--weight``, ``--score-threshold``, ``--nms-iou``, ``--unmatched-weight``,
+``--logit-weight``, ``--feature-weight``: PKD's feature term on the encoder maps).
 
 ``--teacher-set labels`` makes the batch's own ground truth the teacher set (scores 1): a
 perfect teacher, which in the shared form (the default: the teacher takes ``distill.weight``
 of the decoder's class and box supervision) leaves the student's loss and gradients as they
 are, to float rounding, with ``--unmatched-weight 1 --logit-weight 0``; the students it trains
 still differ from the plain ones (rounding decorrelates a from-scratch run over 12 epochs), so
-its R is this bench's noise floor. ``--additive`` runs Teach-DETR's form instead: the
-teacher's term, times ``--weight``, on top of the full ground-truth loss.
+its R is this bench's noise floor. The labels have no feature maps: the feature term is off
+with them. ``--additive`` runs Teach-DETR's form instead: the teacher's box term, times
+``--weight``, on top of the full ground-truth loss.
 
 Prints a table and one line ``distilled student / plain student mAP: R`` per dataset (R is the
 mean over seeds of the better of mAP and mAP_ema, distilled over plain); writes
@@ -164,7 +170,7 @@ def train(setup: Setup, epochs: int, seed: int, distill: DistillConfig | None = 
                            classes=list(setup.classes), class_map=list(range(n)),
                            same_classes=True, resolution=setup.resolution)
         teacher = Teacher.from_model(spec, distill, n, criterion, teacher_model[0],
-                                     teacher_model[1], torch.device("cpu"), None)
+                                     teacher_model[1], torch.device("cpu"), None, student=model)
     if additive:
         criterion.decoder_share = 1.0
     seconds, steps, distill_loss = 0.0, 0, []
@@ -259,7 +265,7 @@ def run_dataset(args, dataset: str) -> dict:
     distill = DistillConfig(teacher="bench:teacher", weight=args.weight,
                             score_threshold=args.score_threshold,
                             unmatched_weight=args.unmatched_weight, nms_iou=args.nms_iou,
-                            logit_weight=args.logit_weight)
+                            logit_weight=args.logit_weight, feature_weight=args.feature_weight)
     t0 = time.perf_counter()
     teacher_epochs = args.epochs * args.teacher_factor
     print(f"[{dataset}] teacher: rtdetr-r18 @ {setup.resolution}px, {teacher_epochs} epochs, "
@@ -316,6 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--nms-iou", type=float, default=DistillConfig().nms_iou)
     ap.add_argument("--unmatched-weight", type=float, default=DistillConfig().unmatched_weight)
     ap.add_argument("--logit-weight", type=float, default=DistillConfig().logit_weight)
+    ap.add_argument("--feature-weight", type=float, default=DistillConfig().feature_weight,
+                    help="PKD's feature term (0: off; the labels teacher has no features)")
     ap.add_argument("--teacher-set", choices=["model", "labels"], default="model",
                     help="labels: the ground truth as the teacher set (a perfect teacher)")
     ap.add_argument("--additive", action="store_true",

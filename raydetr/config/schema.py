@@ -359,6 +359,10 @@ class DistillConfig(_Strict):
     logit_weight: float = Field(0.2, ge=0, description="Soft-target BCE on matched class "
                                 "probabilities; used only when the teacher's classes are the "
                                 "dataset's.")
+    feature_weight: float = Field(64.0, ge=0, description="PKD's feature term: 1 - the "
+                                  "Pearson correlation of the student's encoder maps with the "
+                                  "teacher's, added to the loss (raydetr.loss.distill); 0: off "
+                                  "(64: measured, README).")
 
 
 class Config(_Strict):

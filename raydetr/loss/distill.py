@@ -1,4 +1,5 @@
-"""Teacher-box distillation for DETR students (Teach-DETR, Huang et al. 2023, TPAMI).
+"""Distillation for DETR students: the teacher's boxes (Teach-DETR, Huang et al. 2023, TPAMI),
+its class probabilities, and its encoder features (PKD, Cao et al. 2022; below).
 
 The teacher's predictions on the same augmented batch become a second target set: its boxes
 with a (class-mapped) score >= ``score_threshold``, de-duplicated by class-aware NMS at IoU
@@ -36,12 +37,27 @@ Where teacher and student have the same classes (``logit_weight`` > 0), the matc
 also learn the teacher's class probabilities: binary cross-entropy against the teacher's sigmoid
 probabilities (soft targets), mean over classes, summed over matches / teacher boxes.
 
+Feature term (``feature_weight`` > 0; PKD, Cao et al., NeurIPS 2022): the student's encoder
+output maps (what its decoder attends to: RT-DETR's three levels, RF-DETR's projector map) learn
+the teacher's, each map normalised per channel to zero mean and unit variance over the batch
+and its positions, so the loss is 1 - the Pearson correlation of every channel, and the MSE
+halved as PKD does, times ``feature_weight``, averaged over the student's levels. Each student
+level is paired with the teacher level of the nearest stride (sizes relative to each model's
+input, so a teacher at another resolution pairs by what the maps cover), the teacher's map
+resized bilinearly to the student's. Where the widths differ (rtdetr-r18: 128; the other
+presets: 256) the teacher's map is projected onto the student's width by a fixed orthonormal
+matrix (no trained adapter, so nothing joins the student's weights, checkpoints or DDP). This
+term has no ground-truth counterpart: it is added, and it carries what labels cannot (the
+teacher's representation); measured: README.
+
     targets = teacher_targets(teacher_outputs, class_map, num_logits, score_threshold=0.5,
                               nms_iou=0.2)
     terms = DistillLoss(criterion, ...)(student_outputs, targets)  # terms["loss_distill"]
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -89,12 +105,74 @@ def teacher_targets(outputs: dict[str, Tensor], class_map: Tensor, num_logits: i
     return out
 
 
+_PROJECTIONS: dict[tuple[int, int], Tensor] = {}
+
+
+def width_projection(teacher_width: int, student_width: int) -> Tensor:
+    """A fixed (teacher_width, student_width) matrix with orthonormal columns (teacher wider)
+    or rows (student wider): QR of a Gaussian drawn from a generator seeded 0, the same on
+    every worker and after a restart; no parameters to train, checkpoint or publish."""
+    key = (teacher_width, student_width)
+    if key not in _PROJECTIONS:
+        g = torch.Generator().manual_seed(0)
+        big, small = max(key), min(key)
+        q, _ = torch.linalg.qr(torch.randn(big, small, generator=g, dtype=torch.float64))
+        _PROJECTIONS[key] = (q if teacher_width >= student_width else q.T).float()
+    return _PROJECTIONS[key]
+
+
+def align_features(student: list[Tensor], student_hw: tuple[int, int], teacher: list[Tensor],
+                   teacher_hw: tuple[int, int]) -> list[Tensor]:
+    """The teacher's maps, one per student map: the teacher level whose size relative to its
+    input (``teacher_hw``) is nearest the student map's relative to ``student_hw`` (log scale),
+    resized bilinearly to the student map's size and, where the widths differ (rtdetr-r18's
+    maps are 128 wide, the other presets' 256), projected onto the student's width by
+    :func:`width_projection`. Maps are (B, C, h, w)."""
+    if not student or not teacher:
+        raise ValueError("feature distillation needs feature maps from student and teacher "
+                         f"(got {len(student)} and {len(teacher)})")
+    t_scale = [math.log(t.shape[-2] / teacher_hw[0]) for t in teacher]
+    out = []
+    for s in student:
+        scale = math.log(s.shape[-2] / student_hw[0])
+        t = teacher[min(range(len(teacher)), key=lambda i: abs(t_scale[i] - scale))]
+        if t.shape[-2:] != s.shape[-2:]:
+            t = F.interpolate(t.float(), size=tuple(s.shape[-2:]), mode="bilinear",
+                              align_corners=False)
+        if t.shape[1] != s.shape[1]:
+            proj = width_projection(t.shape[1], s.shape[1]).to(t.device)
+            t = torch.einsum("bchw,cd->bdhw", t.float(), proj)
+        out.append(t)
+    return out
+
+
+def _channel_normalised(x: Tensor) -> Tensor:
+    """(B, C, h, w) -> zero mean, unit variance per channel over the batch and positions."""
+    x = x.float()
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    std = x.std(dim=(0, 2, 3), keepdim=True)
+    return (x - mean) / (std + 1e-6)
+
+
+def pearson_feature_loss(student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+    """PKD's loss, averaged over pairs: MSE / 2 of the channel-normalised maps, which is
+    (1 - r) (n - 1) / n for r the per-channel Pearson correlation over n = B h w values (the
+    std is the unbiased one); ``teacher`` aligned
+    one-to-one with ``student`` (align_features), no gradient into it."""
+    terms = [F.mse_loss(_channel_normalised(s), _channel_normalised(t.detach())) / 2
+             for s, t in zip(student, teacher, strict=True)]
+    return torch.stack(terms).mean()
+
+
 class DistillLoss(nn.Module):
-    """forward(student_outputs, teacher_targets) -> {"loss_distill": weighted total (grad),
-    "loss_distill_cls" / "_bbox" / "_giou" / "_logit": detached, unweighted, final layer}."""
+    """forward(student_outputs, teacher_targets, teacher_features=None) -> {"loss_distill":
+    weighted total (grad), "loss_distill_cls" / "_bbox" / "_giou" / "_logit" / "_feat":
+    detached, unweighted, final layer}. ``teacher_features``: the teacher's maps aligned to
+    ``student_outputs["features"]`` (align_features), for ``feature_weight`` > 0."""
 
     def __init__(self, criterion: SetCriterion, *, weight: float = 0.5,
-                 logit_weight: float = 0.0, unmatched_weight: float = 1.0) -> None:
+                 logit_weight: float = 0.0, unmatched_weight: float = 1.0,
+                 feature_weight: float = 0.0) -> None:
         """The student's criterion gives the matcher, the classification loss, the loss weights
         (``loss_cls / loss_bbox / loss_giou``) and ``group_detr``; its ``decoder_share``
         becomes ``1 - weight`` (the teacher's share of the decoder's supervision)."""
@@ -107,8 +185,10 @@ class DistillLoss(nn.Module):
         self.classification = criterion.classification_map  # a bound method: no submodule
         w = criterion.weight_dict
         self.weights = {"cls": w["loss_cls"], "bbox": w["loss_bbox"], "giou": w["loss_giou"]}
+        if feature_weight < 0:
+            raise ValueError(f"distill.feature_weight={feature_weight} must be >= 0")
         self.weight, self.logit_weight = weight, logit_weight
-        self.unmatched_weight = unmatched_weight
+        self.unmatched_weight, self.feature_weight = unmatched_weight, feature_weight
         self.group_detr = criterion.group_detr
 
     def _layer(self, out: dict, targets: list[dict], groups: int, num_boxes: float,
@@ -139,7 +219,8 @@ class DistillLoss(nn.Module):
             terms["logit"] = bce.sum() / num_boxes + logits.sum() * 0.0
         return terms
 
-    def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    def forward(self, outputs: dict, targets: list[dict[str, Tensor]],
+                teacher_features: list[Tensor] | None = None) -> dict[str, Tensor]:
         device = outputs["pred_logits"].device
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
         groups = self.group_detr if self.training else 1
@@ -155,6 +236,14 @@ class DistillLoss(nn.Module):
                 total = total + self.logit_weight * terms["logit"]
             if i == 0:
                 final = terms
-        result = {"loss_distill": self.weight * total}
+        total = self.weight * total
+        if self.feature_weight > 0:
+            if teacher_features is None or "features" not in outputs:
+                raise ValueError("distill.feature_weight > 0 needs the student's and the "
+                                 "teacher's feature maps (model.return_features)")
+            feat = pearson_feature_loss(outputs["features"], teacher_features)
+            total = total + self.feature_weight * feat
+            final = {**final, "feat": feat}
+        result = {"loss_distill": total}
         result.update({f"loss_distill_{k}": v.detach() for k, v in final.items()})
         return result

@@ -97,6 +97,8 @@ class DETR(nn.Module):
       pred_logits [B,Q,C] (sigmoid logits, no no-object class), pred_boxes [B,Q,4] cxcywh in
       [0,1], aux_outputs (earlier decoder layers), enc_outputs (top-k encoder proposals), and in
       training with targets and num_denoising > 0: dn_outputs, dn_aux_outputs, dn_meta.
+      With ``return_features`` set (distillation's feature term): features, the encoder's
+      three output maps [B,D,H/s,W/s] (s = 8, 16, 32) that the decoder attends to.
     """
 
     def __init__(self, num_classes: int, backbone: str = "resnet18", hidden_dim: int = 256,
@@ -127,6 +129,7 @@ class DETR(nn.Module):
         nn.init.zeros_(self.enc_bbox_head.layers[-1].weight)
         nn.init.zeros_(self.enc_bbox_head.layers[-1].bias)
         self._anchor_cache: dict[tuple, Tensor] = {}
+        self.return_features = False  # set by the distillation teacher (raydetr.train.teacher)
 
     def _anchors(self, shapes: list[tuple[int, int]], device: torch.device) -> Tensor:
         key = (tuple(shapes), str(device))
@@ -183,4 +186,6 @@ class DETR(nn.Module):
         out["pred_boxes"] = boxes[-1]
         out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
                               for a, b in zip(logits[:-1], boxes[:-1])]
+        if self.return_features:
+            out["features"] = feats
         return out

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from raydetr.artifacts import load_weights
 from raydetr.config import DistillConfig, LossConfig, ModelConfig
 from raydetr.ema.keys import unwrap_model
-from raydetr.loss.distill import DistillLoss, teacher_targets
+from raydetr.loss.distill import DistillLoss, align_features, teacher_targets
 from raydetr.model.build import build
 from raydetr.train.engine import predict_records
 
@@ -63,7 +63,7 @@ def distill_loss(cfg: DistillConfig, criterion: nn.Module, same_classes: bool) -
     """The Teach-DETR loss on the student's own matcher, classification loss and loss weights."""
     return DistillLoss(criterion, weight=cfg.weight,
                        logit_weight=cfg.logit_weight if same_classes else 0.0,
-                       unmatched_weight=cfg.unmatched_weight)
+                       unmatched_weight=cfg.unmatched_weight, feature_weight=cfg.feature_weight)
 
 
 class Teacher:
@@ -81,6 +81,14 @@ class Teacher:
         self.amp_dtype = amp_dtype or (torch.bfloat16 if device.type == "cuda" else None)
         self.ema, self.student = ema, student
         self.class_map = torch.tensor(spec.class_map, dtype=torch.int64, device=device)
+        # the feature term reads both models' encoder maps (out["features"])
+        self.features = loss.feature_weight > 0
+        if self.features:
+            if student is None:
+                raise ValueError("distill.feature_weight > 0 needs the student model")
+            unwrap_model(student).return_features = True
+            if model is not None:
+                model.return_features = True
 
     @classmethod
     def load(cls, spec: TeacherSpec, cfg: DistillConfig, num_classes: int, criterion: nn.Module,
@@ -99,17 +107,20 @@ class Teacher:
         model_cfg = ModelConfig(**{**(spec.model or {}), "backbone_weights": None})
         model, _, post = build(model_cfg, LossConfig(), len(spec.classes))
         model.load_state_dict(load_weights(Path(spec.model_dir) / "model.safetensors"))
-        return cls.from_model(spec, cfg, num_classes, criterion, model, post, device, amp_dtype)
+        return cls.from_model(spec, cfg, num_classes, criterion, model, post, device, amp_dtype,
+                              student=student)
 
     @classmethod
     def from_model(cls, spec: TeacherSpec, cfg: DistillConfig, num_classes: int,
                    criterion: nn.Module, model: nn.Module, postprocessor: nn.Module,
-                   device: torch.device, amp_dtype: torch.dtype | None) -> Teacher:
-        """A teacher from a model already in memory (frozen here: eval, no grad)."""
+                   device: torch.device, amp_dtype: torch.dtype | None, *,
+                   student: nn.Module | None = None) -> Teacher:
+        """A teacher from a model already in memory (frozen here: eval, no grad); ``student``
+        (the model being trained) is needed for the feature term."""
         model.to(device).eval().requires_grad_(False)
         return cls(spec, cfg, num_classes, distill_loss(cfg, criterion, spec.same_classes),
                    model=model, postprocessor=postprocessor.eval(), device=device,
-                   amp_dtype=amp_dtype)
+                   amp_dtype=amp_dtype, student=student)
 
     def _autocast(self):
         if self.amp_dtype is None or self.device.type != "cuda":
@@ -123,11 +134,15 @@ class Teacher:
         return F.interpolate(images, size=(r, r), mode="bilinear", align_corners=False)
 
     @torch.no_grad()
-    def outputs(self, images: Tensor) -> dict[str, Tensor]:
-        """The teacher's raw outputs (pred_logits, pred_boxes) on ``images``."""
+    def outputs(self, images: Tensor) -> dict[str, Any]:
+        """The teacher's raw outputs (pred_logits, pred_boxes; with the feature term also
+        features and input_hw, the size the teacher saw) on ``images``."""
+        hw = tuple(images.shape[-2:])
         with self._autocast():
             if self.model is not None:
-                out = self.model(self._at_resolution(images))
+                images = self._at_resolution(images)
+                hw = tuple(images.shape[-2:])
+                out = self.model(images)
             else:
                 module = unwrap_model(self.student)
                 was_training = module.training
@@ -137,17 +152,25 @@ class Teacher:
                                                      (images,))
                 finally:
                     module.train(was_training)
-        return {"pred_logits": out["pred_logits"].float(), "pred_boxes": out["pred_boxes"].float()}
+        res = {"pred_logits": out["pred_logits"].float(), "pred_boxes": out["pred_boxes"].float()}
+        if self.features:
+            res["features"], res["input_hw"] = [f.float() for f in out["features"]], hw
+        return res
 
-    def targets(self, images: Tensor) -> list[dict[str, Tensor]]:
-        return teacher_targets(self.outputs(images), self.class_map, self.num_classes,
+    def targets(self, outputs: dict[str, Any]) -> list[dict[str, Tensor]]:
+        return teacher_targets(outputs, self.class_map, self.num_classes,
                                score_threshold=self.cfg.score_threshold,
                                max_boxes=self.cfg.max_boxes, nms_iou=self.cfg.nms_iou)
 
     def __call__(self, images: Tensor, student_outputs: dict) -> dict[str, Tensor]:
         self.loss.train(unwrap_model(self.student).training if self.student is not None
                         else True)
-        return self.loss(student_outputs, self.targets(images))
+        out = self.outputs(images)
+        features = None
+        if self.features:
+            features = align_features(student_outputs["features"], tuple(images.shape[-2:]),
+                                      out["features"], out["input_hw"])
+        return self.loss(student_outputs, self.targets(out), features)
 
     def eval_model(self) -> tuple[nn.Module, nn.Module] | None:
         """(model, postprocessor) for measuring the teacher's own mAP; None for ``ema``."""

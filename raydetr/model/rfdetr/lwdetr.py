@@ -60,6 +60,7 @@ class LWDETR(nn.Module):
         self.num_classes = num_classes
         self.num_queries = num_queries
         self.group_detr = group_detr
+        self.return_features = False  # set by the distillation teacher (raydetr.train.teacher)
         self.resolution = resolution
         self.block_size = patch_size * num_windows
         # Eval-mode masks of the aux layers and the encoder (as RF-DETR returns them). A
@@ -153,6 +154,8 @@ class LWDETR(nn.Module):
         {spatial_features (B, D, H/4, W/4), query_features (B, Q, D), bias (1,)}, whose
         einsum + bias gives the logits (raydetr.loss.masks forms them for matched queries only).
         ``eval_aux_masks = False`` leaves the aux and encoder masks out in eval (inference).
+        With ``return_features`` set (distillation's feature term): features, a one-item list
+        with the projector's (B, D, H/ps, W/ps) map that the decoder attends to.
         """
         self.check_input(images)
         feature_map = self.backbone[0](images)
@@ -185,6 +188,8 @@ class LWDETR(nn.Module):
                     aux["pred_masks"] = m
                 out["enc_outputs"]["pred_masks"] = self.segmentation_head.encoder_masks(
                     feature_map, enc_feats, image_hw, dense)
+        if self.return_features:
+            out["features"] = [feature_map]
         return out
 
 

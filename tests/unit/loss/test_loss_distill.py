@@ -1,5 +1,6 @@
 """Teacher-box distillation (Teach-DETR): teacher targets, one-to-one matching with the
-student's own matcher, score weighting, soft class targets, class mapping by name."""
+student's own matcher, score weighting, soft class targets, class mapping by name; PKD's
+feature term (Pearson correlation of the encoder maps, levels paired by stride)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import torch
 from raydetr.config import LossConfig
 from raydetr.fit.teacher import TeacherError, class_map_for
 from raydetr.loss.criterion import SetCriterion
-from raydetr.loss.distill import DistillLoss, teacher_targets
+from raydetr.loss.distill import (
+    DistillLoss,
+    align_features,
+    pearson_feature_loss,
+    teacher_targets,
+    width_projection,
+)
 from raydetr.loss.matcher import HungarianMatcher
 
 
@@ -246,3 +253,68 @@ def test_a_teacher_equal_to_the_labels_changes_nothing_on_a_real_step():
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+
+
+def test_the_feature_term_is_one_minus_the_channel_correlation():
+    """(1 - r) (n - 1) / n with r the per-channel Pearson correlation over n = B h w values:
+    zero for the teacher's own maps and any per-channel positive scale and shift of them, about
+    1 for unrelated maps, 2 (n - 1) / n for negated ones; no gradient reaches the teacher."""
+    torch.manual_seed(0)
+    t = torch.randn(2, 8, 6, 6)
+    scale, shift = torch.rand(1, 8, 1, 1) + 0.5, torch.randn(1, 8, 1, 1)
+    assert pearson_feature_loss([t * scale + shift], [t]).item() == pytest.approx(0, abs=1e-6)
+    assert pearson_feature_loss([-t], [t]).item() == pytest.approx(2 * 71 / 72, rel=1e-5)
+    unrelated = pearson_feature_loss([torch.randn(2, 8, 6, 6)], [t]).item()
+    assert 0.8 < unrelated < 1.2
+    s = torch.randn(2, 8, 6, 6, requires_grad=True)
+    teacher = t.clone().requires_grad_(True)
+    pearson_feature_loss([s], [teacher]).backward()
+    assert s.grad.abs().sum() > 0 and teacher.grad is None
+
+
+def test_teacher_levels_pair_with_student_levels_by_stride():
+    """An RT-DETR-like student (strides 8, 16, 32 at 64 px) under an RF-DETR-like teacher (one
+    stride-16 map at 128 px) reads that map at every level; the other way round the student's
+    stride-16 map pairs with the teacher's stride-16 level, resized."""
+    s3 = [torch.randn(1, 4, 8, 8), torch.randn(1, 4, 4, 4), torch.randn(1, 4, 2, 2)]
+    t1 = [torch.randn(1, 4, 8, 8)]
+    got = align_features(s3, (64, 64), t1, (128, 128))
+    assert [tuple(g.shape[-2:]) for g in got] == [(8, 8), (4, 4), (2, 2)]
+    assert torch.equal(got[0], t1[0])
+    t3 = [torch.randn(1, 4, 16, 16), torch.randn(1, 4, 8, 8), torch.randn(1, 4, 4, 4)]
+    (one,) = align_features([torch.randn(1, 4, 4, 4)], (64, 64), t3, (128, 128))
+    want = torch.nn.functional.interpolate(t3[1], size=(4, 4), mode="bilinear",
+                                           align_corners=False)
+    assert torch.equal(one, want)
+    same = align_features(s3, (64, 64), [t.clone() for t in s3], (64, 64))
+    assert all(torch.equal(a, b) for a, b in zip(same, s3))
+
+
+def test_teacher_maps_of_another_width_are_projected_orthonormally():
+    """rtdetr-r18's 128-wide maps under a 256-wide teacher and the other way round: a fixed
+    projection (the same on every call), orthonormal, so a wider teacher's map keeps its
+    inner products within the kept subspace and a narrower one's are kept whole."""
+    torch.manual_seed(0)
+    wide, narrow = torch.randn(2, 16, 4, 4), torch.randn(2, 8, 4, 4)
+    (down,) = align_features([narrow], (32, 32), [wide], (32, 32))
+    assert down.shape == narrow.shape
+    (again,) = align_features([narrow], (32, 32), [wide], (32, 32))
+    assert torch.equal(down, again)
+    p = width_projection(16, 8)
+    torch.testing.assert_close(p.T @ p, torch.eye(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(down, torch.einsum("bchw,cd->bdhw", wide, p))
+    (up,) = align_features([wide], (32, 32), [narrow], (32, 32))
+    assert up.shape == wide.shape
+    # a narrower teacher is embedded isometrically: every position's vector keeps its length
+    torch.testing.assert_close(up.norm(dim=1), narrow.norm(dim=1), atol=1e-5, rtol=1e-5)
+
+
+def test_the_feature_term_needs_the_maps_and_a_weight_of_at_least_zero():
+    crit = SetCriterion(2, HungarianMatcher(), LossConfig())
+    with pytest.raises(ValueError, match="feature_weight=-1"):
+        DistillLoss(crit, feature_weight=-1.0)
+    loss = DistillLoss(crit, feature_weight=1.0)
+    out = {"pred_logits": torch.zeros(1, 3, 2), "pred_boxes": torch.full((1, 3, 4), 0.5)}
+    with pytest.raises(ValueError, match="return_features"):
+        loss(out, [{"labels": torch.tensor([0]), "boxes": torch.full((1, 4), 0.5),
+                    "scores": torch.ones(1), "probs": torch.tensor([[1.0, 0.0]])}])

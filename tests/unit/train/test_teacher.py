@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from detr_shapes import batches, make_images
 from test_train_engine import TinyDetector, _criterion
@@ -40,7 +41,7 @@ def train(distill):
 
 
 def test_teacher_is_frozen_and_changes_the_student():
-    cfg = DistillConfig(teacher="test", score_threshold=0.0)
+    cfg = DistillConfig(teacher="test", score_threshold=0.0, feature_weight=0)  # a map-less toy
     teacher = frozen_teacher(_criterion(), cfg)
     before = copy.deepcopy(teacher.model.state_dict())
     distilled, stats = train(teacher)
@@ -65,8 +66,8 @@ def test_ema_teacher_runs_the_shadow_through_the_student_module():
             p.add_(0.3)
     ema.update(student)
     student.train()
-    t = Teacher.load(spec(), DistillConfig(teacher="ema"), 2, _criterion(), torch.device("cpu"),
-                     None, ema=ema, student=student)
+    t = Teacher.load(spec(), DistillConfig(teacher="ema", feature_weight=0), 2, _criterion(),
+                     torch.device("cpu"), None, ema=ema, student=student)
     assert t.model is None  # no second model
     images = torch.rand(2, 3, 32, 32)
     reference = ema.load_into(copy.deepcopy(student)).eval()
@@ -77,3 +78,59 @@ def test_ema_teacher_runs_the_shadow_through_the_student_module():
     assert student.training  # left as it was
     regular = student.eval()(images)
     assert not torch.allclose(got["pred_boxes"], regular["pred_boxes"])
+
+
+def test_the_feature_term_reaches_the_student_encoder_and_spares_the_teacher():
+    """rtdetr-r18 student (128-wide maps), rtdetr-r34 teacher (256-wide) at twice the
+    resolution: both models hand over their encoder maps, the term is positive, its gradient
+    (the box terms weighted 0 here) reaches the student's backbone, and nothing reaches the
+    teacher."""
+    from raydetr.config import LossConfig, ModelConfig
+    from raydetr.model.build import build
+
+    torch.manual_seed(0)
+    student, criterion, _ = build(ModelConfig(preset="rtdetr-r18", resolution=64,
+                                              num_queries=20), LossConfig(), 2)
+    teacher_model, _, post = build(ModelConfig(preset="rtdetr-r34", resolution=128,
+                                               num_queries=20), LossConfig(), 2)
+    t_spec = TeacherSpec(uri="test", model_dir=None, sha256=None, classes=["a", "b"],
+                         class_map=[0, 1], same_classes=True, resolution=128)
+    cfg = DistillConfig(teacher="test", score_threshold=0.0, weight=0.0, logit_weight=0.0,
+                        feature_weight=4.0)
+    teacher = Teacher.from_model(t_spec, cfg, 2, criterion, teacher_model, post,
+                                 torch.device("cpu"), None, student=student)
+    assert student.return_features and teacher_model.return_features
+    images = torch.randn(2, 3, 64, 64)
+    out = student.train()(images)
+    assert [f.shape[-1] for f in out["features"]] == [8, 4, 2]
+    terms = teacher(images, out)
+    assert terms["loss_distill_feat"] > 0
+    terms["loss_distill"].backward()
+    assert student.backbone.conv1.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher_model.parameters())
+
+
+def test_the_ema_teacher_hands_over_its_maps_too():
+    from raydetr.config import LossConfig, ModelConfig
+    from raydetr.model.build import build
+
+    torch.manual_seed(0)
+    student, criterion, _ = build(ModelConfig(preset="rtdetr-r18", resolution=64,
+                                              num_queries=20), LossConfig(), 2)
+    ema = ModelEma(student, decay=0.5, schedule="constant")
+    t = Teacher.load(spec(), DistillConfig(teacher="ema", feature_weight=4.0), 2, criterion,
+                     torch.device("cpu"), None, ema=ema, student=student)
+    images = torch.randn(2, 3, 64, 64)
+    got = t.outputs(images)
+    assert [f.shape[-1] for f in got["features"]] == [8, 4, 2] and got["input_hw"] == (64, 64)
+    # the shadow equals the weights here: its maps are the student's own (eval mode)
+    want = student.eval()(images)["features"]
+    for a, b in zip(got["features"], want):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_feature_term_needs_the_student():
+    with_features = DistillConfig(teacher="test", feature_weight=1.0)
+    with pytest.raises(ValueError, match="needs the student"):
+        Teacher.from_model(spec(), with_features, 2, _criterion(), TinyDetector(),
+                           torch.nn.Identity(), torch.device("cpu"), None)
