@@ -24,6 +24,10 @@ The distillation settings are ``distill``'s defaults unless an option sets them
 (``--weight``, ``--score-threshold``, ``--nms-iou``, ``--unmatched-weight``,
 ``--logit-weight``, ``--feature-weight``: PKD's feature term on the encoder maps).
 
+``--teacher-set ema`` is self-distillation (``distill.teacher=ema``): the student's own first
+EMA shadow, of decay ``--ema-teacher-decay`` (0.999), teaches it; the teacher row is then
+not used (the teacher is still trained or read from the cache, for the common code path).
+
 ``--teacher-set labels`` makes the batch's own ground truth the teacher set (scores 1): a
 perfect teacher, which in the shared form (the default: the teacher takes ``distill.weight``
 of the decoder's class and box supervision) leaves the student's loss and gradients as they
@@ -148,23 +152,34 @@ class LabelsTeacher:
 
 
 def train(setup: Setup, epochs: int, seed: int, distill: DistillConfig | None = None,
-          teacher_model=None, teacher_set: str = "model", additive: bool = False) -> dict:
+          teacher_model=None, teacher_set: str = "model", additive: bool = False,
+          ema_teacher_decay: float = 0.999) -> dict:
     """Train from scratch; returns the final mAP / mAP_ema, seconds per step and the model.
     ``additive``: Teach-DETR's form, the teacher's term added to the full ground-truth loss
-    (decoder share 1, term weight ``distill.weight``) instead of sharing the decoder's."""
+    (decoder share 1, term weight ``distill.weight``) instead of sharing the decoder's.
+    ``teacher_set="ema"``: the student's first EMA shadow (decay ``ema_teacher_decay``) is the
+    teacher (``distill.teacher=ema``); mAP_ema stays the 0.99 shadow's, as the plain one's."""
     torch.manual_seed(seed)
     model, criterion, post = build(setup.model_cfg, LossConfig(), len(setup.classes))
     optim_cfg = setup.optim(epochs)
     optimizer = build_optimizer(model, optim_cfg)
     steps_per_epoch = -(-setup.n_train // setup.batch_size)
     scheduler = build_lr_scheduler(optimizer, optim_cfg, steps_per_epoch)
-    ema = ModelEma(model, decays=[EMA_DECAY], tau=20)
+    decays = [EMA_DECAY]
+    if distill is not None and teacher_set == "ema":
+        decays = [ema_teacher_decay, EMA_DECAY]  # shadow 0 teaches
+    ema = ModelEma(model, decays=decays, tau=20)
     teacher = None
     n = len(setup.classes)
     if distill is not None and teacher_set == "labels":
         teacher = LabelsTeacher(DistillLoss(criterion, weight=distill.weight,
                                             logit_weight=distill.logit_weight,
                                             unmatched_weight=distill.unmatched_weight), n)
+    elif distill is not None and teacher_set == "ema":
+        spec = TeacherSpec(uri="ema", model_dir=None, sha256=None, classes=list(setup.classes),
+                           class_map=list(range(n)), same_classes=True)
+        teacher = Teacher.load(spec, distill, n, criterion, torch.device("cpu"), None, ema=ema,
+                               student=model)
     elif distill is not None:
         spec = TeacherSpec(uri="bench:teacher", model_dir=None, sha256=None,
                            classes=list(setup.classes), class_map=list(range(n)),
@@ -185,7 +200,8 @@ def train(setup: Setup, epochs: int, seed: int, distill: DistillConfig | None = 
         steps += stats["steps"]
         if "distill_loss" in stats:
             distill_loss.append(stats["distill_loss"])
-    ema_model = ema.load_into(build(setup.model_cfg, LossConfig(), len(setup.classes))[0])
+    ema_model = ema.load_into(build(setup.model_cfg, LossConfig(), len(setup.classes))[0],
+                              len(decays) - 1)
     metrics = evaluate({"regular": model, "ema": ema_model}, post, setup.val_batches(),
                        setup.classes, "cpu")
     return {"map": round(metrics["regular"]["map"], 4), "map50": round(
@@ -284,7 +300,8 @@ def run_dataset(args, dataset: str) -> dict:
                 r = cached_plain(args, setup, dataset, seed)
             else:
                 r = train(setup, args.epochs, seed, distill, teacher_model,
-                          teacher_set=args.teacher_set, additive=args.additive)
+                          teacher_set=args.teacher_set, additive=args.additive,
+                          ema_teacher_decay=args.ema_teacher_decay)
                 r.pop("model")
             rows.append({"dataset": dataset, "seed": seed, "student": side, **r})
             print(f"[{dataset}] seed {seed} {side:9s} mAP {r['map']:.4f} mAP_ema "
@@ -300,6 +317,8 @@ def run_dataset(args, dataset: str) -> dict:
     plain, dist = best("plain"), best("distilled")
     return {"dataset": dataset, "teacher": {**teacher, "epochs": teacher_epochs, "seed": 100},
             "teacher_targets": quality, "distill": distill.model_dump(),
+            "feature_weight": (0.0 if args.teacher_set == "labels" else
+                               distill.effective_feature_weight(args.teacher_set == "ema")),
             "students": rows, "student_epochs": args.epochs,
             "mean_best_map": {"plain": round(plain, 4), "distilled": round(dist, 4)},
             "ratio": round(dist / plain, 3) if plain > 0 else None,
@@ -322,10 +341,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--nms-iou", type=float, default=DistillConfig().nms_iou)
     ap.add_argument("--unmatched-weight", type=float, default=DistillConfig().unmatched_weight)
     ap.add_argument("--logit-weight", type=float, default=DistillConfig().logit_weight)
-    ap.add_argument("--feature-weight", type=float, default=DistillConfig().feature_weight,
-                    help="PKD's feature term (0: off; the labels teacher has no features)")
-    ap.add_argument("--teacher-set", choices=["model", "labels"], default="model",
-                    help="labels: the ground truth as the teacher set (a perfect teacher)")
+    ap.add_argument("--feature-weight", type=float, default=None,
+                    help="PKD's feature term (default: distill's, 64 for a trained teacher, 0 "
+                    "for --teacher-set ema; 0: off; the labels teacher has no features)")
+    ap.add_argument("--teacher-set", choices=["model", "labels", "ema"], default="model",
+                    help="labels: the ground truth as the teacher set (a perfect teacher); "
+                    "ema: the student's own EMA shadow (distill.teacher=ema)")
+    ap.add_argument("--ema-teacher-decay", type=float, default=0.999,
+                    help="--teacher-set ema: the teaching shadow's decay (README: 0.999+)")
     ap.add_argument("--additive", action="store_true",
                     help="Teach-DETR's form: the teacher term added to the full ground-truth "
                     "loss instead of taking --weight of the decoder's share")

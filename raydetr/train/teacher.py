@@ -59,11 +59,14 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def distill_loss(cfg: DistillConfig, criterion: nn.Module, same_classes: bool) -> DistillLoss:
-    """The Teach-DETR loss on the student's own matcher, classification loss and loss weights."""
+def distill_loss(cfg: DistillConfig, criterion: nn.Module, same_classes: bool, *,
+                 ema_teacher: bool = False) -> DistillLoss:
+    """The Teach-DETR loss on the student's own matcher, classification loss and loss weights,
+    and PKD's feature term at ``cfg``'s weight for this kind of teacher."""
     return DistillLoss(criterion, weight=cfg.weight,
                        logit_weight=cfg.logit_weight if same_classes else 0.0,
-                       unmatched_weight=cfg.unmatched_weight, feature_weight=cfg.feature_weight)
+                       unmatched_weight=cfg.unmatched_weight,
+                       feature_weight=cfg.effective_feature_weight(ema_teacher))
 
 
 class Teacher:
@@ -101,7 +104,8 @@ class Teacher:
             if ema.device is not None and ema.device.type != torch.device(device).type:
                 raise ValueError(f"distill.teacher=ema runs the EMA shadow on {device}, but "
                                  f"ema.device={ema.device} keeps it elsewhere: unset ema.device")
-            return cls(spec, cfg, num_classes, distill_loss(cfg, criterion, spec.same_classes),
+            return cls(spec, cfg, num_classes,
+                       distill_loss(cfg, criterion, spec.same_classes, ema_teacher=True),
                        model=None, postprocessor=None, device=device, amp_dtype=amp_dtype,
                        ema=ema, student=student)
         model_cfg = ModelConfig(**{**(spec.model or {}), "backbone_weights": None})

@@ -134,3 +134,27 @@ def test_the_feature_term_needs_the_student():
     with pytest.raises(ValueError, match="needs the student"):
         Teacher.from_model(spec(), with_features, 2, _criterion(), TinyDetector(),
                            torch.nn.Identity(), torch.device("cpu"), None)
+
+
+def test_the_feature_term_defaults_to_64_for_a_trained_teacher_and_off_for_the_ema():
+    """A trained teacher's maps are worth 64 by default; the student's own EMA shadow's maps
+    are a lagging copy of its own (pulling towards them held students back: README), so
+    ``teacher=ema`` leaves the term off unless distill.feature_weight is set."""
+    from raydetr.config import LossConfig, ModelConfig
+    from raydetr.model.build import build
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(preset="rtdetr-r18", resolution=64, num_queries=20)
+    student, criterion, _ = build(cfg, LossConfig(), 2)
+    teacher_model, _, post = build(cfg, LossConfig(), 2)
+    trained = Teacher.from_model(spec(), DistillConfig(teacher="test"), 2, criterion,
+                                 teacher_model, post, torch.device("cpu"), None, student=student)
+    assert trained.loss.feature_weight == 64.0 and trained.features
+    ema = ModelEma(student, decay=0.999)
+    own = Teacher.load(spec(), DistillConfig(teacher="ema"), 2, build(cfg, LossConfig(), 2)[1],
+                       torch.device("cpu"), None, ema=ema, student=build(cfg, LossConfig(), 2)[0])
+    assert own.loss.feature_weight == 0.0 and not own.features
+    asked = Teacher.load(spec(), DistillConfig(teacher="ema", feature_weight=8.0), 2,
+                         build(cfg, LossConfig(), 2)[1], torch.device("cpu"), None, ema=ema,
+                         student=student)
+    assert asked.loss.feature_weight == 8.0
