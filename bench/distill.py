@@ -77,7 +77,7 @@ from raydetr.model.build import build  # noqa: E402
 from raydetr.ops.boxes import box_cxcywh_to_xyxy, box_iou  # noqa: E402
 from raydetr.train.engine import evaluate, train_one_epoch  # noqa: E402
 from raydetr.train.optim import build_lr_scheduler, build_optimizer  # noqa: E402
-from raydetr.train.teacher import Teacher, TeacherSpec  # noqa: E402
+from raydetr.train.teacher import Teacher, TeacherSpec, feature_weight  # noqa: E402
 
 THERMAL = REPO.parent / "shared" / "data" / "thermal-dogs-people"
 SCRATCH_LR = 1e-3  # from scratch on CPU (bench/convergence.py)
@@ -318,7 +318,7 @@ def run_dataset(args, dataset: str) -> dict:
     return {"dataset": dataset, "teacher": {**teacher, "epochs": teacher_epochs, "seed": 100},
             "teacher_targets": quality, "distill": distill.model_dump(),
             "feature_weight": (0.0 if args.teacher_set == "labels" else
-                               distill.effective_feature_weight(args.teacher_set == "ema")),
+                               feature_weight(distill, args.teacher_set == "ema")),
             "students": rows, "student_epochs": args.epochs,
             "mean_best_map": {"plain": round(plain, 4), "distilled": round(dist, 4)},
             "ratio": round(dist / plain, 3) if plain > 0 else None,

@@ -337,9 +337,6 @@ RFDETR_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-FEATURE_WEIGHT = 64.0  # distill.feature_weight's default for a trained teacher (README)
-
-
 class DistillConfig(_Strict):
     """Distillation from a teacher (raydetr.loss.distill; defaults from Teach-DETR, README)."""
 
@@ -363,17 +360,9 @@ class DistillConfig(_Strict):
                                 "probabilities; used only when the teacher's classes are the "
                                 "dataset's.")
     feature_weight: float | None = Field(
-        None, ge=0, description="PKD's feature term: 1 - the Pearson correlation of the "
-        "student's encoder maps with the teacher's, added to the loss (raydetr.loss.distill); "
-        "0: off. None: 64 for a trained teacher, 0 for teacher=ema (both measured: README).")
-
-    def effective_feature_weight(self, ema_teacher: bool) -> float:
-        """``feature_weight``, or its default for this kind of teacher: a trained teacher's
-        maps are worth 64 (bench/distill.py); the student's own EMA shadow's are a lagging
-        copy of its own, and pulling towards them held the student back (0)."""
-        if self.feature_weight is not None:
-            return self.feature_weight
-        return 0.0 if ema_teacher else FEATURE_WEIGHT
+        None, ge=0, description="PKD's feature term (1 - the Pearson correlation of the student's "
+        "encoder maps with the teacher's, added to the loss); 0: off; None: 64 for a trained "
+        "teacher, 0 for teacher=ema (raydetr.train.teacher.feature_weight; measured: README).")
 
 
 class Config(_Strict):

@@ -39,9 +39,10 @@ probabilities (soft targets), mean over classes, summed over matches / teacher b
 
 Feature term (``feature_weight`` > 0; PKD, Cao et al., NeurIPS 2022): the student's encoder
 output maps (what its decoder attends to: RT-DETR's three levels, RF-DETR's projector map) learn
-the teacher's, each map normalised per channel to zero mean and unit variance over the batch
-and its positions, so the loss is 1 - the Pearson correlation of every channel, and the MSE
-halved as PKD does, times ``feature_weight``, averaged over the student's levels. Each student
+the teacher's: each map normalised per channel to zero mean and unit variance over the batch
+and its positions, half their mean squared difference (PKD's form), which is 1 - the Pearson
+correlation of each channel, averaged over the student's levels, times ``feature_weight``
+(raydetr.train.teacher.feature_weight: 64 for a trained teacher, 0 for ``ema``). Each student
 level is paired with the teacher level of the nearest stride (sizes relative to each model's
 input, so a teacher at another resolution pairs by what the maps cover), the teacher's map
 resized bilinearly to the student's. Where the widths differ (rtdetr-r18: 128; the other

@@ -59,6 +59,18 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+FEATURE_WEIGHT = 64.0  # distill.feature_weight's default for a trained teacher (README)
+
+
+def feature_weight(cfg: DistillConfig, ema_teacher: bool) -> float:
+    """``distill.feature_weight``, or its default for this kind of teacher: a trained teacher's
+    maps are worth 64 (bench/distill.py); the student's own EMA shadow's are a lagging copy of
+    its own, and pulling towards them held the student back (0)."""
+    if cfg.feature_weight is not None:
+        return cfg.feature_weight
+    return 0.0 if ema_teacher else FEATURE_WEIGHT
+
+
 def distill_loss(cfg: DistillConfig, criterion: nn.Module, same_classes: bool, *,
                  ema_teacher: bool = False) -> DistillLoss:
     """The Teach-DETR loss on the student's own matcher, classification loss and loss weights,
@@ -66,7 +78,7 @@ def distill_loss(cfg: DistillConfig, criterion: nn.Module, same_classes: bool, *
     return DistillLoss(criterion, weight=cfg.weight,
                        logit_weight=cfg.logit_weight if same_classes else 0.0,
                        unmatched_weight=cfg.unmatched_weight,
-                       feature_weight=cfg.effective_feature_weight(ema_teacher))
+                       feature_weight=feature_weight(cfg, ema_teacher))
 
 
 class Teacher:
