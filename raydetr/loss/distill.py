@@ -106,19 +106,21 @@ def teacher_targets(outputs: dict[str, Tensor], class_map: Tensor, num_logits: i
     return out
 
 
-_PROJECTIONS: dict[tuple[int, int], Tensor] = {}
+_PROJECTIONS: dict[tuple[int, int, str], Tensor] = {}
 
 
-def width_projection(teacher_width: int, student_width: int) -> Tensor:
+def width_projection(teacher_width: int, student_width: int,
+                     device: torch.device | str = "cpu") -> Tensor:
     """A fixed (teacher_width, student_width) matrix with orthonormal columns (teacher wider)
     or rows (student wider): QR of a Gaussian drawn from a generator seeded 0, the same on
-    every worker and after a restart; no parameters to train, checkpoint or publish."""
-    key = (teacher_width, student_width)
+    every worker and after a restart; no parameters to train, checkpoint or publish. Kept per
+    device, so the training step does not copy it to the GPU every time."""
+    key = (teacher_width, student_width, str(device))
     if key not in _PROJECTIONS:
         g = torch.Generator().manual_seed(0)
-        big, small = max(key), min(key)
+        big, small = max(key[:2]), min(key[:2])
         q, _ = torch.linalg.qr(torch.randn(big, small, generator=g, dtype=torch.float64))
-        _PROJECTIONS[key] = (q if teacher_width >= student_width else q.T).float()
+        _PROJECTIONS[key] = (q if teacher_width >= student_width else q.T).float().to(device)
     return _PROJECTIONS[key]
 
 
@@ -141,8 +143,8 @@ def align_features(student: list[Tensor], student_hw: tuple[int, int], teacher: 
             t = F.interpolate(t.float(), size=tuple(s.shape[-2:]), mode="bilinear",
                               align_corners=False)
         if t.shape[1] != s.shape[1]:
-            proj = width_projection(t.shape[1], s.shape[1]).to(t.device)
-            t = torch.einsum("bchw,cd->bdhw", t.float(), proj)
+            t = torch.einsum("bchw,cd->bdhw", t.float(),
+                             width_projection(t.shape[1], s.shape[1], t.device))
         out.append(t)
     return out
 
@@ -158,8 +160,8 @@ def _channel_normalised(x: Tensor) -> Tensor:
 def pearson_feature_loss(student: list[Tensor], teacher: list[Tensor]) -> Tensor:
     """PKD's loss, averaged over pairs: MSE / 2 of the channel-normalised maps, which is
     (1 - r) (n - 1) / n for r the per-channel Pearson correlation over n = B h w values (the
-    std is the unbiased one); ``teacher`` aligned
-    one-to-one with ``student`` (align_features), no gradient into it."""
+    std is the unbiased one); ``teacher`` aligned one-to-one with ``student``
+    (align_features), no gradient into it."""
     terms = [F.mse_loss(_channel_normalised(s), _channel_normalised(t.detach())) / 2
              for s, t in zip(student, teacher, strict=True)]
     return torch.stack(terms).mean()
